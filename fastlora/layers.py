@@ -1,0 +1,169 @@
+"""``LoraLinear``: a frozen linear layer plus a trainable low-rank update, computed by one fused op.
+
+Parameters follow PEFT's shapes (``lora_A [r, in_features]``, ``lora_B [out_features, r]``) and its
+initialisation, so adapters move between the two without conversion. The base weight is the very
+``nn.Parameter`` of the wrapped layer: ``from_linear`` never copies it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops import lora_linear
+
+INIT_CHOICES = (True, False, "gaussian")
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rank-stabilised LoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoraLinear(nn.Module):
+    """``y = x·W0ᵀ + b + s·B(A·dropout(x))`` with frozen ``W0``/``b`` and trainable ``A``/``B``.
+
+    ``weight`` is ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out=True`` (GPT-2 ``Conv1D``).
+    While ``merged``, ``W0`` holds ``W0 + s·B·A`` and the forward is the plain linear layer.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        r: int,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        fan_in_fan_out: bool = False,
+        lora_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"LoraLinear: rank r must be an integer >= 1, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoraLinear: lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in INIT_CHOICES:
+            raise ValueError(f"LoraLinear: init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
+        if weight.dim() != 2:
+            raise ValueError(f"LoraLinear: weight must be 2-D, got shape {tuple(weight.shape)}")
+        self.fan_in_fan_out = fan_in_fan_out
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = weight
+        self.bias = bias
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.merged = False
+        # PEFT keeps adapter weights in fp32 unless told otherwise; the kernels take either.
+        dtype = lora_dtype or (torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=weight.device, dtype=dtype))
+        self.reset_lora_parameters(init_lora_weights)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        r: int,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        fan_in_fan_out: bool = False,
+        lora_dtype: torch.dtype | None = None,
+    ) -> LoraLinear:
+        """Wrap ``linear`` (an ``nn.Linear``, or any module with ``weight``/``bias``; a GPT-2 ``Conv1D`` with
+        ``fan_in_fan_out=True``). Its parameters are shared, not copied, and frozen."""
+        if not isinstance(getattr(linear, "weight", None), torch.Tensor):
+            raise TypeError(f"LoraLinear.from_linear: expected a linear layer with a weight, got {type(linear).__name__}")
+        linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        return cls(
+            linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, fan_in_fan_out,
+            lora_dtype,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """PEFT's initialisation: ``True``: A kaiming-uniform (a=√5), B zero, so the layer starts as ``W0``;
+        ``"gaussian"``: A ~ N(0, 1/r), B zero; ``False``: both with ``nn.Linear``'s default init (random)."""
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self._weight_nk(), self.bias)
+        return lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training,
+            fan_in_fan_out=self.fan_in_fan_out,
+        )  # fmt: skip
+
+    def _weight_nk(self) -> torch.Tensor:
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B·A`` as ``[out, in]`` in fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def _apply_delta(self, sign: float) -> None:
+        delta = self.delta_weight()
+        new = self._weight_nk().float() + sign * delta
+        if not torch.isfinite(new).all():
+            raise ValueError(
+                "LoraLinear: merging would put non-finite values into the weight (overflow in "
+                f"{self.weight.dtype}, or NaN/Inf in the adapter); the weight is left unchanged"
+            )
+        self._weight_nk().copy_(new)
+
+    def merge(self) -> None:
+        """``W0 += s·B·A``, accumulated in fp32 and rounded once to the weight's dtype. Refuses (and changes
+        nothing) if the result would not be finite."""
+        if self.merged:
+            raise RuntimeError("LoraLinear.merge: the adapter is already merged")
+        self._apply_delta(+1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """``W0 -= s·B·A`` in fp32. Exact in fp32 up to rounding; in fp16/bf16 the weight may differ from the
+        original by a rounding step, as with any merge that is not stored separately."""
+        if not self.merged:
+            raise RuntimeError("LoraLinear.unmerge: the adapter is not merged")
+        self._apply_delta(-1.0)
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` whose weight is ``W0 + s·B·A`` (this layer is left as it is)."""
+        weight = self._weight_nk()
+        merged = weight.float() if self.merged else weight.float() + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError("LoraLinear.to_linear: the merged weight is not finite")
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)  # fmt: skip
+        linear.weight.copy_(merged)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+            f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}, "
+            f"dtype={self.weight.dtype}, lora_dtype={self.lora_A.dtype}"
+        )

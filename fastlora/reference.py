@@ -1,0 +1,117 @@
+"""The LoRA linear layer in plain PyTorch: the CPU path, and the oracle for tests and benchmarks.
+
+    y   = x·W0ᵀ + b + s·(D(x)·Aᵀ)·Bᵀ
+    dxa = s·dy·B,  dx = dy·W0 + D'(dxa·A),  dA = dxaᵀ·D(x),  dB = s·dyᵀ·xa
+
+``D`` is inverted dropout whose mask is a pure function of ``(seed, row, col)`` (see ``dropout_mask``): the same
+bits as the Triton kernels, so every backend drops the same elements for the same seed, and the backward
+regenerates the mask instead of storing it.
+"""
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` 32-bit words of the 64-bit product of the constant ``a`` and uint32 values ``b`` (int64 tensor),
+    in 16-bit halves so nothing overflows int64."""
+    b_hi = b >> 16
+    b_lo = b & 0xFFFF
+    lo_part = a * b_lo
+    t = a * b_hi + (lo_part >> 16)
+    return t >> 16, ((t & 0xFFFF) << 16) | (lo_part & 0xFFFF)
+
+
+def philox_word(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """First word of Philox4x32-10 with key ``seed`` at counter ``(col, row, 0, 0)``, as int64 in ``[0, 2**32)``."""
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0, c1 = torch.broadcast_tensors(cols.to(torch.int64) & _MASK32, rows.to(torch.int64) & _MASK32)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def dropout_threshold(p: float) -> int:
+    """Words below this are dropped: keep probability ``1 - p`` to within ``2**-32``."""
+    return min(int(p * 2**32), 2**32 - 1)
+
+
+def dropout_mask(seed: int | torch.Tensor, shape: tuple[int, int], p: float, device=None) -> torch.Tensor:
+    """Boolean keep-mask ``[M, K]`` for inverted dropout with probability ``p``: the kernels' mask, bit for bit."""
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.item())
+    M, K = shape
+    rows = torch.arange(M, device=device)[:, None]
+    cols = torch.arange(K, device=device)[None, :]
+    return philox_word(seed, rows, cols) >= dropout_threshold(p)
+
+
+def dropout(x2d: torch.Tensor, p: float, seed: int | torch.Tensor | None) -> torch.Tensor:
+    """``D(x)``: inverted dropout of a 2-D tensor with the seeded mask (identity when ``p == 0``)."""
+    if p == 0.0:
+        return x2d
+    keep = dropout_mask(seed, tuple(x2d.shape), p, device=x2d.device)
+    return torch.where(keep, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """The layer written as the formula, differentiable by autograd: the oracle tests compare against (in fp64).
+
+    ``weight`` is ``[N, K]``, or ``[K, N]`` with ``fan_in_fan_out``. Computes in the dtype of its inputs.
+    """
+    w = weight.t() if fan_in_fan_out else weight
+    x2d = x.reshape(-1, x.shape[-1])
+    y = x2d @ w.t()
+    if bias is not None:
+        y = y + bias
+    y = y + scaling * ((dropout(x2d, dropout_p, seed) @ lora_A.t()) @ lora_B.t())
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# The torch backend: the same contract as the Triton launchers in ``fastlora.kernels``, used by
+# ``fastlora.ops`` on CPU tensors. ``wt`` is the ``[K, N]`` view of ``W0``. The LoRA branch computes in the
+# LoRA weights' dtype, with ``xs = s·D(x)·Aᵀ`` rounded to it, as the kernels do.
+
+
+def lora_forward(x2d, wt, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """Returns ``(y, xs)``: the output and ``xs = s·D(x)·Aᵀ`` that the backward needs."""
+    xd = dropout(x2d.to(lora_A.dtype), dropout_p, seed)
+    xs = (xd @ lora_A.t()) * scaling
+    y = torch.addmm(bias, x2d, wt) if bias is not None else x2d @ wt
+    y = y + (xs @ lora_B.t()).to(y.dtype)
+    return y, xs
+
+
+def lora_backward(dy, x2d, wt, lora_A, lora_B, xs, scaling, dropout_p, seed):
+    """Returns ``(dx, dA, dB)`` for upstream ``dy [M, N]``."""
+    dyl = dy.to(lora_B.dtype)
+    dxa = (dyl @ lora_B) * scaling
+    low = dxa @ lora_A
+    if dropout_p > 0.0:
+        low = dropout(low, dropout_p, seed)
+    dx = dy @ wt.t() + low.to(dy.dtype)
+    dA = dxa.t() @ dropout(x2d.to(lora_A.dtype), dropout_p, seed)
+    dB = dyl.t() @ xs
+    return dx, dA, dB

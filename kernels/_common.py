@@ -1,0 +1,143 @@
+"""Helpers shared by every fastlora kernel: dropout from Philox, the tensor-core dot, launch settings.
+
+Dropout mask. The keep decision for element ``(row, col)`` of an ``[M, K]`` activation is a pure function of
+``(seed, row, col)``: Philox4x32-10 with key ``(seed_lo, seed_hi)`` and counter ``(col, row, 0, 0)``, first
+output word compared as an unsigned integer with ``threshold = floor(p * 2**32)``. The forward and the
+backward regenerate the same mask from the saved seed, so nothing of size ``M·K`` is stored, and
+``fastlora.reference.dropout_mask`` reproduces it bit for bit in PyTorch. The Philox rounds are written out
+here rather than taken from ``tl.randint`` so that the mask does not change with the Triton version.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Philox4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+
+# ``triton.jit`` reads TRITON_INTERPRET when a kernel is defined, so the mode is fixed when this module loads.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def is_interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1`` was set before the kernels were defined: they run on CPU tensors."""
+    return _INTERPRETING
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold below which a Philox word drops its element (keep probability ``1 - p``)."""
+    return min(int(p * 2**32), 2**32 - 1)
+
+
+def signed_threshold(p: float) -> int:
+    """``dropout_threshold(p)`` moved into int32 range, as ``dropout_tile`` compares it."""
+    return dropout_threshold(p) - 2**31
+
+
+def dot_precision(*dtypes: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 operands, following ``torch.backends.cuda.matmul.allow_tf32``."""
+    if torch.float32 in dtypes and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def pow2_at_least_16(n: int) -> int:
+    """Smallest power of two ``>= max(n, 16)``: ``tl.dot`` needs every tile dimension to be at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def check_interpretable(*tensors: torch.Tensor) -> None:
+    """Refuse CPU tensors when the interpreter is off: Triton would fail with an obscure driver error."""
+    for t in tensors:
+        if t is not None and t.device.type == "cpu" and not is_interpreting():
+            raise RuntimeError(
+                "fastlora: the triton backend got a CPU tensor but TRITON_INTERPRET=1 was not set before "
+                "triton was imported; use FASTLORA_BACKEND=torch (or auto) for CPU tensors"
+            )
+
+
+@triton.jit
+def _philox_word(seed, row, col):
+    """First 32-bit word of Philox4x32-10 keyed by ``seed`` (int64 scalar) at counter ``(col, row, 0, 0)``."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = col.to(tl.uint32)
+    c1 = row.to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(10):
+        _c0 = c0
+        _c2 = c2
+        c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+        c1 = _c2 * 0xCD9E8D57
+        c3 = _c0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0
+
+
+@triton.jit
+def dropout_tile(tile, seed, rows, cols, threshold, keep_scale):
+    """Inverted dropout of ``tile`` (``[len(rows), len(cols)]``), keyed on absolute ``(row, col)`` indices."""
+    # uint32 order equals int32 order after flipping the top bit; the launcher passes the threshold shifted
+    # the same way, so it is always an int32 argument (see ``signed_threshold``).
+    word = _philox_word(seed, rows[:, None], cols[None, :])
+    keep = (word ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
+    return tl.where(keep, tile.to(tl.float32) * keep_scale, 0.0)
+
+
+@triton.jit
+def mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc += a @ b`` in fp32. Operands of different dtypes meet in fp32; ``UPCAST`` lifts 16-bit operands
+    to fp32 (the interpreter multiplies bf16 bit patterns, triton-lang/triton#11584)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    elif a.dtype != b.dtype:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n), walking ``GROUP_M`` row tiles per column so neighbours share L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+def m_bucket(M: int) -> int:
+    """Autotune key for the token count: powers of two, so a new batch size rarely triggers a new search."""
+    return min(triton.next_power_of_2(M), 16384)
+
+
+def fits_in_smem(config: triton.Config, elems_per_stage: int, elem_bytes: int, arch: int = 80) -> bool:
+    """Whether the software pipeline's operand tiles (``elems_per_stage`` elements per stage) fit the
+    shared memory of ``arch``, with room for the epilogue."""
+    return elems_per_stage * elem_bytes * max(config.num_stages, 1) <= SMEM_LIMIT[arch] * 3 // 4
+
+
+# Largest shared memory a block may use: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB. Configs are pruned
+# against the smaller so every shipped config runs on both.
+SMEM_LIMIT = {80: 166912, 90: 232448}

@@ -1,0 +1,189 @@
+"""One-pass LoRA forward: ``y = x·W0ᵀ + s·(D(x)·Aᵀ)·Bᵀ + b`` in a single kernel.
+
+Each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y``. It streams its rows of ``x`` once, accumulating
+``x·W0ᵀ`` and ``D(x)·Aᵀ`` in the same K loop, then adds ``s·xa·Bᵀ`` and the bias in the epilogue before the
+single store of ``y``. This suits small ``M`` (decode), where the layer is bound by reading ``W0`` and a second
+launch would cost more than the work. ``xa`` is recomputed by every column tile, an extra ``R / BLOCK_N`` of the
+base work, and its padded rank ``R_PAD`` is held in registers, so the launcher accepts ranks up to
+``MAX_RANK``; the shrink-then-GEMM path has no such limit.
+
+``s·xa`` is rounded to the LoRA weights' dtype before the expand, exactly as the two-kernel path stores it,
+so both forward shapes give the same ``y`` up to accumulation order.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, dropout_tile, fits_in_smem, is_interpreting, m_bucket, mma, signed_threshold
+from ._common import pow2_at_least_16, tile_ids
+
+MAX_RANK = 128
+
+
+def _onepass_gpu_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (16, 32, 128, 4, 4),
+            (16, 64, 128, 4, 4),
+            (16, 64, 64, 4, 5),
+            (16, 128, 64, 4, 4),
+            (32, 64, 64, 4, 4),
+            (64, 64, 64, 4, 3),
+        ]
+    ]
+
+
+def _onepass_configs():
+    if is_interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    return _onepass_gpu_configs()
+
+
+def onepass_smem_elems(config: triton.Config, r_pad: int) -> int:
+    kw = config.kwargs
+    return kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"] + r_pad)
+
+
+def _prune(configs, nargs, **kwargs):
+    elem = max(t.element_size() for t in (nargs["x_ptr"], nargs["wt_ptr"], nargs["at_ptr"]))
+    r_pad = kwargs.get("R_PAD", nargs.get("R_PAD"))
+    keep = [c for c in configs if fits_in_smem(c, onepass_smem_elems(c, r_pad), elem)]
+    return keep or configs[:1]
+
+
+@triton.autotune(
+    configs=_onepass_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _lora_onepass_kernel(
+    # pointers
+    x_ptr,  # [M, K]
+    wt_ptr,  # [K, N]  (a view of W0, either layout)
+    at_ptr,  # [K, R]  (a view of A)
+    bt_ptr,  # [R, N]  (a view of B)
+    bias_ptr,  # [N], read only with HAS_BIAS
+    y_ptr,  # [M, N]
+    xs_ptr,  # [M, R] s·D(x)·Aᵀ for the backward, written only with STORE_XS
+    seed_ptr,  # [1] int64, read only with DROPOUT
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,  # autotune key only
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_ak,
+    stride_ar,
+    stride_br,
+    stride_bn,
+    stride_ym,
+    stride_yn,
+    stride_sm,
+    stride_sr,
+    # scalars
+    scaling,
+    threshold,
+    keep_scale,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    STORE_XS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,  # the rank padded to a power of two >= 16: the width of xa in registers
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    rows_m = offs_m.to(tl.int64)[:, None]
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + rows_m * stride_xm + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        a = tl.load(at_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = mma(acc, x, w, UPCAST, PRECISION)
+        if DROPOUT:
+            xd = dropout_tile(x, seed, offs_m, offs_k, threshold, keep_scale).to(a.dtype)
+            xa = mma(xa, xd, a, UPCAST, PRECISION)
+        else:
+            xa = mma(xa, x, a, UPCAST, PRECISION)
+
+    b = tl.load(bt_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    xs = (xa * scaling).to(bt_ptr.dtype.element_ty)
+    if STORE_XS:
+        # Every column tile holds the same xs; the first one writes it.
+        if pid_n == 0:
+            xs_out = xs_ptr + rows_m * stride_sm + offs_r[None, :] * stride_sr
+            tl.store(xs_out, xs, mask=mask_m[:, None] & mask_r[None, :])
+    acc = mma(acc, xs, b, UPCAST, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rows_m * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def lora_onepass(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    bias: torch.Tensor | None,
+    at: torch.Tensor,
+    bt: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    xs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ wt + scaling · (D(x) @ at) @ bt + bias`` for ``x [M, K]``, ``wt [K, N]``, ``at [K, R]``, ``bt [R, N]``.
+
+    With ``xs`` (``[M, R]``, the LoRA weights' dtype) also writes ``scaling · D(x) @ at`` there for the backward.
+    """
+    M, K = x.shape
+    N = wt.shape[1]
+    R = at.shape[1]
+    if R > MAX_RANK:
+        raise ValueError(f"the one-pass forward holds the rank in registers and takes r <= {MAX_RANK}, got r={R}")
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return y
+    dropout = dropout_p > 0.0
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _lora_onepass_kernel[grid](
+        x, wt, at, bt, bias if bias is not None else x, y, xs if xs is not None else y, seed if dropout else x,
+        M, N, K, R, m_bucket(M),
+        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), at.stride(0), at.stride(1),
+        bt.stride(0), bt.stride(1), y.stride(0), y.stride(1),
+        xs.stride(0) if xs is not None else 0, xs.stride(1) if xs is not None else 0,
+        scaling, signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        HAS_BIAS=bias is not None,
+        DROPOUT=dropout,
+        STORE_XS=xs is not None,
+        UPCAST=is_interpreting(),
+        PRECISION=dot_precision(x.dtype, wt.dtype, at.dtype),
+        R_PAD=pow2_at_least_16(R),
+    )  # fmt: skip
+    return y

@@ -1,0 +1,137 @@
+"""Shrink: ``out[M, R] = scale · D(x)[M, K] @ wt[K, R]``, the thin GEMM on the LoRA branch.
+
+Used twice per layer: in the forward for ``xs = s · D(x)·Aᵀ`` (``wt`` is a transposed view of ``A``, dropout on
+``x``) and in the backward for ``dxa = s · dy·B`` (no dropout). Accumulates in fp32 and stores in ``out``'s
+dtype. ``R`` is any rank: the tile over it is a power of two of at least 16 and the grid covers ranks above
+64 with more column tiles, so no rank is compiled in.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, dropout_tile, fits_in_smem, is_interpreting, m_bucket, mma, signed_threshold
+
+
+def _shrink_gpu_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bk, w, s in [(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
+    ]
+
+
+def _shrink_configs():
+    if is_interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return _shrink_gpu_configs()
+
+
+def _prune(configs, nargs, **kwargs):
+    elem = max(nargs["x_ptr"].element_size(), nargs["wt_ptr"].element_size())
+    block_r = kwargs.get("BLOCK_R", nargs.get("BLOCK_R"))
+    keep = [c for c in configs if fits_in_smem(c, c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + block_r), elem)]
+    return keep or configs[:1]
+
+
+@triton.autotune(
+    configs=_shrink_configs(),
+    key=["M_BUCKET", "K", "BLOCK_R"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _lora_shrink_kernel(
+    # pointers
+    x_ptr,  # [M, K]
+    wt_ptr,  # [K, R]
+    out_ptr,  # [M, R]
+    seed_ptr,  # [1] int64, read only with DROPOUT
+    # sizes
+    M,
+    K,
+    R,
+    M_BUCKET,  # autotune key only
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wr,
+    stride_om,
+    stride_or,
+    # scalars
+    scale,
+    threshold,
+    keep_scale,
+    # meta-parameters
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(
+            wt_ptr + offs_k[:, None] * stride_wk + offs_r[None, :] * stride_wr,
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        if DROPOUT:
+            x = dropout_tile(x, seed, offs_m, offs_k, threshold, keep_scale).to(w.dtype)
+        acc = mma(acc, x, w, UPCAST, PRECISION)
+
+    acc = acc * scale
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+def block_r(R: int) -> int:
+    """Rank tile: the padded rank up to 64, then 64-wide column tiles."""
+    return min(64, max(16, triton.next_power_of_2(R)))
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scale · D(x) @ wt`` for ``x [M, K]`` and ``wt [K, R]`` with any strides; returns ``[M, R]``."""
+    M, K = x.shape
+    K2, R = wt.shape
+    assert K == K2, f"shrink: x has K={K} but wt has {K2} rows"
+    out = torch.empty((M, R), device=x.device, dtype=out_dtype)
+    if M == 0:
+        return out
+    dropout = dropout_p > 0.0
+    BLOCK_R = block_r(R)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
+
+    _lora_shrink_kernel[grid](
+        x, wt, out, seed if dropout else x,
+        M, K, R, m_bucket(M),
+        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), out.stride(0), out.stride(1),
+        scale, signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        DROPOUT=dropout,
+        UPCAST=is_interpreting(),
+        PRECISION=dot_precision(x.dtype, wt.dtype),
+        BLOCK_R=BLOCK_R,
+    )  # fmt: skip
+    return out
