@@ -82,7 +82,9 @@ class LoraLinear(nn.Module):
         """Wrap ``linear`` (an ``nn.Linear``, or any module with ``weight``/``bias``; a GPT-2 ``Conv1D`` with
         ``fan_in_fan_out=True``). Its parameters are shared, not copied, and frozen."""
         if not isinstance(getattr(linear, "weight", None), torch.Tensor):
-            raise TypeError(f"LoraLinear.from_linear: expected a linear layer with a weight, got {type(linear).__name__}")
+            raise TypeError(
+                f"LoraLinear.from_linear: expected a linear layer with a weight, got {type(linear).__name__}"
+            )
         linear.weight.requires_grad_(False)
         if linear.bias is not None:
             linear.bias.requires_grad_(False)
@@ -122,7 +124,7 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def _apply_delta(self, sign: float) -> None:
         delta = self.delta_weight()
-        new = self._weight_nk().float() + sign * delta
+        new = (self._weight_nk().float() + sign * delta).to(self.weight.dtype)
         if not torch.isfinite(new).all():
             raise ValueError(
                 "LoraLinear: merging would put non-finite values into the weight (overflow in "
@@ -150,7 +152,7 @@ class LoraLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight is ``W0 + s·B·A`` (this layer is left as it is)."""
         weight = self._weight_nk()
-        merged = weight.float() if self.merged else weight.float() + self.delta_weight()
+        merged = weight if self.merged else (weight.float() + self.delta_weight()).to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError("LoraLinear.to_linear: the merged weight is not finite")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

@@ -102,7 +102,9 @@ def _lora_linear_fwd(
         xs = xs if need_xs else xs.new_empty((0, r))
     elif choose_forward_impl(M, r, forward_impl) == "onepass":
         xs = torch.empty((M if need_xs else 0, r), device=x.device, dtype=lora_A.dtype)
-        y = kernels.lora_onepass(x2d, wt, bias, lora_A.t(), lora_B.t(), scaling, dropout_p, seed, xs if need_xs else None)
+        y = kernels.lora_onepass(
+            x2d, wt, bias, lora_A.t(), lora_B.t(), scaling, dropout_p, seed, xs if need_xs else None
+        )
     else:
         xs = kernels.lora_shrink(x2d, lora_A.t(), scaling, lora_A.dtype, dropout_p, seed)
         y = kernels.lora_expand(x2d, wt, xs, lora_B.t(), bias)
@@ -205,7 +207,9 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out, ba
         raise ValueError(f"fastlora.lora_linear: all tensors must be on one device, got {devices}")
     allowed = _TRITON_DTYPES if backend == "triton" else _TORCH_DTYPES
     if x.dtype not in allowed:
-        raise TypeError(f"fastlora.lora_linear: x.dtype must be one of {allowed} on the {backend} backend, got {x.dtype}")
+        raise TypeError(
+            f"fastlora.lora_linear: x.dtype must be one of {allowed} on the {backend} backend, got {x.dtype}"
+        )
     if weight.dtype != x.dtype:
         raise TypeError(f"fastlora.lora_linear: weight.dtype ({weight.dtype}) must equal x.dtype ({x.dtype})")
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):

@@ -31,7 +31,9 @@ def philox_word(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tens
     """First word of Philox4x32-10 with key ``seed`` at counter ``(col, row, 0, 0)``, as int64 in ``[0, 2**32)``."""
     k0 = seed & _MASK32
     k1 = (seed >> 32) & _MASK32
-    c0, c1 = torch.broadcast_tensors(cols.to(torch.int64) & _MASK32, rows.to(torch.int64) & _MASK32)
+    c0, c1 = (
+        t.contiguous() for t in torch.broadcast_tensors(cols.to(torch.int64) & _MASK32, rows.to(torch.int64) & _MASK32)
+    )
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     for _ in range(10):

@@ -132,10 +132,19 @@ def m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), 16384)
 
 
-def fits_in_smem(config: triton.Config, elems_per_stage: int, elem_bytes: int, arch: int = 80) -> bool:
-    """Whether the software pipeline's operand tiles (``elems_per_stage`` elements per stage) fit the
-    shared memory of ``arch``, with room for the epilogue."""
-    return elems_per_stage * elem_bytes * max(config.num_stages, 1) <= SMEM_LIMIT[arch] * 3 // 4
+def fits_in_smem(config: triton.Config, bytes_per_stage: int, arch: int = 80) -> bool:
+    """Whether the software pipeline's operand tiles (``bytes_per_stage`` per stage) fit the shared memory of
+    ``arch`` with room for the epilogue. Pruning against sm_80 keeps every shipped config valid on both."""
+    return bytes_per_stage * max(config.num_stages, 1) <= SMEM_LIMIT[arch] - 16384
+
+
+# With dropout a tile's Philox rounds run in registers next to the accumulators; beyond this many dropout
+# elements per thread, ptxas spills (measured by ``fastlora info`` on sm_80 and sm_90).
+MAX_DROPOUT_ELEMS_PER_THREAD = 32
+
+
+def dropout_fits(config: triton.Config, rows: int, cols: int) -> bool:
+    return rows * cols <= MAX_DROPOUT_ELEMS_PER_THREAD * 32 * config.num_warps
 
 
 # Largest shared memory a block may use: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB. Configs are pruned

@@ -10,32 +10,48 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dropout_tile, fits_in_smem, is_interpreting, m_bucket, mma, signed_threshold
+from ._common import (
+    dot_precision,
+    dropout_fits,
+    dropout_tile,
+    fits_in_smem,
+    is_interpreting,
+    m_bucket,
+    mma,
+    signed_threshold,
+)
 
 
 def _shrink_gpu_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bk, w, s in [(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
+        for bm, bk, w, s in [(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
     ]
 
 
 def _shrink_configs():
     if is_interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
     return _shrink_gpu_configs()
 
 
+def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, DROPOUT: bool, **_) -> bool:
+    """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills)."""
+    kw = config.kwargs
+    if not fits_in_smem(config, kw["BLOCK_K"] * (kw["BLOCK_M"] * act_bytes + BLOCK_R * lora_bytes)):
+        return False
+    return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"])
+
+
 def _prune(configs, nargs, **kwargs):
-    elem = max(nargs["x_ptr"].element_size(), nargs["wt_ptr"].element_size())
-    block_r = kwargs.get("BLOCK_R", nargs.get("BLOCK_R"))
-    keep = [c for c in configs if fits_in_smem(c, c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + block_r), elem)]
-    return keep or configs[:1]
+    sizes = nargs["x_ptr"].element_size(), nargs["wt_ptr"].element_size()
+    keep = [c for c in configs if config_ok(c, *sizes, **kwargs)]
+    return keep or configs[-1:]
 
 
 @triton.autotune(
     configs=_shrink_configs(),
-    key=["M_BUCKET", "K", "BLOCK_R"],
+    key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit

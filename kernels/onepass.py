@@ -15,8 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dropout_tile, fits_in_smem, is_interpreting, m_bucket, mma, signed_threshold
-from ._common import pow2_at_least_16, tile_ids
+from ._common import (
+    dot_precision,
+    dropout_fits,
+    dropout_tile,
+    fits_in_smem,
+    is_interpreting,
+    m_bucket,
+    mma,
+    pow2_at_least_16,
+    signed_threshold,
+    tile_ids,
+)
 
 MAX_RANK = 128
 
@@ -25,31 +35,35 @@ def _onepass_gpu_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
+            (16, 32, 32, 4, 3),  # fits every rank up to MAX_RANK with fp32 operands
             (16, 32, 128, 4, 4),
             (16, 64, 128, 4, 4),
             (16, 64, 64, 4, 5),
             (16, 128, 64, 4, 4),
-            (32, 64, 64, 4, 4),
-            (64, 64, 64, 4, 3),
+            (32, 32, 64, 4, 4),
+            (64, 64, 64, 8, 3),
         ]
     ]
 
 
 def _onepass_configs():
     if is_interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     return _onepass_gpu_configs()
 
 
-def onepass_smem_elems(config: triton.Config, r_pad: int) -> int:
+def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, R_PAD: int, DROPOUT: bool, **_) -> bool:
+    """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills)."""
     kw = config.kwargs
-    return kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"] + r_pad)
+    if not fits_in_smem(config, kw["BLOCK_K"] * ((kw["BLOCK_M"] + kw["BLOCK_N"]) * act_bytes + R_PAD * lora_bytes)):
+        return False
+    # Registers: the two accumulators, [BLOCK_M, BLOCK_N] and [BLOCK_M, R_PAD], count against the Philox rounds.
+    return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"] + R_PAD)
 
 
 def _prune(configs, nargs, **kwargs):
-    elem = max(t.element_size() for t in (nargs["x_ptr"], nargs["wt_ptr"], nargs["at_ptr"]))
-    r_pad = kwargs.get("R_PAD", nargs.get("R_PAD"))
-    keep = [c for c in configs if fits_in_smem(c, onepass_smem_elems(c, r_pad), elem)]
+    sizes = nargs["x_ptr"].element_size(), nargs["at_ptr"].element_size()
+    keep = [c for c in configs if config_ok(c, *sizes, **kwargs)]
     return keep or configs[:1]
 
 
@@ -120,9 +134,19 @@ def _lora_onepass_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + rows_m * stride_xm + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a = tl.load(at_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + rows_m * stride_xm + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        w = tl.load(
+            wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            at_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
         acc = mma(acc, x, w, UPCAST, PRECISION)
         if DROPOUT:
             xd = dropout_tile(x, seed, offs_m, offs_k, threshold, keep_scale).to(a.dtype)
@@ -130,7 +154,11 @@ def _lora_onepass_kernel(
         else:
             xa = mma(xa, x, a, UPCAST, PRECISION)
 
-    b = tl.load(bt_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    b = tl.load(
+        bt_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=mask_r[:, None] & mask_n[None, :],
+        other=0.0,
+    )
     xs = (xa * scaling).to(bt_ptr.dtype.element_ty)
     if STORE_XS:
         # Every column tile holds the same xs; the first one writes it.

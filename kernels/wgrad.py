@@ -13,7 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dropout_tile, fits_in_smem, is_interpreting, m_bucket, mma, signed_threshold
+from ._common import (
+    dot_precision,
+    dropout_fits,
+    dropout_tile,
+    fits_in_smem,
+    is_interpreting,
+    m_bucket,
+    mma,
+    signed_threshold,
+)
 
 # A split chunk is a multiple of the largest BLOCK_M, so every program but the last sees whole tiles.
 CHUNK_ALIGN = 128
@@ -29,19 +38,21 @@ def _wgrad_gpu_configs():
 
 def _wgrad_configs():
     if is_interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_Q": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_Q": 64}, num_warps=4, num_stages=1)]
     return _wgrad_gpu_configs()
 
 
-def wgrad_smem_elems(config: triton.Config, block_r: int) -> int:
+def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, DROPOUT: bool, **_) -> bool:
+    """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills)."""
     kw = config.kwargs
-    return kw["BLOCK_M"] * (kw["BLOCK_Q"] + block_r)
+    if not fits_in_smem(config, kw["BLOCK_M"] * (kw["BLOCK_Q"] * act_bytes + BLOCK_R * lora_bytes)):
+        return False
+    return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_Q"])
 
 
 def _prune(configs, nargs, **kwargs):
-    elem = max(nargs["u_ptr"].element_size(), nargs["v_ptr"].element_size())
-    block_r = kwargs.get("BLOCK_R", nargs.get("BLOCK_R"))
-    keep = [c for c in configs if fits_in_smem(c, wgrad_smem_elems(c, block_r), elem)]
+    sizes = nargs["v_ptr"].element_size(), nargs["u_ptr"].element_size()
+    keep = [c for c in configs if config_ok(c, *sizes, **kwargs)]
     return keep or configs[:1]
 
 
@@ -99,8 +110,16 @@ def _lora_wgrad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
         rows = offs_m.to(tl.int64)
-        ut = tl.load(u_ptr + offs_r[:, None] * stride_ur + rows[None, :] * stride_um, mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * stride_vm + offs_q[None, :] * stride_vq, mask=mask_m[:, None] & mask_q[None, :], other=0.0)
+        ut = tl.load(
+            u_ptr + offs_r[:, None] * stride_ur + rows[None, :] * stride_um,
+            mask=mask_r[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr + rows[:, None] * stride_vm + offs_q[None, :] * stride_vq,
+            mask=mask_m[:, None] & mask_q[None, :],
+            other=0.0,
+        )
         if DROPOUT:
             v = dropout_tile(v, seed, offs_m, offs_q, threshold, keep_scale).to(ut.dtype)
         acc = mma(acc, ut, v, UPCAST, PRECISION)
@@ -120,7 +139,9 @@ def split_count(M: int, R: int, Q: int) -> tuple[int, int]:
     return triton.cdiv(M, chunk), chunk
 
 
-def lora_wgrad(u: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
+def lora_wgrad(
+    u: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, seed: torch.Tensor | None = None
+) -> torch.Tensor:
     """``uᵀ @ D(v)`` in fp32 for ``u [M, R]`` and ``v [M, Q]`` with any strides; returns ``[R, Q]``."""
     M, R = u.shape
     Q = v.shape[1]

@@ -1,0 +1,35 @@
+"""pytest-benchmark over the linear suite: the contenders and quick cases of ``fastlora.bench``, one test per
+(case, contender), grouped by case. ``pytest benchmarks/ --benchmark-disable`` runs each once as a smoke test;
+``pytest benchmarks/`` times them. ``fastlora bench`` is the full sweep and writes the result tables."""
+
+import functools
+
+import pytest
+
+from fastlora import bench
+
+DEVICE = bench.bench_device()
+BACKEND = bench.bench_backend(DEVICE)
+CASES = bench.linear_cases(DEVICE, quick=True)
+
+
+@functools.cache
+def contenders(case: bench.LinearCase) -> dict:
+    """The case's inputs are built, and checked against naive PyTorch LoRA, once for all its contenders."""
+    inputs = bench.make_linear_inputs(case, DEVICE)
+    bench.check_agreement(case, inputs, BACKEND)
+    return bench.linear_contenders(case, inputs, BACKEND)
+
+
+@pytest.mark.parametrize(
+    "case, name",
+    [
+        pytest.param(case, name, id=f"{case.label}-{name.replace(' ', '_')}")
+        for case in CASES
+        for name in bench.linear_contender_names(case, BACKEND)
+    ],
+)
+def test_linear(benchmark, case, name):
+    benchmark.group = case.label
+    benchmark.extra_info.update(backend=BACKEND, flops=bench.linear_flops(case))
+    benchmark(bench.synchronized(contenders(case)[name], DEVICE))

@@ -1,0 +1,6 @@
+"""``python -m fastlora``: the ``fastlora`` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

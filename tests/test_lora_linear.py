@@ -1,0 +1,191 @@
+"""fastlora.lora_linear (Triton kernels; the interpreter on CPU) against the fp64 reference: forward and every
+gradient, over odd shapes, ranks, dtypes, both weight layouts, both forward shapes and several input layouts."""
+
+import itertools
+
+import pytest
+import torch
+from tolerances import assert_close
+
+import fastlora
+from fastlora.reference import lora_linear_reference
+
+# Every M, K, N and r of the sweep appears at least once, with ragged tiles everywhere (M=1, r=1, K=N=33,
+# primes), a rank above K, and a rank above the rank tile.
+SHAPES = [
+    (1, 16, 33, 1),
+    (7, 33, 96, 4),
+    (64, 96, 257, 16),
+    (300, 257, 16, 64),
+    (7, 257, 33, 16),
+    (64, 16, 96, 64),
+    (300, 33, 257, 1),
+    (1, 96, 16, 4),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IMPLS = ["onepass", "split"]
+INPUT_FORMS = ["2d", "3d", "strided"]
+
+
+def make_inputs(M, K, N, r, dtype, lora_dtype, fan_in_fan_out, form, device, bias_grad=True, seed=0):
+    """Inputs scaled so outputs are O(1); ``x`` in the requested memory layout, all leaves."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, dt, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt).to(device)
+
+    if form == "2d":
+        x = rand(M, K, dt=dtype)
+    elif form == "3d":
+        x = rand(1, M, K, dt=dtype) if M % 2 else rand(2, M // 2, K, dt=dtype)
+    else:  # non-contiguous: every other column of a wider buffer, and rows in a transposed batch layout
+        x = rand(M, 2 * K, dt=dtype)[:, ::2]
+    w_shape = (K, N) if fan_in_fan_out else (N, K)
+    weight = rand(*w_shape, dt=dtype, scale=K**-0.5)
+    bias = rand(N, dt=dtype).requires_grad_(bias_grad)
+    lora_A = rand(r, K, dt=lora_dtype, scale=K**-0.5).requires_grad_()
+    lora_B = rand(N, r, dt=lora_dtype, scale=r**-0.5).requires_grad_()
+    return x.requires_grad_(), weight, bias, lora_A, lora_B
+
+
+def check_against_reference(M, K, N, r, dtype, lora_dtype, impl, fan_in_fan_out, form, dropout_p, device):
+    x, weight, bias, lora_A, lora_B = make_inputs(M, K, N, r, dtype, lora_dtype, fan_in_fan_out, form, device)
+    scaling = 2.0 / r
+    seed = torch.tensor([20251122 + M], dtype=torch.int64, device=device)
+    before = [t.detach().clone() for t in (x, weight, bias, lora_A, lora_B)]
+
+    y = fastlora.lora_linear(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, training=True,
+        fan_in_fan_out=fan_in_fan_out, forward_impl=impl, seed=seed,
+    )  # fmt: skip
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N) and y.is_contiguous()
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype).to(device)
+    y.backward(dy)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, bias, lora_A, lora_B)]
+    x64, b64, a64, bb64 = leaves64
+    y64 = lora_linear_reference(x64, weight.double(), b64, a64, bb64, scaling, dropout_p, seed, fan_in_fan_out)
+    y64.backward(dy.double())
+
+    assert_close(y, y64, dtype, K + r, "y")
+    assert_close(x.grad, x64.grad, dtype, N + r, "dx")
+    assert_close(bias.grad, b64.grad, dtype, M, "dbias")
+    assert_close(lora_A.grad, a64.grad, lora_dtype if lora_dtype == dtype else dtype, M, "dA")
+    assert_close(lora_B.grad, bb64.grad, lora_dtype if lora_dtype == dtype else dtype, M, "dB")
+    assert x.grad.dtype == dtype and lora_A.grad.dtype == lora_dtype and lora_B.grad.dtype == lora_dtype
+    assert x.grad.shape == x.shape and lora_A.grad.is_contiguous() and lora_B.grad.is_contiguous()
+    for t, t0 in zip((x, weight, bias, lora_A, lora_B), before):
+        assert torch.equal(t.detach(), t0), "an input was modified"
+
+
+def _cases():
+    """Each shape under every dtype and both forward shapes; weight layout, dropout, LoRA dtype and input layout
+    rotate so each value meets each other axis. The full product runs with ``-m slow``."""
+    for i, (shape, dtype, impl) in enumerate(itertools.product(SHAPES, DTYPES, IMPLS)):
+        fan_in_fan_out = (i // 3) % 2 == 1
+        lora_dtype = torch.float32 if dtype == torch.float32 or i % 2 == 0 else dtype
+        yield pytest.param(*shape, dtype, lora_dtype, impl, fan_in_fan_out, INPUT_FORMS[i % 3], (0.0, 0.1)[i // 2 % 2],
+                           id=f"{shape}-{str(dtype)[6:]}-{str(lora_dtype)[6:]}-{impl}-{'kn' if fan_in_fan_out else 'nk'}-"
+                              f"{INPUT_FORMS[i % 3]}-p{(0.0, 0.1)[i // 2 % 2]}")  # fmt: skip
+
+
+@pytest.mark.parametrize("M, K, N, r, dtype, lora_dtype, impl, fan_in_fan_out, form, dropout_p", list(_cases()))
+def test_matches_reference(M, K, N, r, dtype, lora_dtype, impl, fan_in_fan_out, form, dropout_p, device):
+    check_against_reference(M, K, N, r, dtype, lora_dtype, impl, fan_in_fan_out, form, dropout_p, device)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "M, K, N, r", list(itertools.product([1, 7, 64, 300], [16, 33, 96, 257], [16, 33, 96, 257], [1, 4, 16, 64]))
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_reference_full_sweep(M, K, N, r, dtype, impl, device):
+    for fan_in_fan_out, form, p in [(False, "2d", 0.0), (True, "strided", 0.1)]:
+        check_against_reference(M, K, N, r, dtype, torch.float32, impl, fan_in_fan_out, form, p, device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_bias_and_frozen_inputs(impl, device):
+    """Without bias, and with only some inputs requiring grad, the other gradients are still right."""
+    x, weight, _, lora_A, lora_B = make_inputs(9, 40, 24, 8, torch.float32, torch.float32, False, "2d", device)
+    x.requires_grad_(False)
+    lora_A.requires_grad_(False)
+    y = fastlora.lora_linear(x, weight, None, lora_A, lora_B, 0.5, forward_impl=impl)
+    y.sum().backward()
+    bb64 = lora_B.detach().double().requires_grad_()
+    lora_linear_reference(x.double(), weight.double(), None, lora_A.double(), bb64, 0.5).sum().backward()
+    assert x.grad is None and lora_A.grad is None
+    assert_close(lora_B.grad, bb64.grad, torch.float32, 9, "dB")
+
+
+def test_weight_gradient_when_requested(device):
+    """A caller who leaves W0 trainable gets its gradient (not fused, but correct)."""
+    x, weight, bias, lora_A, lora_B = make_inputs(5, 24, 12, 4, torch.float32, torch.float32, True, "2d", device)
+    weight.requires_grad_()
+    fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, fan_in_fan_out=True).square().sum().backward()
+    w64 = weight.detach().double().requires_grad_()
+    lora_linear_reference(x.double(), w64, bias.double(), lora_A.double(), lora_B.double(), 1.0,
+                          fan_in_fan_out=True).square().sum().backward()  # fmt: skip
+    assert_close(weight.grad, w64.grad, torch.float32, 5, "dW")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inference_matches_training_forward(impl, device):
+    """Under no_grad nothing is kept for the backward, and the output is the same."""
+    x, weight, bias, lora_A, lora_B = make_inputs(33, 48, 40, 8, torch.float16, torch.float32, False, "2d", device)
+    y_train = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.25, forward_impl=impl)
+    with torch.no_grad():
+        y_eval = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.25, forward_impl=impl)
+    assert torch.equal(y_train.detach(), y_eval)
+
+
+def test_forward_shapes_agree(device):
+    """The one-pass and the shrink-then-GEMM forward round ``s·xa`` the same way: equal up to accumulation order."""
+    x, weight, bias, lora_A, lora_B = make_inputs(40, 80, 72, 16, torch.bfloat16, torch.bfloat16, False, "2d", device)
+    y1 = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, forward_impl="onepass")
+    y2 = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, forward_impl="split")
+    assert_close(y1.float(), y2.double(), torch.bfloat16, 80, "onepass vs split")
+
+
+def test_gradients_are_deterministic(device):
+    """Two identical backward passes give bitwise-equal gradients (no atomics; fixed reduction order)."""
+    grads = []
+    for _ in range(2):
+        x, weight, bias, lora_A, lora_B = make_inputs(
+            300, 96, 64, 16, torch.bfloat16, torch.float32, False, "2d", device
+        )
+        seed = torch.tensor([7], dtype=torch.int64, device=device)
+        y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.1, True, seed=seed)
+        y.backward(torch.ones_like(y))
+        grads.append([t.grad.clone() for t in (x, bias, lora_A, lora_B)])
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+
+
+def test_torch_backend_matches_triton(device):
+    """Both backends draw the same dropout mask from the same seed and compute the same layer."""
+    outs = []
+    for backend in ["torch", "auto"]:
+        x, weight, bias, lora_A, lora_B = make_inputs(20, 48, 32, 8, torch.float32, torch.float32, False, "3d", device)
+        seed = torch.tensor([99], dtype=torch.int64, device=device)
+        y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.3, True, seed=seed, backend=backend)
+        y.backward(torch.ones_like(y))
+        outs.append([y.detach(), x.grad, lora_A.grad, lora_B.grad])
+    for a, b in zip(*outs):
+        assert_close(a, b.double(), torch.float32, 48, "torch vs triton backend")
+
+
+def test_torch_backend_gradcheck():
+    """The torch backend's hand-written backward (the CPU path) passes autograd's numerical check in fp64,
+    dropout included."""
+    g = torch.Generator().manual_seed(3)
+    x, bias, lora_A, lora_B = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+                               for s in [(2, 3, 7), (5,), (3, 7), (5, 3)])  # fmt: skip
+    weight = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    seed = torch.tensor([5], dtype=torch.int64)
+
+    def f(x, bias, lora_A, lora_B):
+        return fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.7, 0.4, True, seed=seed, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (x, bias, lora_A, lora_B))
