@@ -1,9 +1,35 @@
 """fastlora: LoRA layers whose forward and backward are fused Triton kernels."""
 
+from .config import LoraConfig
 from .layers import LoraLinear, lora_scaling
+from .model import (
+    apply_lora,
+    disable_adapters,
+    freeze_bottom_layers,
+    llrd_param_groups,
+    merge_and_reinit,
+    merge_and_unload,
+    print_trainable_parameters,
+    unload,
+)
 from .ops import lora_linear
 from .reference import lora_linear_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraLinear", "lora_linear", "lora_linear_reference", "lora_scaling", "__version__"]
+__all__ = [
+    "LoraConfig",
+    "LoraLinear",
+    "apply_lora",
+    "disable_adapters",
+    "freeze_bottom_layers",
+    "llrd_param_groups",
+    "lora_linear",
+    "lora_linear_reference",
+    "lora_scaling",
+    "merge_and_reinit",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "unload",
+    "__version__",
+]

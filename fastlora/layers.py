@@ -61,6 +61,8 @@ class LoraLinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.merged = False
+        self.disabled = False  # set by fastlora.disable_adapters: the forward is the base layer's
+        self.init_lora_weights = init_lora_weights
         # PEFT keeps adapter weights in fp32 unless told otherwise; the kernels take either.
         dtype = lora_dtype or (torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=weight.device, dtype=dtype))
@@ -88,10 +90,14 @@ class LoraLinear(nn.Module):
         linear.weight.requires_grad_(False)
         if linear.bias is not None:
             linear.bias.requires_grad_(False)
-        return cls(
+        layer = cls(
             linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, fan_in_fan_out,
             lora_dtype,
         )  # fmt: skip
+        # Kept outside the module tree (its parameters are this layer's), so ``unwrap`` can hand back the very
+        # module type the model had: nn.Linear, a GPT-2 Conv1D, ...
+        object.__setattr__(layer, "_base_module", linear)
+        return layer
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
@@ -107,7 +113,7 @@ class LoraLinear(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return nn.functional.linear(x, self._weight_nk(), self.bias)
         return lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training,
@@ -147,6 +153,20 @@ class LoraLinear(nn.Module):
             raise RuntimeError("LoraLinear.unmerge: the adapter is not merged")
         self._apply_delta(-1.0)
         self.merged = False
+
+    def unwrap(self, merge: bool = False) -> nn.Module:
+        """The wrapped base module (the one given to ``from_linear``, else an ``nn.Linear``) holding this layer's
+        weight: with ``merge``, ``W0 + s·B·A``; without, ``W0`` (unmerged first if needed)."""
+        if merge and not self.merged:
+            self.merge()
+        elif not merge and self.merged:
+            self.unmerge()
+        base = getattr(self, "_base_module", None)
+        if base is None:
+            return self.to_linear()
+        base.weight = self.weight  # the parameters may have been replaced since (``.to()``, sharding)
+        base.bias = self.bias
+        return base
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

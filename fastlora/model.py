@@ -1,0 +1,259 @@
+"""Whole-model transforms: put ``LoraLinear`` into a model by a filtered module swap, freeze what LoRA training
+freezes, and take it out again (merged or not). Helpers for layer-wise training recipes live here too.
+
+The swap keeps every module path, so the base model's ``state_dict`` keys are unchanged and only ``.lora_A`` /
+``.lora_B`` entries are added. It is all-or-nothing: targets are resolved and validated before the first module
+is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .layers import LoraLinear
+
+
+def _conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's linear layer, weight ``[in, out]``), when transformers is installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _linear_types() -> tuple[type, ...]:
+    conv1d = _conv1d_class()
+    return (nn.Linear, conv1d) if conv1d is not None else (nn.Linear,)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {name for name, m in model.named_modules() if m is head} if head is not None else set()
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """``(name, layer)`` for every ``LoraLinear`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``config`` adapts, with PEFT's semantics; raises if one is of an unsupported type or
+    if nothing matches (listing the linear modules that exist)."""
+    linear_types = _linear_types()
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
+    excluded = _output_head_names(model) if all_linear else set()
+    targets = []
+    for name, module in model.named_modules():
+        if not name or name in excluded or not config.matches(name):
+            continue
+        if isinstance(module, LoraLinear):
+            raise ValueError(f"apply_lora: module {name!r} already has LoRA; unload it first")
+        if isinstance(module, linear_types):
+            targets.append(name)
+        elif not all_linear:
+            raise NotImplementedError(
+                f"apply_lora: target module {name!r} is a {type(module).__name__}; fastlora adapts nn.Linear and "
+                "transformers Conv1D layers only"
+            )
+    if not targets:
+        available = sorted(n for n, m in model.named_modules() if isinstance(m, linear_types))
+        raise ValueError(
+            f"apply_lora: target_modules={config.target_modules!r} matched no module. Linear modules in this "
+            f"model: {available}"
+        )
+    return targets
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Swap every module ``config`` targets for a ``LoraLinear`` around it, in place, and freeze everything but the
+    LoRA weights, the biases ``config.bias`` asks for and ``config.modules_to_save``. Returns ``model``.
+
+    ``Conv1D`` layers (weight ``[in, out]``) are adapted with ``fan_in_fan_out=True`` whatever the config says, as
+    PEFT does. The config is kept as ``model.fastlora_config`` for ``save_adapter``.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"apply_lora: config must be a fastlora.LoraConfig, got {type(config).__name__}")
+    if getattr(model, "fastlora_config", None) is not None or any(True for _ in lora_layers(model)):
+        raise ValueError("apply_lora: the model already has LoRA layers; unload them first")
+    conv1d = _conv1d_class()
+    modules_to_save = _modules_to_save(model, config)
+    replacements = {}
+    for name in find_targets(model, config):
+        module = model.get_submodule(name)
+        replacements[name] = LoraLinear.from_linear(
+            module,
+            r=config.rank_for(name),
+            lora_alpha=config.alpha_for(name),
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+            fan_in_fan_out=config.fan_in_fan_out or (conv1d is not None and isinstance(module, conv1d)),
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, layer in replacements.items():
+        _set_submodule(model, name, layer)
+        if config.bias == "lora_only" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    if config.bias == "all":
+        for name, param in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                param.requires_grad_(True)
+    for module in modules_to_save.values():
+        for param in module.parameters():
+            param.requires_grad_(True)
+    model.fastlora_config = config
+    return model
+
+
+def _modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    names = config.modules_to_save or []
+    found = {n: m for n, m in model.named_modules() if n and any(re.match(rf"(^|.*\.){k}$", n) for k in names)}
+    missing = [k for k in names if not any(re.match(rf"(^|.*\.){k}$", n) for n in found)]
+    if missing:
+        raise ValueError(f"apply_lora: modules_to_save names modules the model lacks: {missing}")
+    return found
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Print (and return) the trainable and total parameter counts, in PEFT's format."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    return trainable, total
+
+
+def _take_out(model: nn.Module, merge: bool) -> nn.Module:
+    for name, layer in list(lora_layers(model)):
+        _set_submodule(model, name, layer.unwrap(merge=merge))
+    if hasattr(model, "fastlora_config"):
+        del model.fastlora_config
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight (fp32 accumulation) and put the base modules back. In place.
+
+    Every merge is checked before any is applied: a non-finite result raises and leaves the model unchanged."""
+    for name, layer in lora_layers(model):
+        if layer.merged:
+            continue
+        merged = (layer._weight_nk().float() + layer.delta_weight()).to(layer.weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merge_and_unload: merging {name!r} would put non-finite values in its weight")
+    return _take_out(model, merge=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging (unmerging merged ones) and put the base modules back. In place."""
+    return _take_out(model, merge=False)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes as its base model; merged adapters are unmerged and merged back."""
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in merged:
+            layer.merge()
+
+
+# ----------------------------------------------------------------------------------------------- training helpers
+
+
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks: the longest ``nn.ModuleList`` of identical module types."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError("transformer_layers: found no nn.ModuleList of repeated blocks in this model")
+    return best
+
+
+def freeze_bottom_layers(model: nn.Module, n: int) -> list[str]:
+    """Freeze every parameter (LoRA included) of the first ``n`` transformer blocks; returns their names."""
+    blocks = transformer_layers(model)
+    if not 0 <= n <= len(blocks):
+        raise ValueError(f"freeze_bottom_layers: n must be in [0, {len(blocks)}], got {n}")
+    frozen = []
+    block_ids = {id(b): i for i, b in enumerate(blocks)}
+    for name, module in model.named_modules():
+        if block_ids.get(id(module), n) < n:
+            for pname, param in module.named_parameters():
+                param.requires_grad_(False)
+                frozen.append(f"{name}.{pname}")
+    return frozen
+
+
+def llrd_param_groups(model: nn.Module, base_lr: float, decay: float) -> list[dict]:
+    """Optimizer parameter groups with layer-wise learning-rate decay: block ``l`` of ``L`` gets
+    ``base_lr · decay^(L-1-l)``; trainable parameters before the blocks (embeddings) get ``base_lr · decay^L``, and
+    those after them (final norm, head) ``base_lr``. Only trainable parameters are included."""
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"llrd_param_groups: decay must be in (0, 1], got {decay}")
+    blocks = transformer_layers(model)
+    L = len(blocks)
+    owner = {}
+    for index, block in enumerate(blocks):
+        for param in block.parameters():
+            owner[id(param)] = index
+    first_block_param = next(iter(blocks[0].parameters()), None)
+    groups: dict[str, dict] = {}
+    seen_blocks = False
+    for param in model.parameters():
+        if param is first_block_param:
+            seen_blocks = True
+        if not param.requires_grad:
+            continue
+        if id(param) in owner:
+            index = owner[id(param)]
+            key, lr = f"layer.{index}", base_lr * decay ** (L - 1 - index)
+        elif seen_blocks:
+            key, lr = "head", base_lr
+        else:
+            key, lr = "embeddings", base_lr * decay**L
+        groups.setdefault(key, {"name": key, "lr": lr, "params": []})["params"].append(param)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def merge_and_reinit(model: nn.Module) -> int:
+    """A Chain-of-LoRA step: merge each adapter into its base weight, then re-initialise A and B (as at creation)
+    to keep training a fresh adapter on the updated base. With the default init (B = 0) the model's function is
+    unchanged. Reset the optimizer state of the LoRA parameters afterwards. Returns the number of layers."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        if not layer.merged:
+            layer.merge()
+        layer.merged = False  # the delta now belongs to the base weight
+        layer.reset_lora_parameters(layer.init_lora_weights)
+    return len(layers)
