@@ -195,3 +195,15 @@ def test_torch_backend_gradcheck():
         return fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.7, 0.4, True, seed=seed, backend="torch")
 
     assert torch.autograd.gradcheck(f, (x, bias, lora_A, lora_B))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl, device):
+    """Zero tokens: an empty output and zero LoRA gradients, no kernel launched on an empty grid."""
+    x, weight, bias, lora_A, lora_B = make_inputs(1, 24, 16, 4, torch.float32, torch.float32, False, "2d", device)
+    x = x.detach()[:0].requires_grad_()
+    y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.1, True, forward_impl=impl)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 24)
+    assert torch.count_nonzero(lora_A.grad) == 0 and torch.count_nonzero(lora_B.grad) == 0
