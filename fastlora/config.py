@@ -18,14 +18,18 @@ _BIAS_CHOICES = ("none", "all", "lora_only")
 # PEFT fields that carry no meaning for the computation (bookkeeping, or options of other PEFT methods).
 _IGNORED_PEFT_FIELDS = {
     "peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping",
-    "peft_version", "exclude_modules", "layer_replication", "megatron_config", "megatron_core", "runtime_config",
+    "peft_version", "exclude_modules", "megatron_config", "megatron_core", "runtime_config",
 }  # fmt: skip
 # PEFT fields whose non-default values change the math in ways fastlora does not implement.
 _UNSUPPORTED_DEFAULTS = {
     "use_dora": False, "lora_bias": False, "target_parameters": None, "loftq_config": {}, "use_qalora": False,
     "trainable_token_indices": None, "eva_config": None, "corda_config": None, "alora_invocation_tokens": None,
     "arrow_config": None, "qalora_group_size": 16, "ensure_weight_tying": False, "layers_pattern_regex": None,
+    "layer_replication": None, "lora_ga_config": None, "velora_config": None, "monteclora_config": None,
+    "use_bdlora": None, "kasa_config": None,
 }  # fmt: skip
+# Of those, the ones a user is most likely to pass to ``LoraConfig`` directly are fields, so they fail by name.
+_UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "target_parameters", "layer_replication")
 
 
 @dataclasses.dataclass
@@ -55,8 +59,15 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    layer_replication: list | None = None
 
     def __post_init__(self):
+        set_unsupported = [f"{k}={getattr(self, k)!r}" for k in _UNSUPPORTED_FIELDS if getattr(self, k)]
+        if set_unsupported:
+            raise NotImplementedError(f"LoraConfig: not supported by fastlora: {', '.join(set_unsupported)}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -64,7 +75,7 @@ class LoraConfig:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"LoraConfig: r must be an integer >= 1, got {self.r!r}")
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank < 1:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
@@ -77,6 +88,11 @@ class LoraConfig:
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LoraConfig: layers_pattern is only used together with layers_to_transform")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError(
+                "LoraConfig: layers_to_transform / layers_pattern cannot be used when target_modules is a str "
+                "(a regex or 'all-linear'), as in PEFT"
+            )
         if self.target_modules is None:
             raise ValueError("LoraConfig: target_modules is required (a list of names, a regex, or 'all-linear')")
 
@@ -151,7 +167,7 @@ class LoraConfig:
         """Read a PEFT ``adapter_config.json``. Unsupported options with non-default values raise
         ``NotImplementedError`` naming them; unknown keys are refused too, rather than ignored."""
         peft_type = data.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
+        if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
             raise NotImplementedError(f"LoraConfig: peft_type {peft_type!r} is not LoRA")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs, unsupported, unknown = {}, [], []

@@ -93,17 +93,24 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     conv1d = _conv1d_class()
     modules_to_save = _modules_to_save(model, config)
     replacements = {}
-    for name in find_targets(model, config):
-        module = model.get_submodule(name)
-        replacements[name] = LoraLinear.from_linear(
-            module,
-            r=config.rank_for(name),
-            lora_alpha=config.alpha_for(name),
-            lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            init_lora_weights=config.init_lora_weights,
-            fan_in_fan_out=config.fan_in_fan_out or (conv1d is not None and isinstance(module, conv1d)),
-        )
+    requires_grad = {param: param.requires_grad for param in model.parameters()}
+    try:
+        for name in find_targets(model, config):
+            module = model.get_submodule(name)
+            replacements[name] = LoraLinear.from_linear(
+                module,
+                r=config.rank_for(name),
+                lora_alpha=config.alpha_for(name),
+                lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora,
+                init_lora_weights=config.init_lora_weights,
+                fan_in_fan_out=config.fan_in_fan_out or (conv1d is not None and isinstance(module, conv1d)),
+            )
+    except BaseException:
+        # from_linear froze the base weights it wrapped so far: put the model back as it was.
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+        raise
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in replacements.items():
