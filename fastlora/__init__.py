@@ -1,6 +1,7 @@
 """fastlora: LoRA layers whose forward and backward are fused Triton kernels."""
 
 from .config import LoraConfig
+from .io import load_adapter, save_adapter
 from .layers import LoraLinear, lora_scaling
 from .model import (
     apply_lora,
@@ -13,6 +14,7 @@ from .model import (
     unload,
 )
 from .ops import lora_linear
+from .peft_compat import patch_peft, unpatch_peft
 from .reference import lora_linear_reference
 
 __version__ = "0.1.0"
@@ -24,12 +26,16 @@ __all__ = [
     "disable_adapters",
     "freeze_bottom_layers",
     "llrd_param_groups",
+    "load_adapter",
     "lora_linear",
     "lora_linear_reference",
     "lora_scaling",
     "merge_and_reinit",
     "merge_and_unload",
+    "patch_peft",
     "print_trainable_parameters",
+    "save_adapter",
     "unload",
+    "unpatch_peft",
     "__version__",
 ]

@@ -28,6 +28,11 @@ def _conv1d_class() -> type | None:
     return Conv1D
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def _linear_types() -> tuple[type, ...]:
     conv1d = _conv1d_class()
     return (nn.Linear, conv1d) if conv1d is not None else (nn.Linear,)
@@ -83,14 +88,13 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Swap every module ``config`` targets for a ``LoraLinear`` around it, in place, and freeze everything but the
     LoRA weights, the biases ``config.bias`` asks for and ``config.modules_to_save``. Returns ``model``.
 
-    ``Conv1D`` layers (weight ``[in, out]``) are adapted with ``fan_in_fan_out=True`` whatever the config says, as
-    PEFT does. The config is kept as ``model.fastlora_config`` for ``save_adapter``.
+    The weight layout follows the module type whatever ``config.fan_in_fan_out`` says, as in PEFT (which warns and
+    corrects it): ``Conv1D`` weights are ``[in, out]``, ``nn.Linear`` weights ``[out, in]``. The config is kept as ``model.fastlora_config`` for ``save_adapter``.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"apply_lora: config must be a fastlora.LoraConfig, got {type(config).__name__}")
     if getattr(model, "fastlora_config", None) is not None or any(True for _ in lora_layers(model)):
         raise ValueError("apply_lora: the model already has LoRA layers; unload them first")
-    conv1d = _conv1d_class()
     modules_to_save = _modules_to_save(model, config)
     replacements = {}
     requires_grad = {param: param.requires_grad for param in model.parameters()}
@@ -104,7 +108,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
                 lora_dropout=config.lora_dropout,
                 use_rslora=config.use_rslora,
                 init_lora_weights=config.init_lora_weights,
-                fan_in_fan_out=config.fan_in_fan_out or (conv1d is not None and isinstance(module, conv1d)),
+                fan_in_fan_out=is_conv1d(module),
             )
     except BaseException:
         # from_linear froze the base weights it wrapped so far: put the model back as it was.

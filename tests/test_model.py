@@ -465,3 +465,14 @@ def test_training_steps_reduce_loss():
     assert final < losses[0] - 0.05, losses + [final]
     assert losses == sorted(losses, reverse=True), losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_weight_layout_follows_the_module_type_as_in_peft():
+    """PEFT ignores fan_in_fan_out=True on nn.Linear (it warns and resets it): so does apply_lora."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20))
+    fastlora.apply_lora(model, fastlora.LoraConfig(r=4, target_modules=["0"], fan_in_fan_out=True))
+    layer = model[0]
+    assert not layer.fan_in_fan_out
+    assert layer.lora_A.shape == (4, 12) and layer.lora_B.shape == (20, 4)
+    assert model(torch.randn(3, 12)).shape == (3, 20)
