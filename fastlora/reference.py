@@ -111,9 +111,14 @@ def lora_backward(dy, x2d, wt, lora_A, lora_B, xs, scaling, dropout_p, seed):
     dyl = dy.to(lora_B.dtype)
     dxa = (dyl @ lora_B) * scaling
     low = dxa @ lora_A
+    xl = x2d.to(lora_A.dtype)
     if dropout_p > 0.0:
-        low = dropout(low, dropout_p, seed)
+        # One regeneration of the mask serves both D' terms (Philox in PyTorch dominates the CPU backward).
+        keep = dropout_mask(seed, tuple(x2d.shape), dropout_p, device=x2d.device)
+        zero = torch.zeros((), dtype=low.dtype, device=low.device)
+        low = torch.where(keep, low * (1.0 / (1.0 - dropout_p)), zero)
+        xl = torch.where(keep, xl * (1.0 / (1.0 - dropout_p)), zero)
     dx = dy @ wt.t() + low.to(dy.dtype)
-    dA = dxa.t() @ dropout(x2d.to(lora_A.dtype), dropout_p, seed)
+    dA = dxa.t() @ xl
     dB = dyl.t() @ xs
     return dx, dA, dB
