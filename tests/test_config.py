@@ -7,6 +7,7 @@ same model and the same keyword arguments, never against hand-written expectatio
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 
@@ -21,23 +22,10 @@ peft = pytest.importorskip("peft")
 
 ADAPTER = "default"
 PEFT_PREFIX = "base_model.model."
+from tiny_models import tiny_gpt2 as _tiny_gpt2  # noqa: E402 (after importorskip)
+from tiny_models import tiny_llama  # noqa: E402 (after importorskip)
 
-
-def _tiny_llama() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def _tiny_gpt2() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+_tiny_llama = functools.partial(tiny_llama, num_hidden_layers=3)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from fastlora.model import lora_layers
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-HIDDEN = 64
 IDS = torch.tensor([[1, 5, 9, 33, 2, 64, 100, 7], [3, 3, 80, 12, 127, 0, 44, 18]])
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -34,24 +33,9 @@ GPT2_KWARGS = dict(
     r=4, lora_alpha=8, target_modules=GPT2_TARGETS, fan_in_fan_out=True, init_lora_weights=False, bias="lora_only",
     rank_pattern={"c_fc": 3},
 )  # fmt: skip
-
-
-def _llama(**overrides) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, **overrides,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def _gpt2() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=HIDDEN, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
-
+from tiny_models import HIDDEN  # noqa: E402 (after importorskip)
+from tiny_models import tiny_gpt2 as _gpt2  # noqa: E402 (after importorskip)
+from tiny_models import tiny_llama as _llama  # noqa: E402 (after importorskip)
 
 MODELS = {"llama": (_llama, LLAMA_KWARGS), "gpt2": (_gpt2, GPT2_KWARGS)}
 

@@ -7,6 +7,7 @@ short. Logits are compared with the tolerance table against the same model run i
 
 import contextlib
 import copy
+import functools
 import io
 
 import pytest
@@ -22,25 +23,11 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 Conv1D = transformers.pytorch_utils.Conv1D
 
-HIDDEN = 64
 IDS = torch.tensor([[1, 5, 9, 33, 2, 64, 100, 7], [3, 3, 80, 12, 127, 0, 44, 18]])
+from tiny_models import HIDDEN, tiny_llama  # noqa: E402 (after importorskip)
+from tiny_models import tiny_gpt2 as _gpt2  # noqa: E402 (after importorskip)
 
-
-def _llama(**overrides) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, **overrides,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def _gpt2() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=HIDDEN, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+_llama = functools.partial(tiny_llama, num_hidden_layers=3)
 
 
 MODELS = {"llama": _llama, "gpt2": _gpt2}
