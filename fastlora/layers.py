@@ -1,4 +1,5 @@
 """``LoraLinear``: a frozen linear layer plus a trainable low-rank update, computed by one fused op.
+``MultiLoraLinear``: a frozen linear layer plus, per token, the adapter of its slot in an adapter pool.
 
 Parameters follow PEFT's shapes (``lora_A [r, in_features]``, ``lora_B [out_features, r]``) and its
 initialisation, so adapters move between the two without conversion. The base weight is the very
@@ -7,12 +8,20 @@ initialisation, so adapters move between the two without conversion. The base we
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from . import ops
 from .ops import lora_linear
+
+if TYPE_CHECKING:
+    from .serving.meta import BatchMeta
+    from .serving.pool import PoolLayer
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -188,4 +197,109 @@ class LoraLinear(nn.Module):
             f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
             f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}, "
             f"dtype={self.weight.dtype}, lora_dtype={self.lora_A.dtype}"
+        )
+
+
+# The batch being computed, for every MultiLoraLinear of a model. A ContextVar rather than an attribute of the
+# layers: each thread (and each asyncio task) sees its own value, so concurrent forwards of one model in different
+# threads each read their own batch's metadata.
+_BATCH_META: contextvars.ContextVar[BatchMeta | None] = contextvars.ContextVar("fastlora_batch_meta", default=None)
+
+
+def current_batch_meta() -> BatchMeta | None:
+    """The ``BatchMeta`` the ``MultiLoraLinear`` layers use in this thread / context (None: base model only)."""
+    return _BATCH_META.get()
+
+
+def set_batch_meta(meta: BatchMeta | None) -> contextvars.Token:
+    """Set the current batch for this context; returns the token for ``reset_batch_meta``."""
+    return _BATCH_META.set(meta)
+
+
+def reset_batch_meta(token: contextvars.Token) -> None:
+    _BATCH_META.reset(token)
+
+
+@contextlib.contextmanager
+def batch_meta(meta: BatchMeta | None):
+    """``with batch_meta(meta): model(...)``: the ``MultiLoraLinear`` layers compute ``meta``'s batch."""
+    token = _BATCH_META.set(meta)
+    try:
+        yield meta
+    finally:
+        _BATCH_META.reset(token)
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen linear layer whose tokens each add the LoRA update of their adapter slot:
+    ``y[t] = x[t]·W0ᵀ + b + scale[t]·s_slot·(x[t]·A_slotᵀ)·B_slotᵀ`` (``fastlora.multi_lora_linear``).
+
+    ``weight`` / ``bias`` are the wrapped layer's own parameters (shared, not copied; ``[out, in]``, or ``[in, out]``
+    with ``fan_in_fan_out=True`` for GPT-2 ``Conv1D``). The adapter weights are not this module's: ``pool`` is the
+    layer's slice of an ``AdapterPool`` (``a_pool``, ``b_pool``, per-slot ranks and scalings), written only by the
+    pool. Which slot each token uses comes from the ``BatchMeta`` current in this context (``batch_meta``,
+    set by ``MultiLoraModel`` for each forward); with none set, the layer is the plain base layer. Inference only.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pool: PoolLayer, fan_in_fan_out: bool = False):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"MultiLoraLinear: weight must be 2-D, got shape {tuple(weight.shape)}")
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        if (in_features, out_features) != (pool.in_features, pool.out_features):
+            raise ValueError(
+                f"MultiLoraLinear: the pool layer {pool.name!r} is {pool.in_features} -> {pool.out_features}, the "
+                f"weight is {in_features} -> {out_features}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        self.weight = weight
+        self.bias = bias
+        # A plain attribute, not a buffer: the pool owns these tensors (and state_dict should not save them).
+        object.__setattr__(self, "pool", pool)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, pool: PoolLayer, fan_in_fan_out: bool = False) -> MultiLoraLinear:
+        """Wrap ``linear`` (``nn.Linear``; GPT-2 ``Conv1D`` with ``fan_in_fan_out=True``), sharing its parameters.
+        ``unwrap`` hands the very module back."""
+        if not isinstance(getattr(linear, "weight", None), torch.Tensor):
+            raise TypeError(f"MultiLoraLinear.from_linear: expected a linear layer, got {type(linear).__name__}")
+        layer = cls(linear.weight, linear.bias, pool, fan_in_fan_out)
+        object.__setattr__(layer, "_base_module", linear)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        meta = _BATCH_META.get()
+        if meta is None:
+            weight = self.weight.t() if self.fan_in_fan_out else self.weight
+            return nn.functional.linear(x, weight, self.bias)
+        if x.numel() != meta.num_tokens * self.in_features:
+            raise ValueError(
+                f"MultiLoraLinear {self.pool.name!r}: the input {tuple(x.shape)} holds "
+                f"{x.numel() // max(self.in_features, 1)} tokens, the batch metadata {meta.num_tokens}"
+            )
+        pool = self.pool
+        return ops.multi_lora_linear(
+            x, self.weight, self.bias, pool.a_pool, pool.b_pool, meta, slot_ranks=pool.slot_ranks,
+            slot_scalings=pool.slot_scalings, fan_in_fan_out=self.fan_in_fan_out,
+        )  # fmt: skip
+
+    def unwrap(self) -> nn.Module:
+        """The wrapped base module (else an equivalent ``nn.Linear``), holding this layer's parameters."""
+        base = getattr(self, "_base_module", None)
+        if base is None:
+            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                             device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+            if self.fan_in_fan_out:
+                raise ValueError("MultiLoraLinear.unwrap: no base module to restore a fan_in_fan_out layer into")
+        base.weight = self.weight
+        base.bias = self.bias
+        return base
+
+    def extra_repr(self) -> str:
+        pool = self.pool
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}, max_adapters={pool.a_pool.shape[0]}, "
+            f"max_rank={pool.a_pool.shape[1]}, dtype={self.weight.dtype}, lora_dtype={pool.a_pool.dtype}"
         )

@@ -1,0 +1,281 @@
+"""``MultiLoraModel``: one transformers causal LM serving many LoRA adapters at once, a different one per row.
+
+The wrapper swaps each target ``nn.Linear`` / GPT-2 ``Conv1D`` of the model for a ``MultiLoraLinear`` over the
+layer's slice of an ``AdapterPool`` (in place; module paths and the base state dict are unchanged). A call or a
+``generate`` with ``adapter_names=[...]`` (one per row, None for the base model)
+
+1. acquires the rows' adapters from the pool (uploading the ones not resident, evicting least recently used slots
+   no running batch needs) and pins them for the whole call: every forward of a ``generate`` uses the same slots;
+2. sets, for the duration of the call and in this thread's context only, which slot each row uses;
+3. before each forward of the wrapped model (the prefill and every decode step with the KV cache), a forward
+   pre-hook reads the input's ``[B, L]`` shape and builds one ``BatchMeta`` for it (cached per shape within the
+   call, so decode steps reuse it), which every ``MultiLoraLinear`` reads from a ``ContextVar``;
+4. releases the adapters.
+
+Rows may mix adapters of different ranks, scalings and target modules in any order. ``generate`` expansions of the
+batch (``num_return_sequences``, beam search) repeat each row's adapter to its copies, as transformers repeats rows.
+Calling the wrapped model directly, outside the wrapper, computes the base model.
+
+Limits: inference only (calls run under ``torch.no_grad``); each row uses one adapter for all its tokens; models
+that reshape activations so that a linear layer does not see the ``[B, L]`` tokens in row-major order (token
+packing, mixture-of-experts routing) are not supported and raise; ``torch.compile`` of the wrapped model is not
+supported (the hook and the context variable run in Python).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ALL_LINEAR, LoraConfig
+from ..layers import MultiLoraLinear, current_batch_meta, reset_batch_meta, set_batch_meta
+from ..model import _linear_types, _output_head_names, _set_submodule, find_targets, is_conv1d, lora_layers
+from .meta import BatchMeta
+from .pool import AdapterInfo, AdapterLease, AdapterPool
+
+# PEFT's name for "no adapter" in a mixed batch (``adapter_names=[..., "__base__", ...]``), accepted as None.
+BASE = "__base__"
+
+
+class _Rows:
+    """The adapter of each row of the running call, and the ``BatchMeta`` built for each input shape."""
+
+    def __init__(self, model: MultiLoraModel, lease: AdapterLease, row_scales: tuple[float, ...] | None):
+        self.model = model
+        self.lease = lease
+        self.row_slots = lease.row_slots
+        self.row_scales = row_scales
+        self.metas: dict[tuple[int, int, torch.device], BatchMeta] = {}
+
+    def meta(self, batch: int, seq_len: int, device: torch.device) -> BatchMeta:
+        key = (batch, seq_len, device)
+        meta = self.metas.get(key)
+        if meta is None:
+            rows = len(self.row_slots)
+            if batch % rows:
+                raise ValueError(
+                    f"MultiLoraModel: a forward of {batch} rows in a call for {rows} rows (adapter_names has one entry "
+                    "per row; generate may only repeat rows, as num_return_sequences and beam search do)"
+                )
+            repeat = batch // rows  # transformers expands row i to rows i*repeat ... i*repeat + repeat - 1
+            slots = [s for s in self.row_slots for _ in range(repeat)]
+            scales = None if self.row_scales is None else [s for s in self.row_scales for _ in range(repeat)]
+            meta = BatchMeta.from_rows(
+                slots, seq_len, self.lease.slot_ranks, self.lease.slot_scalings, row_scales=scales, device=device
+            )
+            self.metas[key] = meta
+        return meta
+
+
+_ROWS: ContextVar[_Rows | None] = ContextVar("fastlora_rows", default=None)
+
+
+class MultiLoraModel:
+    """Serve many LoRA adapters over one transformers causal LM; each row of a batch may use a different adapter.
+
+    ``target_modules``: the layers adapters may adapt, as in ``LoraConfig`` (names or suffixes, a regex, or
+    ``"all-linear"``); an adapter may target any subset of them. ``max_adapters``: device slots (adapters resident
+    at once; a batch may use at most this many distinct adapters). ``max_rank``: the largest rank an adapter may
+    have. ``dtype``: the dtype of the adapter pool (default: the model's dtype; see ``AdapterPool``). The pool lives
+    on the model's device: move the model before wrapping it.
+
+    ``model`` is modified in place (its target layers become ``MultiLoraLinear``); ``unwrap()`` restores it. Memory:
+    ``max_adapters · max_rank · (K + N)`` elements of ``dtype`` per target layer, plus the CPU tier.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: list[str] | str,
+        max_adapters: int = 8,
+        max_rank: int = 64,
+        dtype: torch.dtype | None = None,
+    ):
+        if any(isinstance(m, MultiLoraLinear) for m in model.modules()) or any(True for _ in lora_layers(model)):
+            raise ValueError("MultiLoraModel: the model already has LoRA layers; unload or unwrap them first")
+        targets = find_targets(model, LoraConfig(target_modules=target_modules))
+        modules = {name: model.get_submodule(name) for name in targets}
+        devices = {m.weight.device for m in modules.values()}
+        if len(devices) != 1:
+            raise ValueError(f"MultiLoraModel: the target layers are on several devices ({sorted(map(str, devices))})")
+        first = next(iter(modules.values()))
+        shapes = {}
+        for name, module in modules.items():
+            out_features, in_features = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape
+            shapes[name] = (in_features, out_features)
+        # The model's linear layers, as a PEFT config would see them (before the swap hides their type).
+        self._linear = [n for n, m in model.named_modules() if n and isinstance(m, _linear_types())]
+        self._heads = _output_head_names(model)
+        self.model = model
+        self.target_modules = target_modules
+        self.pool = AdapterPool(
+            shapes, max_adapters=max_adapters, max_rank=max_rank, device=devices.pop(),
+            dtype=dtype or first.weight.dtype, select=self._selected,
+        )  # fmt: skip
+        for name, module in modules.items():
+            layer = MultiLoraLinear.from_linear(module, self.pool.layers[name], fan_in_fan_out=is_conv1d(module))
+            _set_submodule(model, name, layer)
+        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    # -------------------------------------------------------------------------------------------- adapters
+
+    def load_adapter(
+        self,
+        name: str,
+        path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+        config: LoraConfig | Mapping[str, Any] | None = None,
+        *,
+        replace: bool = False,
+        allow_pickle: bool = False,
+    ) -> AdapterInfo:
+        """Register an adapter (a PEFT-format directory or weights file, or a state dict with PEFT's keys plus
+        ``config``); it is validated against the model first and uploaded on first use. See
+        ``AdapterPool.register``."""
+        if name == BASE:
+            raise ValueError(f"MultiLoraModel.load_adapter: {BASE!r} means 'no adapter' in adapter_names")
+        return self.pool.register(name, path_or_state_dict, config=config, replace=replace, allow_pickle=allow_pickle)
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove an adapter; calls already running with it finish with it (``AdapterPool.unregister``)."""
+        self.pool.unregister(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.pool.adapters
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.device
+
+    # ------------------------------------------------------------------------------------------------ calls
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        adapter_names: Sequence[str | None] | str | None = None,
+        adapter_scales: Sequence[float | None] | None = None,
+        **kwargs,
+    ):
+        """The wrapped model's forward (its output, e.g. ``CausalLMOutputWithPast``) with row ``i`` computed with
+        adapter ``adapter_names[i]`` (None or ``"__base__"``: the base model; a single str: every row; omitted:
+        every row is base). ``adapter_scales[i]`` multiplies row ``i``'s LoRA term (default 1)."""
+        batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
+        with self._rows(adapter_names, adapter_scales, batch), torch.no_grad():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        adapter_names: Sequence[str | None] | str | None = None,
+        adapter_scales: Sequence[float | None] | None = None,
+        **generate_kwargs,
+    ):
+        """``model.generate`` with each row's adapter (as in ``__call__``) pinned for the whole generation; the KV
+        cache works as usual. The rows' adapters stay resident until it returns."""
+        batch = _batch_size(input_ids, generate_kwargs.get("inputs_embeds"))
+        with self._rows(adapter_names, adapter_scales, batch):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    def unwrap(self) -> nn.Module:
+        """Put the model's original layers back and return it; this wrapper is unusable afterwards."""
+        self._hook.remove()
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, MultiLoraLinear):
+                _set_submodule(self.model, name, module.unwrap())
+        return self.model
+
+    def __repr__(self) -> str:
+        return f"MultiLoraModel({type(self.model).__name__}, {self.pool!r})"
+
+    # ------------------------------------------------------------------------------------------------ internals
+
+    def _selected(self, config: LoraConfig) -> set[str]:
+        """The modules PEFT would adapt in the model for ``config`` (its linear layers, less the head for
+        ``"all-linear"``)."""
+        all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
+        return {n for n in self._linear if not (all_linear and n in self._heads) and config.matches(n)}
+
+    def _rows(self, adapter_names, adapter_scales, batch: int):
+        names = _row_names(adapter_names, batch)
+        scales = _row_scales(adapter_scales, batch)
+        return _RowsContext(self, names, scales)
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict):
+        rows = _ROWS.get()
+        if rows is None:
+            if current_batch_meta() is not None:
+                set_batch_meta(None)  # a plain forward of the wrapped model: the base model
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None or ids.dim() < 2:
+            raise ValueError("MultiLoraModel: the forward has neither input_ids [B, L] nor inputs_embeds [B, L, H]")
+        set_batch_meta(rows.meta(ids.shape[0], ids.shape[1], ids.device))
+        return None
+
+
+class _RowsContext:
+    """Acquire the rows' adapters, make them this context's rows; undo both on exit, also after an error."""
+
+    def __init__(self, model: MultiLoraModel, names: list[str | None], scales: tuple[float, ...] | None):
+        self.model, self.names, self.scales = model, names, scales
+
+    def __enter__(self) -> _Rows:
+        if _ROWS.get() is not None:
+            raise RuntimeError("MultiLoraModel: a call is already running in this thread (calls do not nest)")
+        lease = self.model.pool.acquire(self.names)
+        self.rows = _Rows(self.model, lease, self.scales)
+        self.tokens = (_ROWS.set(self.rows), set_batch_meta(None))
+        return self.rows
+
+    def __exit__(self, *exc) -> None:
+        rows_token, meta_token = self.tokens
+        reset_batch_meta(meta_token)
+        _ROWS.reset(rows_token)
+        self.rows.lease.release()
+
+
+def _batch_size(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:
+    ids = input_ids if input_ids is not None else inputs_embeds
+    if ids is None or ids.dim() < 2:
+        raise ValueError("MultiLoraModel: pass input_ids [B, L] (or inputs_embeds [B, L, H])")
+    return ids.shape[0]
+
+
+def _row_names(adapter_names, batch: int) -> list[str | None]:
+    if adapter_names is None:
+        return [None] * batch
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names] * batch
+    names = list(adapter_names)
+    if len(names) != batch:
+        raise ValueError(f"MultiLoraModel: adapter_names has {len(names)} entries for a batch of {batch} rows")
+    for name in names:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"MultiLoraModel: adapter_names entries must be str or None, got {name!r}")
+    return [None if name == BASE else name for name in names]
+
+
+def _row_scales(adapter_scales, batch: int) -> tuple[float, ...] | None:
+    if adapter_scales is None:
+        return None
+    scales = [1.0 if s is None else float(s) for s in adapter_scales]
+    if len(scales) != batch:
+        raise ValueError(f"MultiLoraModel: adapter_scales has {len(scales)} entries for a batch of {batch} rows")
+    if not all(map(_finite, scales)):
+        raise ValueError(f"MultiLoraModel: adapter_scales must be finite, got {scales}")
+    return None if all(s == 1.0 for s in scales) else tuple(scales)
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")

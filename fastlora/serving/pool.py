@@ -1,0 +1,548 @@
+"""``AdapterPool``: the LoRA weights of many adapters, in a fixed number of device slots over a CPU tier.
+
+One pool serves one model. For every adapted layer (``in_features = K``, ``out_features = N``) it owns
+
+- ``a_pool [max_adapters, max_rank, K]`` and ``b_pool [max_adapters, N, max_rank]`` on the model's device: slot
+  ``s`` holds an adapter's ``lora_A`` in ``a_pool[s, :r]`` and its ``lora_B`` in ``b_pool[s, :, :r]``; the padding
+  beyond ``r`` is zero;
+- ``slot_ranks [max_adapters]`` (int32) and ``slot_scalings [max_adapters]`` (float32) on the device: that layer's
+  own rank and ``lora_alpha / r`` (or ``/ sqrt(r)``) per slot, from the adapter's ``rank_pattern`` /
+  ``alpha_pattern``; a layer the adapter does not target has rank 0 in its slot, so the kernels skip it.
+
+Model-wide, each slot has a rank (the adapter's largest over its layers) and a default scaling for ``BatchMeta``.
+
+**Tiers.** ``register`` validates an adapter and keeps it in host memory (the CPU tier; pinned when the pool is on a
+CUDA device, so uploads are asynchronous copies), already cast to the pool's dtype. ``acquire(names)`` makes a
+batch's adapters resident: each one not in a slot is uploaded into a free slot or, when none is free, into the least
+recently used slot that no running batch pins. The batch's slots stay pinned (reference counted) until its lease is
+released; a batch asking for more distinct adapters than ``max_adapters`` is an error, and a batch that fits but finds
+too many slots pinned by other batches waits for them (``timeout`` to bound the wait).
+
+**Validation.** Everything is checked before the pool changes, so a bad adapter raises and leaves the pool, its
+slots and every registered adapter exactly as they were: the file (``fastlora.io.read_adapter``'s errors for
+missing, corrupt or pickled files and bad configs), unsupported config fields (``bias`` other than ``"none"``,
+``modules_to_save``: per-adapter base-layer changes a shared base model cannot serve), every key (a LoRA ``A`` / ``B``
+pair per module; a module the pool does not adapt is named in the error), every shape against the layer's ``K`` and
+``N``, each layer's rank against the config's ``rank_for`` and against ``max_rank``, floating dtypes, and finite values
+(after the cast to the pool's dtype, so an fp32 value that overflows fp16 is caught). The config must select exactly
+the modules the weights cover, as PEFT would adapt them.
+
+**Threads.** One lock guards the pool's state. Weights are written into a slot only while no batch pins it: a running
+forward never sees its adapters change. ``unregister`` (and ``register(..., replace=True)``) of an adapter that a
+running batch pins takes effect at once for new batches, while the running ones keep the old weights until they
+release; its slot is freed then. On CUDA, every release records an event on the releasing thread's current stream
+and an upload into that slot first waits for those events, and a batch that uses an adapter uploaded by another
+thread waits for the upload's event: batches on different streams never race with uploads.
+
+Limits: inference only (the pool tensors hold no gradients); one dtype for all adapters of a pool; an upload runs
+under the pool's lock, so another thread's ``acquire`` waits for it (an asynchronous copy on CUDA, short).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import LoraConfig
+from ..io import _LORA_KEY, PREFIX, read_adapter
+from ..layers import lora_scaling
+
+AdapterSource = str | os.PathLike | Mapping[str, torch.Tensor]
+_UNSET_CONFIG_FIELDS = {"bias": "none", "modules_to_save": None}
+
+
+class UnknownAdapterError(KeyError):
+    """A batch or an unload names an adapter that is not registered."""
+
+    def __str__(self) -> str:  # KeyError's own __str__ would print the message as a quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolLayer:
+    """The pool tensors of one adapted layer (shared with its ``MultiLoraLinear``; written only by the pool)."""
+
+    name: str
+    in_features: int  # K
+    out_features: int  # N
+    a_pool: torch.Tensor  # [max_adapters, max_rank, K]
+    b_pool: torch.Tensor  # [max_adapters, N, max_rank]
+    slot_ranks: torch.Tensor  # [max_adapters] int32, 0 = this layer has no adapter in the slot
+    slot_scalings: torch.Tensor  # [max_adapters] float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerWeights:
+    lora_A: torch.Tensor  # [r, K], host, the pool's dtype
+    lora_B: torch.Tensor  # [N, r]
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    """A registered adapter. ``slot`` is where it is resident (None: CPU tier only)."""
+
+    name: str
+    config: LoraConfig
+    layers: dict[str, _LayerWeights]
+    rank: int  # the largest rank over its layers: the slot's model-wide rank
+    scaling: float  # lora_scaling(config.r, config.lora_alpha): the slot's default scaling
+    version: int  # increases with every registration, so a replaced adapter is told apart from its successor
+    slot: int | None = None
+    removed: bool = False  # unregistered (or replaced) while pinned: its slot is freed at the last release
+    ready: Any = None  # CUDA event recorded after its upload
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.lora_A.nbytes + w.lora_B.nbytes for w in self.layers.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """What ``AdapterPool.info`` reports about a registered adapter."""
+
+    name: str
+    rank: int
+    layer_ranks: dict[str, int]
+    layer_scalings: dict[str, float]
+    slot: int | None
+    nbytes: int
+    version: int
+
+
+class AdapterLease:
+    """The slots of one batch's adapters, pinned from ``AdapterPool.acquire`` until ``release`` (or the end of a
+    ``with`` block). ``row_slots[i]`` is the slot of the ``i``-th requested name (``-1`` for None);
+    ``slot_ranks`` / ``slot_scalings`` are the model-wide per-slot values to build ``BatchMeta`` with, as they were
+    when the lease was taken (the pinned slots cannot change while it is held)."""
+
+    def __init__(self, pool: AdapterPool, row_slots, slots, slot_ranks, slot_scalings, versions):
+        self.pool = pool
+        self.row_slots: tuple[int, ...] = row_slots
+        self.slots: dict[str, int] = slots
+        self.slot_ranks: tuple[int, ...] = slot_ranks
+        self.slot_scalings: tuple[float, ...] = slot_scalings
+        self.versions: dict[str, int] = versions  # which registration of each name the batch runs
+        self._released = False
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        """Unpin the batch's slots (idempotent)."""
+        if not self._released:
+            self._released = True
+            self.pool._release(set(self.slots.values()))
+
+    def __enter__(self) -> AdapterLease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return f"AdapterLease({self.slots}, {state})"
+
+
+class AdapterPool:
+    """Device slots for up to ``max_adapters`` LoRA adapters of rank ``<= max_rank`` over the layers ``layers``
+    (``{module name: (in_features, out_features)}``), plus a CPU tier of registered adapters (module docstring).
+
+    ``dtype`` is the dtype of the pool tensors (the LoRA dtype the kernels see): ``MultiLoraModel`` passes the model's
+    dtype, so a bf16 model's adapters are rounded to bf16 once, at registration (PEFT keeps them in fp32 and computes
+    the LoRA branch in fp32; pass ``dtype=torch.float32`` to do the same at twice the pool memory). ``select`` maps a
+    config to the module names it adapts in the model (PEFT's matching over the model's linear layers); modules it
+    selects outside ``layers`` make an adapter invalid. By default only ``layers`` are considered.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, tuple[int, int]],
+        *,
+        max_adapters: int,
+        max_rank: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        select: Callable[[LoraConfig], Iterable[str]] | None = None,
+    ):
+        for arg, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"AdapterPool: {arg} must be an integer >= 1, got {value!r}")
+        if not layers:
+            raise ValueError("AdapterPool: no layers to adapt")
+        if not dtype.is_floating_point:
+            raise ValueError(f"AdapterPool: dtype must be floating point, got {dtype}")
+        self.max_adapters = max_adapters
+        self.max_rank = max_rank
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._select = select
+        self.layers: dict[str, PoolLayer] = {}
+        for name, (in_features, out_features) in layers.items():
+            self.layers[name] = PoolLayer(
+                name, in_features, out_features,
+                a_pool=torch.zeros(max_adapters, max_rank, in_features, device=self.device, dtype=dtype),
+                b_pool=torch.zeros(max_adapters, out_features, max_rank, device=self.device, dtype=dtype),
+                slot_ranks=torch.zeros(max_adapters, device=self.device, dtype=torch.int32),
+                slot_scalings=torch.zeros(max_adapters, device=self.device, dtype=torch.float32),
+            )  # fmt: skip
+        self._cond = threading.Condition(threading.RLock())
+        self._entries: dict[str, _Entry] = {}
+        self._slot_entry: list[_Entry | None] = [None] * max_adapters
+        self._pins = [0] * max_adapters
+        self._lru: OrderedDict[int, None] = OrderedDict()  # occupied slots, least recently used first
+        self._slot_ranks = [0] * max_adapters
+        self._slot_scalings = [0.0] * max_adapters
+        self._slot_events: list[list] = [[] for _ in range(max_adapters)]  # CUDA events of releases since upload
+        self._versions = itertools.count(1)
+        self._pin_host = self.device.type == "cuda"
+
+    # ---------------------------------------------------------------------------------------------- inspection
+
+    @property
+    def adapters(self) -> list[str]:
+        """Registered adapter names, in registration order."""
+        with self._cond:
+            return list(self._entries)
+
+    @property
+    def resident(self) -> dict[str, int]:
+        """``{name: slot}`` of the registered adapters that are in a device slot."""
+        with self._cond:
+            return {name: e.slot for name, e in self._entries.items() if e.slot is not None}
+
+    @property
+    def pinned(self) -> dict[int, int]:
+        """``{slot: number of running batches pinning it}`` for the pinned slots."""
+        with self._cond:
+            return {s: n for s, n in enumerate(self._pins) if n}
+
+    def info(self, name: str) -> AdapterInfo:
+        with self._cond:
+            entry = self._entry(name)
+            return AdapterInfo(
+                name, entry.rank, {n: w.rank for n, w in entry.layers.items()},
+                {n: w.scaling for n, w in entry.layers.items()}, entry.slot, entry.nbytes, entry.version,
+            )  # fmt: skip
+
+    def __contains__(self, name: object) -> bool:
+        with self._cond:
+            return name in self._entries
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._entries)
+
+    def __repr__(self) -> str:
+        with self._cond:
+            return (
+                f"AdapterPool(layers={len(self.layers)}, max_adapters={self.max_adapters}, max_rank={self.max_rank}, "
+                f"dtype={self.dtype}, device={self.device}, registered={len(self._entries)}, "
+                f"resident={sum(e is not None for e in self._slot_entry)}, pinned={sum(map(bool, self._pins))})"
+            )
+
+    # -------------------------------------------------------------------------------------------- registration
+
+    def register(
+        self,
+        name: str,
+        adapter: AdapterSource,
+        *,
+        config: LoraConfig | Mapping[str, Any] | None = None,
+        replace: bool = False,
+        allow_pickle: bool = False,
+    ) -> AdapterInfo:
+        """Validate an adapter and add it to the CPU tier under ``name``; it is uploaded on first use.
+
+        ``adapter``: a PEFT-format directory (``adapter_config.json`` + ``adapter_model.safetensors``) or weights
+        file, read with ``fastlora.io.read_adapter`` (``config`` then overrides the file's config); or a state dict
+        with PEFT's keys (``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``; module-relative keys and
+        the adapter-name infix ``lora_A.<name>.weight`` are accepted too) together with ``config``: a
+        ``LoraConfig``, or a dict of PEFT config fields (``{"r": 8, "lora_alpha": 16}``; ``target_modules`` defaults
+        to the modules of the keys). A name already registered is an error unless ``replace=True``. Raises
+        (``ValueError``, ``FileNotFoundError``, ``NotImplementedError``) before anything changes.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"AdapterPool.register: the adapter name must be a non-empty str, got {name!r}")
+        self._check_new_name(name, replace)
+        config, tensors, origin = self._read(adapter, config, allow_pickle)
+        layers = self._validated(config, tensors, origin)
+        entry = _Entry(
+            name, config, layers, rank=max(w.rank for w in layers.values()),
+            scaling=lora_scaling(config.r, config.lora_alpha, config.use_rslora), version=0,
+        )  # fmt: skip
+        with self._cond:
+            self._check_new_name(name, replace)
+            entry.version = next(self._versions)
+            old = self._entries.pop(name, None)
+            if old is not None:
+                self._retire(old)
+            self._entries[name] = entry
+            self._cond.notify_all()
+        return self.info(name)
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` from the pool. New batches cannot use it from now on; batches already running with it
+        keep its weights until they release, and its slot is freed then."""
+        with self._cond:
+            entry = self._entry(name)
+            del self._entries[name]
+            self._retire(entry)
+            self._cond.notify_all()
+
+    def _check_new_name(self, name: str, replace: bool) -> None:
+        with self._cond:
+            if name in self._entries and not replace:
+                raise ValueError(
+                    f"AdapterPool: an adapter named {name!r} is already registered (unload it first, or pass "
+                    "replace=True)"
+                )
+
+    def _read(self, adapter, config, allow_pickle) -> tuple[LoraConfig, dict[str, torch.Tensor], str]:
+        if isinstance(adapter, Mapping):
+            tensors = {}
+            for key, tensor in adapter.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise ValueError(f"AdapterPool.register: state dict entry {key!r} is not a tensor")
+                module_key = key.removeprefix(PREFIX)
+                if match := _LORA_KEY.match(module_key):
+                    module_key = f"{match['module']}.{match['which']}.weight"
+                if module_key in tensors:
+                    raise ValueError(f"AdapterPool.register: state dict has two entries for {module_key!r}")
+                tensors[module_key] = tensor
+            if config is None:
+                raise ValueError(
+                    "AdapterPool.register: a state dict needs config= (a fastlora.LoraConfig, or PEFT config fields "
+                    "such as {'r': 8, 'lora_alpha': 16}) for its scaling"
+                )
+            if not isinstance(config, LoraConfig):
+                fields = dict(config)
+                if fields.get("target_modules") is None:
+                    fields["target_modules"] = sorted({k.rsplit(".", 2)[0] for k in tensors if _LORA_KEY.match(k)})
+                config = LoraConfig.from_peft_dict(fields)
+            return config, tensors, "the state dict"
+        if isinstance(adapter, (str, os.PathLike)):
+            if config is not None and not isinstance(config, LoraConfig):
+                config = LoraConfig.from_peft_dict(dict(config))
+            config, tensors = read_adapter(adapter, config=config, allow_pickle=allow_pickle)
+            return config, tensors, str(Path(adapter))
+        raise TypeError(f"AdapterPool.register: expected a path or a state dict, got {type(adapter).__name__}")
+
+    def _validated(self, config: LoraConfig, tensors: dict[str, torch.Tensor], origin: str) -> dict[str, _LayerWeights]:
+        """Per-layer weights in the pool's dtype (pinned host memory on CUDA), after every check."""
+        where = f"AdapterPool.register: {origin}"
+        for field, default in _UNSET_CONFIG_FIELDS.items():
+            if getattr(config, field) not in (default, None, []):
+                raise NotImplementedError(
+                    f"{where}: {field}={getattr(config, field)!r} changes the base model per adapter, which a shared "
+                    f"base model cannot serve (only {field}={default!r} is supported)"
+                )
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            match = _LORA_KEY.match(key)
+            if match is None:
+                raise ValueError(
+                    f"{where}: {key!r} is not a LoRA weight (lora_A / lora_B); only LoRA weights are served"
+                )
+            module = match["module"]
+            if module not in self.layers:
+                raise ValueError(
+                    f"{where}: module {module!r} is not adapted by this pool (unknown module); the pool adapts: "
+                    f"{_listing(self.layers)}"
+                )
+            pairs.setdefault(module, {})[match["which"]] = tensor
+        selected = (
+            set(self._select(config)) if self._select is not None else {n for n in self.layers if config.matches(n)}
+        )
+        unknown = selected - set(self.layers)
+        if unknown:
+            raise ValueError(
+                f"{where}: the config's target_modules={config.target_modules!r} select modules this pool does not "
+                f"adapt (unknown modules): {_listing(unknown)}; the pool adapts: {_listing(self.layers)}"
+            )
+        if set(pairs) != selected:
+            raise ValueError(
+                f"{where}: the weights do not match the config's target_modules={config.target_modules!r}: modules "
+                f"selected without weights: {_listing(selected - set(pairs)) or 'none'}; weights of modules it does "
+                f"not select: {_listing(set(pairs) - selected) or 'none'}"
+            )
+        layers = {}
+        for module in sorted(pairs):
+            pair = pairs[module]
+            for which in ("lora_A", "lora_B"):
+                if which not in pair:
+                    raise ValueError(f"{where}: {module}.{which}.weight is missing")
+            layer = self.layers[module]
+            a, b = pair["lora_A"], pair["lora_B"]
+            for which, t in (("lora_A", a), ("lora_B", b)):
+                if not t.is_floating_point():
+                    raise ValueError(f"{where}: {module}.{which}.weight is {t.dtype}, not floating point")
+                if t.dim() != 2:
+                    raise ValueError(f"{where}: {module}.{which}.weight must be 2-D, got shape {tuple(t.shape)}")
+            r = a.shape[0]
+            if a.shape[1] != layer.in_features or b.shape != (layer.out_features, r):
+                raise ValueError(
+                    f"{where}: {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the layer "
+                    f"(expected [r, {layer.in_features}] and [{layer.out_features}, r])"
+                )
+            if r < 1 or r > self.max_rank:
+                raise ValueError(f"{where}: {module} has rank {r}, over the pool's max_rank={self.max_rank}")
+            if r != config.rank_for(module):
+                raise ValueError(
+                    f"{where}: {module} has rank {r} but the config gives it r={config.rank_for(module)} (its scaling "
+                    "depends on it; fix r / rank_pattern)"
+                )
+            a, b = a.detach().to("cpu", self.dtype), b.detach().to("cpu", self.dtype)
+            for which, t in (("lora_A", a), ("lora_B", b)):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{where}: {module}.{which}.weight has non-finite values (in {self.dtype})")
+            a, b = a.contiguous(), b.contiguous()
+            if self._pin_host:
+                a, b = a.pin_memory(), b.pin_memory()
+            layers[module] = _LayerWeights(a, b, lora_scaling(r, config.alpha_for(module), config.use_rslora))
+        return layers
+
+    # ------------------------------------------------------------------------------------------------- batches
+
+    def acquire(self, names: Sequence[str | None], *, timeout: float | None = None) -> AdapterLease:
+        """Make the adapters of a batch resident and pin them; returns a lease whose ``row_slots`` gives each
+        requested name's slot (``-1`` for None). Release it (or use it as a context manager) when the batch is done.
+
+        Raises ``UnknownAdapterError`` (a ``KeyError``) for an unknown name and ``ValueError`` when the batch needs more distinct adapters than
+        ``max_adapters``. When it fits but other batches pin too many slots, waits for them to release (at most
+        ``timeout`` seconds, then ``TimeoutError``).
+        """
+        names = list(names)
+        wanted = list(dict.fromkeys(n for n in names if n is not None))
+        if len(wanted) > self.max_adapters:
+            raise ValueError(
+                f"AdapterPool.acquire: the batch uses {len(wanted)} distinct adapters but the pool has "
+                f"max_adapters={self.max_adapters} slots; split the batch or build the pool with more slots"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                entries = [self._entry(n) for n in wanted]
+                missing = [e for e in entries if e.slot is None]
+                free = [s for s, e in enumerate(self._slot_entry) if e is None]
+                using = {e.slot for e in entries}
+                evictable = [s for s in self._lru if self._pins[s] == 0 and s not in using]
+                if len(missing) <= len(free) + len(evictable):
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"AdapterPool.acquire: waited {timeout} s for {len(missing)} free slots; running batches pin "
+                        f"{sum(map(bool, self._pins))} of {self.max_adapters}"
+                    )
+                self._cond.wait(remaining)
+            for entry in missing:
+                slot = free.pop(0) if free else self._evict(evictable.pop(0))
+                self._upload(entry, slot)
+            for entry in entries:
+                self._pins[entry.slot] += 1
+                self._lru.move_to_end(entry.slot)
+                if entry.ready is not None:
+                    torch.cuda.current_stream(self.device).wait_event(entry.ready)
+            slots = {e.name: e.slot for e in entries}
+            return AdapterLease(
+                self, tuple(-1 if n is None else slots[n] for n in names), slots, tuple(self._slot_ranks),
+                tuple(self._slot_scalings), {e.name: e.version for e in entries},
+            )  # fmt: skip
+
+    def _release(self, slots: set[int]) -> None:
+        with self._cond:
+            event = None
+            if self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+            for slot in slots:
+                self._pins[slot] -= 1
+                if event is not None:
+                    self._slot_events[slot].append(event)
+                entry = self._slot_entry[slot]
+                if self._pins[slot] == 0 and entry is not None and entry.removed:
+                    self._free(slot)
+            self._cond.notify_all()
+
+    # --------------------------------------------------------------------------------------- slots (locked)
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise UnknownAdapterError(
+                f"AdapterPool: no adapter named {name!r} is registered (registered: {_listing(self._entries) or 'none'})"
+            )
+        return entry
+
+    def _retire(self, entry: _Entry) -> None:
+        """``entry`` leaves the registry: free its slot now, or at the last release of the batches pinning it."""
+        entry.removed = True
+        if entry.slot is not None and self._pins[entry.slot] == 0:
+            self._free(entry.slot)
+
+    def _free(self, slot: int) -> None:
+        # Only the host-side rank is reset: no lease can hand out a rank-0 slot, and the device tensors of the slot
+        # are rewritten in full at its next upload (writing them now could race with kernels still reading them).
+        entry = self._slot_entry[slot]
+        entry.slot = None
+        self._slot_entry[slot] = None
+        self._slot_ranks[slot] = 0
+        self._slot_scalings[slot] = 0.0
+        self._lru.pop(slot, None)
+
+    def _evict(self, slot: int) -> int:
+        self._free(slot)
+        return slot
+
+    @torch.no_grad()
+    def _upload(self, entry: _Entry, slot: int) -> None:
+        """Write ``entry`` into ``slot`` (unpinned and unoccupied), every layer, padding zeroed."""
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            for event in self._slot_events[slot]:
+                stream.wait_event(event)  # kernels of earlier batches may still read this slot
+        self._slot_events[slot].clear()
+        for name, layer in self.layers.items():
+            weights = entry.layers.get(name)
+            if weights is None:
+                layer.a_pool[slot].zero_()
+                layer.b_pool[slot].zero_()
+                rank, scaling = 0, 0.0
+            else:
+                rank, scaling = weights.rank, weights.scaling
+                layer.a_pool[slot, :rank].copy_(weights.lora_A, non_blocking=True)
+                layer.a_pool[slot, rank:].zero_()
+                layer.b_pool[slot, :, :rank].copy_(weights.lora_B, non_blocking=True)
+                layer.b_pool[slot, :, rank:].zero_()
+            layer.slot_ranks[slot] = rank
+            layer.slot_scalings[slot] = scaling
+        if self.device.type == "cuda":
+            entry.ready = torch.cuda.Event()
+            entry.ready.record(torch.cuda.current_stream(self.device))
+        entry.slot = slot
+        self._slot_entry[slot] = entry
+        self._slot_ranks[slot] = entry.rank
+        self._slot_scalings[slot] = entry.scaling
+        self._lru[slot] = None
+
+
+def _listing(names, limit: int = 8) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
