@@ -15,7 +15,8 @@ CASES = bench.linear_cases(DEVICE, quick=True)
 
 @functools.cache
 def contenders(case: bench.LinearCase) -> dict:
-    """The case's inputs are built, and checked against naive PyTorch LoRA, once for all its contenders."""
+    """The case's inputs are built, and every LoRA contender (PEFT, fastlora) checked against the naive formula,
+    once for all its contenders."""
     inputs = bench.make_linear_inputs(case, DEVICE)
     bench.check_agreement(case, inputs, BACKEND)
     return bench.linear_contenders(case, inputs, BACKEND)

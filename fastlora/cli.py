@@ -17,9 +17,9 @@ from .ops import resolve_backend
 
 def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else bench.default_out_dir()
-    rows = bench.run(suite=args.suite, quick=args.quick, out=out)
+    rows, written = bench.run(suite=args.suite, quick=args.quick, out=out)
     print(bench.format_markdown(rows))
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    print(f"wrote {written.json}, {written.markdown}" + "".join(f", {path}" for path in written.plots))
     return 0
 
 
@@ -57,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastlora", description="LoRA for PyTorch with fused Triton kernels.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("bench", help="run the benchmark suites and write results.json / results.md")
-    p.add_argument("--suite", choices=[*bench.SUITES, "all"], default="linear")
+    p = commands.add_parser("bench", help="run the benchmark suites; write results.json, results.md and plots")
+    p.add_argument("--suite", choices=[*bench.SUITES, "all"], default="linear",
+                   help="which suite to run (default: linear); the others' results already in the folder are kept")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few cases only: a smoke test of the suite")
     p.add_argument("--out", help="output folder (default: benchmarks/results/<device>/)")
     p.set_defaults(func=_bench)

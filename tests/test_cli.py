@@ -1,38 +1,143 @@
 """The ``fastlora`` command, called in-process: ``bench`` writes its result files, ``info`` runs the static check."""
 
+import contextlib
 import dataclasses
+import io
 import json
+import shutil
+
+import matplotlib.image
+import pytest
 
 from fastlora import bench
+from fastlora.bench import memory, train
 from fastlora.cli import main
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-def test_bench_quick_writes_results(tmp_path, capsys):
-    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
 
-    results = json.loads((tmp_path / "results.json").read_text())
+@pytest.fixture(scope="module")
+def quick_all(tmp_path_factory):
+    """``fastlora bench --quick --suite all --out DIR``, run once for the tests below: (DIR, its stdout)."""
+    out = tmp_path_factory.mktemp("bench")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["bench", "--quick", "--suite", "all", "--out", str(out)]) == 0
+    return out, stdout.getvalue()
+
+
+def _expected_rows() -> dict[str, set]:
+    """Per suite, the (case fields..., contender) keys a quick run must write, from the suites' own case lists."""
     device = bench.bench_device()
     backend = bench.bench_backend(device)
-    assert results["environment"]["backend"] == backend
-    rows = results["rows"]
-    cases = bench.linear_cases(device, quick=True)
-    fields = [f.name for f in dataclasses.fields(bench.LinearCase)]
-    expected = {
-        (*dataclasses.astuple(case), name) for case in cases for name in bench.linear_contender_names(case, backend)
+    return {
+        "linear": {
+            (*dataclasses.astuple(case), name)
+            for case in bench.linear_cases(device, quick=True)
+            for name in bench.linear_contender_names(case, backend)
+        },
+        "memory": {
+            (*dataclasses.astuple(case), name)
+            for case in bench.memory_cases(device, quick=True)
+            for name in memory.CONTENDERS
+        },
+        "train": {
+            (*dataclasses.astuple(case), name)
+            for case in bench.train_cases(device, quick=True)
+            for name in train.CONTENDERS
+        },
     }
-    got = {(*(row[f] for f in fields), row["contender"]) for row in rows}
-    assert got == expected and len(rows) == len(expected)
-    for row in rows:
-        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
-        assert row["tflops"] > 0 and row["ratio_to_frozen"] > 0 and row["speedup_over_naive"] > 0, row
-        assert row["device"] == results["environment"]["device"]
 
-    markdown = (tmp_path / "results.md").read_text()
-    if device.type == "cpu":
+
+CASE_TYPES = {"linear": bench.LinearCase, "memory": bench.MemoryCase, "train": bench.TrainCase}
+
+
+def test_bench_quick_all_writes_every_suites_rows(quick_all):
+    out, stdout = quick_all
+    results = json.loads((out / "results.json").read_text())
+    device = bench.bench_device()
+    assert results["environment"]["backend"] == bench.bench_backend(device)
+    assert results["environment"]["quick"] is True
+    assert set(results["suites"]) == set(bench.SUITES)
+    rows = results["rows"]
+    for suite, expected in _expected_rows().items():
+        fields = [f.name for f in dataclasses.fields(CASE_TYPES[suite])]
+        got = [(*(row[f] for f in fields), row["contender"]) for row in rows if row["suite"] == suite]
+        assert set(got) == expected and len(got) == len(expected), suite
+    for row in rows:
+        for key in ("device", "torch", "triton", "fastlora", "timestamp", "shape", "dtype"):
+            assert row[key], (key, row)
+        assert row["device"] == results["environment"]["device"]
+        if row["suite"] in ("linear", "train"):
+            assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
+    for row in (r for r in rows if r["suite"] == "linear"):
+        assert row["tflops"] > 0 and row["ratio_to_frozen"] > 0, row
+        assert row["speedup_over_naive"] > 0 and row["speedup_over_peft"] > 0, row
+    for row in (r for r in rows if r["suite"] == "memory"):
+        assert 0 <= row["saved_beyond_input_bytes"] <= row["saved_bytes"] and row["peak_step_bytes"] > 0, row
+    for row in (r for r in rows if r["suite"] == "train"):
+        assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["peak_step_bytes"] > 0, row
+    assert str(out / "results.json") in stdout
+
+
+def test_bench_markdown_has_every_table(quick_all):
+    out, _ = quick_all
+    markdown = (out / "results.md").read_text()
+    if bench.bench_device().type == "cpu":
         assert bench.CPU_DISCLAIMER in markdown
-    for name in (bench.FROZEN, bench.NAIVE, bench.FASTLORA):
+    for heading in ("## linear", "### fwd", "### fwd+bwd", "## memory", "## train"):
+        assert f"\n{heading}\n" in markdown
+    for name in (bench.FROZEN, bench.NAIVE, bench.PEFT, bench.FASTLORA, bench.PATCHED, train.APPLY_LORA):
         assert name in markdown
-    assert str(tmp_path / "results.json") in capsys.readouterr().out
+    for header in ("speedup over PEFT", "fastlora TFLOP/s", "fastlora / frozen", "saved for backward", "tokens/s"):
+        assert header in markdown
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    # a line per linear case (its contenders side by side), a line per memory and per train row
+    linear_cases = {
+        (r["M"], r["K"], r["N"], r["r"], r["dtype"], r["dropout"], r["mode"]) for r in rows if r["suite"] == "linear"
+    }
+    expected = len(linear_cases) + sum(r["suite"] != "linear" for r in rows)
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    headers = [line for line in lines if line.startswith(("| M |", "| size |", "| ---"))]
+    assert len(lines) - len(headers) == expected
+
+
+def test_bench_plots_are_pngs(quick_all):
+    out, stdout = quick_all
+    plots = sorted(out.glob("*.png"))
+    expected = {name for suite in bench.SUITES.values() for name in suite.plot_names}
+    assert {p.name for p in plots} == expected
+    for path in plots:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE and str(path) in stdout
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert f"]({path.name})" in (out / "results.md").read_text()
+
+
+def test_bench_rerun_of_one_suite_keeps_the_others(quick_all, tmp_path):
+    """A rerun replaces its own suite's rows and keeps the rest; rows of another device replace everything."""
+    out, _ = quick_all
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    memory_rows = [{**row, "timestamp": "rerun"} for row in rows if row["suite"] == "memory"]
+    bench.write_results(memory_rows, tmp_path)
+    merged = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r for r in merged if r["suite"] != "memory"] == [r for r in rows if r["suite"] != "memory"]
+    assert [r for r in merged if r["suite"] == "memory"] == memory_rows
+    assert {p.name for p in tmp_path.glob("*.png")} == {p.name for p in out.glob("*.png")}
+
+    elsewhere = [{**row, "device": "another device"} for row in memory_rows]
+    written = bench.write_results(elsewhere, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == elsewhere
+    assert {p.name for p in tmp_path.glob("*.png")} == {p.name for p in written.plots} == {memory.PLOT}
+    assert "## linear" not in (tmp_path / "results.md").read_text()
+
+
+def test_bench_rejects_an_unknown_suite(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--suite", "nope"])
+    with pytest.raises(ValueError, match="suite must be one of"):
+        bench.run(suite="nope")
 
 
 def test_info_static_check_subset(capsys):

@@ -1,0 +1,104 @@
+"""Benchmark suites: fastlora side by side with a frozen ``nn.Linear`` (the floor), naive PyTorch LoRA and HF PEFT.
+
+Suites (``SUITES``; each a ``Suite`` of ``fastlora.bench.common``, one module each):
+
+- ``linear``: one LoRA layer, forward and forward+backward, timed (``fastlora.bench.linear``);
+- ``memory``: bytes saved for backward per adapted module and peak memory of its training step
+  (``fastlora.bench.memory``);
+- ``train``: one optimizer step of a Llama-style model: tokens per second and peak memory (``fastlora.bench.train``).
+
+A suite is a function ``(device, quick, progress) -> rows``; a row is a flat dict (suite, contender, the case's
+fields, ``shape``, ``dtype``, measurements, environment) so that tables and plots are drawn from rows, never from
+live measurements. ``run`` picks the cases for the device, measures every contender of a case in the same process on
+the same inputs, after checking that they compute the same thing, and writes ``results.json``, ``results.md`` and
+PNG plots (``fastlora.bench.report``). The CPU suites run the torch backend on small shapes: their timings say
+nothing about kernel speed, they prove the suites run; bytes saved for backward are exact on any device.
+
+A new suite plugs in with one line in ``SUITES``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import linear, memory, train
+from .common import (
+    CPU_DISCLAIMER,
+    DTYPES,
+    FASTLORA,
+    FROZEN,
+    NAIVE,
+    PATCHED,
+    PEFT,
+    QUANTILES,
+    BenchmarkMismatch,
+    Suite,
+    bench_backend,
+    bench_device,
+    default_out_dir,
+    device_slug,
+    environment,
+    forced_backend,
+    peak_memory_bytes,
+    synchronized,
+    time_ms,
+    with_backend,
+)
+from .linear import (
+    MODES,
+    LinearCase,
+    LinearInputs,
+    check_agreement,
+    linear_cases,
+    linear_contender_names,
+    linear_contenders,
+    linear_flops,
+    make_linear_inputs,
+    peft_lora_linear,
+)
+from .memory import MemoryCase, SavedTensors, memory_cases, saved_for_backward
+from .report import Written, read_rows
+from .report import format_markdown as _format_markdown
+from .report import write_results as _write_results
+from .train import TrainCase, train_cases
+
+SUITES: dict[str, Suite] = {suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE)}
+
+__all__ = [
+    "CPU_DISCLAIMER", "DTYPES", "FASTLORA", "FROZEN", "MODES", "NAIVE", "PATCHED", "PEFT", "QUANTILES", "SUITES",
+    "BenchmarkMismatch", "LinearCase", "LinearInputs", "MemoryCase", "SavedTensors", "Suite", "TrainCase", "Written",
+    "bench_backend", "bench_device", "check_agreement", "default_out_dir", "device_slug", "environment",
+    "forced_backend", "format_markdown", "linear_cases", "linear_contender_names", "linear_contenders", "linear_flops",
+    "make_linear_inputs", "memory_cases", "peak_memory_bytes", "peft_lora_linear", "read_rows", "run",
+    "saved_for_backward", "synchronized", "time_ms", "train_cases", "with_backend", "write_results",
+]  # fmt: skip
+
+
+def suite_names(suite: str) -> list[str]:
+    """The suites ``suite`` names: itself, or every registered one for ``"all"``."""
+    if suite != "all" and suite not in SUITES:
+        raise ValueError(f"fastlora.bench: suite must be one of {(*SUITES, 'all')}, got {suite!r}")
+    return list(SUITES) if suite == "all" else [suite]
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """results.md for ``rows``: the device, the CPU disclaimer when it applies, a section of tables per suite."""
+    return _format_markdown(rows, SUITES)
+
+
+def write_results(rows: list[dict], out_dir: str | Path, merge: bool = True) -> Written:
+    """Write results.json, results.md and the plots into ``out_dir``, keeping other suites' rows already there
+    (see ``fastlora.bench.report``)."""
+    return _write_results(rows, out_dir, SUITES, merge=merge)
+
+
+def run(
+    suite: str = "linear", quick: bool = False, out: str | Path | None = None, progress: bool = True
+) -> tuple[list[dict], Written]:
+    """Run ``suite`` (a key of ``SUITES``, or ``"all"``) on this machine's device and write the results into ``out``
+    (default ``benchmarks/results/<device_slug>/``); returns the rows measured and the files written."""
+    names = suite_names(suite)
+    device = bench_device()
+    env = environment(device, quick=quick)
+    rows = [{**row, **env} for name in names for row in SUITES[name].run(device, quick, progress)]
+    return rows, write_results(rows, default_out_dir(device) if out is None else out)

@@ -1,0 +1,375 @@
+"""The ``linear`` suite: one LoRA linear layer in training, every contender timed side by side on the same inputs.
+
+Contenders: a frozen ``nn.Linear`` (the floor: what the layer costs without LoRA), the naive PyTorch formula, PEFT's
+``lora.Linear`` built around an ``nn.Linear`` holding the same ``W0`` and bias with the same ``lora_A`` / ``lora_B``
+parameters, and fastlora (``auto``; on the Triton backend also the ``onepass`` and ``split`` forwards).
+
+Modes:
+
+- ``fwd``: the forward alone (``training=True``, autograd recording);
+- ``fwd+bwd``: the forward, then ``backward`` of a fixed upstream gradient, with the inputs' ``.grad`` set to None
+  at the start of every call (inside the timed region, the same for every contender).
+
+``x`` requires grad in every contender (a layer inside a network receives activations that do), ``W0`` and the bias
+are frozen, ``lora_A``/``lora_B`` are trainable and fp32 when the activations are bf16/fp16, as PEFT keeps them.
+Before a case is timed, every LoRA contender must match the naive formula at dropout 0 (output and, for
+``fwd+bwd``, the gradients of ``x``, ``lora_A``, ``lora_B``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import ONEPASS_MAX_RANK
+from ..ops import lora_linear
+from .common import (
+    DTYPES,
+    FASTLORA,
+    FROZEN,
+    NAIVE,
+    PEFT,
+    Suite,
+    assert_close,
+    bench_backend,
+    md_table,
+    progress,
+    pyplot,
+    time_ms,
+)
+
+MODES = ("fwd", "fwd+bwd")
+# Loose on purpose: this catches wrong math, not rounding. fp32 allows for the kernels' TF32 dots against cuBLAS.
+_AGREEMENT_TOL = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+PLOT = "linear_speedup.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCase:
+    """One shape of the linear suite: ``x [M, K]``, ``W0 [N, K]``, rank ``r``, activation dtype (a key of
+    ``DTYPES``), LoRA dropout probability, and ``mode`` (``"fwd"`` or ``"fwd+bwd"``)."""
+
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: str
+    dropout: float
+    mode: str
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"LinearCase: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"LinearCase: mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def shape(self) -> str:
+        return f"M={self.M} K={self.K} N={self.N} r={self.r}"
+
+    @property
+    def label(self) -> str:
+        return f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-{self.dtype}-p{self.dropout}-{self.mode}"
+
+
+def _sweep(Ms, KNs, ranks, dtypes) -> list[LinearCase]:
+    return [
+        LinearCase(M, KN, KN, r, dtype, p, mode)
+        for mode, dtype, KN, r, p, M in itertools.product(MODES, dtypes, KNs, ranks, (0.0, 0.1), Ms)
+    ]  # fmt: skip
+
+
+def _quick(Ms, K, N, r, dtype) -> list[LinearCase]:
+    """Both modes and both dropout settings once each, over a small and a larger ``M``."""
+    small, large = Ms
+    picks = ((small, 0.0, "fwd"), (large, 0.1, "fwd"), (small, 0.1, "fwd+bwd"), (large, 0.0, "fwd+bwd"))
+    return [LinearCase(M, K, N, r, dtype, p, mode) for M, p, mode in picks]
+
+
+def gpu_linear_cases(quick: bool = False) -> list[LinearCase]:
+    """Llama-sized projections (K = N = 4096, and 8192 in bf16), from one decode token to a 16k-token training
+    batch, ranks 16 and 64, bf16 and fp16."""
+    if quick:
+        return _quick((16, 4096), 4096, 4096, 16, "bf16")
+    Ms, ranks = (1, 16, 512, 4096, 16384), (16, 64)
+    return _sweep(Ms, (4096, 8192), ranks, ("bf16",)) + _sweep(Ms, (4096,), ranks, ("fp16",))
+
+
+def cpu_linear_cases(quick: bool = False) -> list[LinearCase]:
+    """Small fp32 shapes: enough to prove on CPU that every contender runs, in seconds."""
+    if quick:
+        return _quick((1, 64), 256, 256, 8, "fp32")
+    return _sweep((1, 64, 512), (256,), (8, 16), ("fp32",))
+
+
+def linear_cases(device: torch.device, quick: bool = False) -> list[LinearCase]:
+    return gpu_linear_cases(quick) if device.type == "cuda" else cpu_linear_cases(quick)
+
+
+def linear_flops(case: LinearCase) -> int:
+    """The LoRA layer's work as it is trained, ``W0`` frozen. Forward: ``2·M·N·K`` (base) ``+ 2·M·K·r + 2·M·r·N``
+    (LoRA). Backward: ``2·M·N·K`` for ``dx`` through ``W0`` (no ``dW``), plus ``dxa``, the LoRA part of ``dx``, ``dA``
+    and ``dB``, each ``2·M·r·(N or K)``. Every contender of a case is credited with the same flops."""
+    M, K, N, r = case.M, case.K, case.N, case.r
+    forward = 2 * M * N * K + 2 * M * K * r + 2 * M * r * N
+    backward = 2 * M * N * K + 2 * (2 * M * r * N + 2 * M * r * K)
+    return forward + (backward if case.mode == "fwd+bwd" else 0)
+
+
+@dataclasses.dataclass
+class LinearInputs:
+    """One set of inputs shared by every contender of a case. ``lora_A`` / ``lora_B`` are ``nn.Parameter``s so that
+    PEFT's layer holds these very tensors, and their gradients land in the same place for every contender."""
+
+    x: torch.Tensor  # [M, K], requires grad
+    weight: torch.Tensor  # [N, K], frozen
+    bias: torch.Tensor  # [N], frozen
+    lora_A: nn.Parameter  # [r, K], trainable
+    lora_B: nn.Parameter  # [N, r], trainable
+    dy: torch.Tensor  # [M, N], the fixed upstream gradient of fwd+bwd
+    scaling: float
+
+    @property
+    def leaves(self) -> tuple[torch.Tensor, ...]:
+        return self.x, self.lora_A, self.lora_B
+
+
+def make_linear_inputs(case: LinearCase, device: torch.device, seed: int = 0) -> LinearInputs:
+    """Random inputs scaled so outputs are O(1). ``lora_B`` is random, not PEFT's zero init, so that the LoRA branch
+    contributes to the output and the agreement check means something."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dtype = case.torch_dtype
+    lora_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def randn(*shape, dt, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * scale).to(dt)
+
+    return LinearInputs(
+        x=randn(case.M, case.K, dt=dtype).requires_grad_(),
+        weight=randn(case.N, case.K, dt=dtype, scale=case.K**-0.5),
+        bias=randn(case.N, dt=dtype),
+        lora_A=nn.Parameter(randn(case.r, case.K, dt=lora_dtype, scale=case.K**-0.5)),
+        lora_B=nn.Parameter(randn(case.N, case.r, dt=lora_dtype, scale=case.r**-0.5)),
+        dy=randn(case.M, case.N, dt=dtype),
+        scaling=2.0,  # lora_alpha = 2·r, a common choice
+    )
+
+
+def peft_lora_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, lora_A: nn.Parameter, lora_B: nn.Parameter, scaling: float,
+    dropout: float,
+) -> nn.Module:  # fmt: skip
+    """A real PEFT ``lora.Linear`` (adapter ``"default"``, in training mode) around an ``nn.Linear`` that holds
+    ``weight`` and ``bias`` (frozen, storage shared), with ``lora_A`` / ``lora_B`` as its adapter's weights."""
+    import peft
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    N, K = weight.shape
+    r = lora_A.shape[0]
+    base = nn.Linear(K, N, bias=bias is not None, device="meta")
+    base.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        base.bias = nn.Parameter(bias, requires_grad=False)
+    alpha = scaling * r
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
+    layer = PeftLinear(base, "default", config=config, r=r, lora_alpha=alpha, lora_dropout=dropout)
+    layer.lora_A["default"].weight = lora_A
+    layer.lora_B["default"].weight = lora_B
+    if layer.scaling["default"] != scaling:
+        raise AssertionError(f"PEFT's scaling {layer.scaling['default']} != {scaling}")
+    return layer.train()
+
+
+def linear_contender_names(case: LinearCase, backend: str) -> list[str]:
+    """The contenders of a case; the forward shapes ``onepass``/``split`` exist on the Triton backend only."""
+    names = [FROZEN, NAIVE, PEFT, FASTLORA]
+    if backend == "triton":
+        if case.r <= ONEPASS_MAX_RANK:
+            names.append(f"{FASTLORA} onepass")
+        names.append(f"{FASTLORA} split")
+    return names
+
+
+def _linear_forward(name: str, case: LinearCase, inputs: LinearInputs, backend: str) -> Callable[[], torch.Tensor]:
+    x, w, b, A, B, s, p = (inputs.x, inputs.weight, inputs.bias, inputs.lora_A, inputs.lora_B, inputs.scaling,
+                           case.dropout)  # fmt: skip
+    if name == FROZEN:
+        return lambda: F.linear(x, w, b)
+    if name == NAIVE:
+
+        def naive() -> torch.Tensor:
+            # PEFT's formula written out: the LoRA branch in the adapter's dtype, no dropout op when p == 0, the sum
+            # cast back to the activation dtype.
+            xl = x.to(A.dtype)
+            if p > 0.0:
+                xl = F.dropout(xl, p, training=True)
+            return (F.linear(x, w, b) + F.linear(F.linear(xl, A), B) * s).to(x.dtype)
+
+        return naive
+    if name == PEFT:
+        layer = peft_lora_linear(w, b, A, B, s, p)
+        return lambda: layer(x)
+    impl = name.removeprefix(FASTLORA).strip() or "auto"
+    return functools.partial(
+        lora_linear, x, w, b, A, B, s, dropout_p=p, training=True, forward_impl=impl, backend=backend
+    )
+
+
+def _step(forward: Callable[[], torch.Tensor], inputs: LinearInputs, mode: str) -> Callable[[], torch.Tensor]:
+    if mode == "fwd":
+        return forward
+
+    def forward_backward() -> torch.Tensor:
+        for t in inputs.leaves:
+            t.grad = None
+        y = forward()
+        y.backward(inputs.dy)
+        return y
+
+    return forward_backward
+
+
+def linear_contenders(case: LinearCase, inputs: LinearInputs, backend: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """Name -> the callable to time: one forward (``fwd``) or forward and backward (``fwd+bwd``); returns ``y``."""
+    return {
+        name: _step(_linear_forward(name, case, inputs, backend), inputs, case.mode)
+        for name in linear_contender_names(case, backend)
+    }
+
+
+def check_agreement(case: LinearCase, inputs: LinearInputs, backend: str) -> None:
+    """Every LoRA contender (PEFT and fastlora) must match the naive formula at dropout 0 (output and, for
+    ``fwd+bwd``, the gradients of ``x``, ``lora_A``, ``lora_B``) on these inputs; raises ``BenchmarkMismatch``."""
+    contenders = linear_contenders(dataclasses.replace(case, dropout=0.0), inputs, backend)
+    results = {}
+    for name, fn in contenders.items():
+        if name == FROZEN:
+            continue
+        out = {"y": fn().detach()}
+        if case.mode == "fwd+bwd":
+            out.update(dx=inputs.x.grad, dA=inputs.lora_A.grad, dB=inputs.lora_B.grad)
+        results[name] = out
+    for t in inputs.leaves:
+        t.grad = None
+    tol = _AGREEMENT_TOL[case.torch_dtype]
+    expected = results.pop(NAIVE)
+    for name, out in results.items():
+        for key, want in expected.items():
+            assert_close(out[key], want, tol, f"{name} != {NAIVE} in {key} for {case.label}")
+
+
+def _linear_rows(case: LinearCase, timings: dict[str, tuple[float, float, float]]) -> list[dict]:
+    flops = linear_flops(case)
+    frozen, naive, peft = timings[FROZEN][0], timings[NAIVE][0], timings[PEFT][0]
+    return [
+        {
+            "suite": "linear",
+            "contender": name,
+            **dataclasses.asdict(case),
+            "shape": case.shape,
+            "median_ms": median,
+            "p20_ms": p20,
+            "p80_ms": p80,
+            "tflops": flops / (median * 1e-3) / 1e12,
+            "ratio_to_frozen": median / frozen,
+            "speedup_over_naive": naive / median,
+            "speedup_over_peft": peft / median,
+        }
+        for name, (median, p20, p80) in timings.items()
+    ]
+
+
+def linear_suite(device: torch.device, quick: bool = False, progress_bar: bool = False) -> list[dict]:
+    """Every contender of every linear case, timed side by side; one row per (case, contender)."""
+    backend = bench_backend(device)
+    min_run_time = 0.05 if quick else 0.5
+    rows = []
+    for case in progress(linear_cases(device, quick), "linear", progress_bar):
+        inputs = make_linear_inputs(case, device)
+        check_agreement(case, inputs, backend)
+        contenders = linear_contenders(case, inputs, backend)
+        rows.extend(_linear_rows(case, {name: time_ms(fn, device, min_run_time) for name, fn in contenders.items()}))
+        del inputs, contenders
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def linear_markdown(rows: list[dict]) -> list[str]:
+    """A table per mode: a line per case, a column of median times per contender, then fastlora's figures."""
+    lines = [
+        "Median time per call in ms (20% and 80% quantiles in results.json). `fwd+bwd` is a training step of the "
+        "layer: forward, then backward of a fixed upstream gradient. TFLOP/s count the LoRA layer's flops "
+        "(`fastlora.bench.linear_flops`: the frozen weight gets no gradient). fastlora / frozen is its time over the "
+        "frozen layer's (1.00× is the floor); speedups are PEFT's (or the naive formula's) time over fastlora's.",
+    ]
+    case_fields = ["M", "K", "N", "r", "dtype", "dropout"]
+    for mode in dict.fromkeys(row["mode"] for row in rows):
+        group = [row for row in rows if row["mode"] == mode]
+        contenders = list(dict.fromkeys(row["contender"] for row in group))
+        by_case: dict[tuple, dict[str, dict]] = {}
+        for row in group:
+            by_case.setdefault(tuple(row[f] for f in case_fields), {})[row["contender"]] = row
+        header = [*case_fields, *(f"{name} (ms)" for name in contenders), "fastlora TFLOP/s", "fastlora / frozen",
+                  "speedup over PEFT", "speedup over naive"]  # fmt: skip
+        table = []
+        for key, cells in by_case.items():
+            ours = cells.get(FASTLORA)
+            figures = ["", "", "", ""] if ours is None else [
+                f"{ours['tflops']:.3g}", f"{ours['ratio_to_frozen']:.2f}×", f"{ours['speedup_over_peft']:.2f}×",
+                f"{ours['speedup_over_naive']:.2f}×",
+            ]  # fmt: skip
+            times = [f"{cells[name]['median_ms']:.4g}" if name in cells else "" for name in contenders]
+            table.append([*map(str, key), *times, *figures])
+        lines += ["", f"### {mode}", "", *md_table(header, table)]
+    lines += ["", f"![fastlora speedup over PEFT]({PLOT})"]
+    return lines
+
+
+def linear_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Speedup of fastlora over PEFT against tokens ``M``: a panel per (mode, dtype, K = N), a line per rank and
+    dropout."""
+    ours = [row for row in rows if row["contender"] == FASTLORA]
+    if not ours:
+        return []
+    plt = pyplot()
+    modes = list(dict.fromkeys(row["mode"] for row in ours))
+    columns = list(dict.fromkeys((row["dtype"], row["K"], row["N"]) for row in ours))
+    fig, axes = plt.subplots(len(modes), len(columns), figsize=(4.4 * len(columns), 3.4 * len(modes)),
+                             squeeze=False, sharex=True)  # fmt: skip
+    for (i, mode), (j, (dtype, K, N)) in itertools.product(enumerate(modes), enumerate(columns)):
+        ax = axes[i][j]
+        panel = [r for r in ours if (r["mode"], r["dtype"], r["K"], r["N"]) == (mode, dtype, K, N)]
+        for (rank, p), marker in zip(sorted({(r["r"], r["dropout"]) for r in panel}), itertools.cycle("os^Dv")):
+            line = sorted((r["M"], r["speedup_over_peft"]) for r in panel if (r["r"], r["dropout"]) == (rank, p))
+            ax.plot(*zip(*line), marker=marker, linestyle="-" if p == 0 else "--", label=f"r={rank}, dropout {p}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{mode}, {dtype}, K=N={K}" if K == N else f"{mode}, {dtype}, K={K} N={N}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if j == 0:
+            ax.set_ylabel("speedup over PEFT (×)")
+        if i == len(modes) - 1:
+            ax.set_xlabel("tokens M")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"fastlora vs PEFT lora.Linear, {rows[0]['device']}", fontsize=11)
+    fig.tight_layout()
+    path = out_dir / PLOT
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+SUITE = Suite("linear", linear_suite, linear_markdown, linear_plots, (PLOT,))

@@ -1,0 +1,360 @@
+"""The ``train`` suite: one training step of a Llama-style causal LM built from a config (no downloads), every linear
+layer of the decoder adapted (PEFT's ``"all-linear"``: q/k/v/o and gate/up/down projections, not the head).
+
+Contenders, each a fresh model built from the same seed (so the same base weights) with the same LoRA weights
+(drawn from one seeded generator, ``lora_B`` non-zero so the adapters matter):
+
+- ``PEFT``: ``peft.get_peft_model``;
+- ``fastlora apply_lora``: ``fastlora.apply_lora`` with the same config;
+- ``PEFT + fastlora.patch_peft``: the PEFT model, its LoRA layers patched to run fastlora's op.
+
+One step is forward with labels (the model's cross-entropy loss), backward, ``AdamW.step()`` over the LoRA weights,
+``zero_grad``. Before a contender is timed, its loss and the norm of its LoRA gradients, in eval mode (no dropout),
+must match PEFT's. Reported: median step time with 20/80% quantiles, tokens per second (``batch·seq`` over the
+median), the bytes of weights and optimizer state (``state_bytes``), and the peak memory of a step above that
+(``peak_step_bytes``, measured as in ``fastlora.bench.common``). On CUDA, sizes whose rough memory estimate does not
+fit the device are left out; a contender that runs out of memory anyway gets a row marked ``OOM``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import itertools
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .common import (
+    DTYPES,
+    FASTLORA,
+    PATCHED,
+    Suite,
+    assert_close,
+    bench_backend,
+    device_memory,
+    fmt_bytes,
+    forced_backend,
+    md_table,
+    peak_memory_bytes,
+    progress,
+    pyplot,
+    time_ms,
+)
+
+PEFT_MODEL = "PEFT"
+APPLY_LORA = f"{FASTLORA} apply_lora"
+CONTENDERS = (PEFT_MODEL, APPLY_LORA, PATCHED)
+# Relative to the reference's magnitude; the loss and gradient norm are sums over many terms, rounded differently.
+_AGREEMENT_TOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 5e-2}
+PLOT = "train_throughput.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCase:
+    """A Llama-style model (``size`` names it), the batch, the LoRA rank, the dtype of the model and the dropout."""
+
+    size: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    seq: int
+    r: int
+    dtype: str
+    dropout: float
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainCase: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def shape(self) -> str:
+        return f"hidden={self.hidden} layers={self.layers} batch={self.batch}x{self.seq} r={self.r}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.size}-b{self.batch}x{self.seq}-r{self.r}-{self.dtype}-p{self.dropout}"
+
+    def config(self):
+        import transformers
+
+        return transformers.LlamaConfig(
+            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+            max_position_embeddings=max(self.seq, 128), tie_word_embeddings=False, use_cache=False,
+        )  # fmt: skip
+
+
+# (size, hidden, layers, heads, kv_heads, intermediate, vocab, batch, seq)
+_GPU_SIZES = (
+    ("160M", 768, 12, 12, 12, 2048, 32000, 8, 1024),
+    ("1.1B", 2048, 22, 32, 4, 5632, 32000, 4, 1024),  # TinyLlama's shape
+    ("3B", 3072, 28, 24, 8, 8192, 128256, 2, 1024),  # Llama 3.2 3B's shape
+    ("8B", 4096, 32, 32, 8, 14336, 128256, 1, 1024),  # Llama 3 8B's shape
+)
+_CPU_SIZES = (
+    ("tiny", 64, 2, 4, 2, 176, 256, 2, 64),
+    ("small", 256, 4, 8, 4, 688, 1024, 2, 128),
+)
+
+
+def estimated_bytes(case: TrainCase) -> int:
+    """A generous estimate of a step's memory for the hungriest contender (PEFT, which keeps fp32 and dropped copies
+    of every adapted module's input): weights, per-layer activations, fp32 logits with their gradient."""
+    h, f, L, V = case.hidden, case.intermediate, case.layers, case.vocab
+    params = V * h * 2 + L * (2 * h * h + 2 * h * h * case.kv_heads // case.heads + 3 * h * f)
+    item = DTYPES[case.dtype].itemsize
+    activations = case.tokens * L * (48 * h + 16 * f) * item
+    return params * item + activations + 3 * case.tokens * V * 4
+
+
+def train_cases(device: torch.device, quick: bool = False) -> list[TrainCase]:
+    """On CUDA: 160M to 8B-parameter shapes in bf16, r = 16, dropout 0 and 0.1, those that fit the device's memory.
+    On CPU: two tiny fp32 models. Quick: the smallest size, dropout 0.1."""
+    gpu = device.type == "cuda"
+    sizes, dtype = (_GPU_SIZES, "bf16") if gpu else (_CPU_SIZES, "fp32")
+    if quick:
+        size, h, L, nh, kv, f, V, b, s = sizes[0]
+        return [TrainCase(size, h, L, nh, kv, f, V, b, s if not gpu else 512, 16 if gpu else 8, dtype, 0.1)]
+    cases = [
+        TrainCase(*size, 16 if gpu else 8, dtype, p) for size, p in itertools.product(sizes, (0.0, 0.1))
+    ]  # fmt: skip
+    total = device_memory(device)
+    return [case for case in cases if total is None or estimated_bytes(case) <= 0.8 * total]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(case: TrainCase, contender: str, device: torch.device) -> nn.Module:
+    """A fresh model for ``contender``: base weights from seed 0 built in the case's dtype on ``device``, every
+    decoder linear layer adapted (LoRA weights fp32, as PEFT and ``LoraLinear`` keep them for half precision), and
+    its LoRA weights set by ``_set_lora_weights``. In training mode."""
+    import peft
+    import transformers
+
+    from ..config import LoraConfig
+    from ..model import apply_lora
+    from ..peft_compat import patch_peft
+
+    torch.manual_seed(0)
+    with torch.device(device), _default_dtype(case.torch_dtype):
+        model = transformers.LlamaForCausalLM(case.config())
+    alpha = 2 * case.r
+    if contender == APPLY_LORA:
+        apply_lora(
+            model, LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=case.dropout, target_modules="all-linear")
+        )
+    else:
+        cfg = peft.LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=case.dropout, target_modules="all-linear")
+        with warnings.catch_warnings():
+            # transformers deprecation warnings raised from inside PEFT: nothing a benchmark user can act on
+            warnings.simplefilter("ignore", FutureWarning)
+            model = peft.get_peft_model(model, cfg)
+        if contender == PATCHED:
+            patch_peft(model)
+    _set_lora_weights(model)
+    return model.train()
+
+
+def lora_weights(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """``(lora_A, lora_B)`` of every adapted layer, in module order (the same order for PEFT and fastlora)."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from ..layers import LoraLinear
+
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            pairs.append((module.lora_A, module.lora_B))
+        elif isinstance(module, PeftLinear):
+            pairs.append((module.lora_A["default"].weight, module.lora_B["default"].weight))
+    return pairs
+
+
+@torch.no_grad()
+def _set_lora_weights(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)  # on CPU: the same draw on every device
+    for A, B in lora_weights(model):
+        r, K = A.shape
+        A.copy_(torch.randn(A.shape, generator=g) * K**-0.5)
+        B.copy_(torch.randn(B.shape, generator=g) * r**-0.5 * 0.1)
+
+
+def optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def make_batch(case: TrainCase, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, case.vocab, (case.batch, case.seq), generator=g).to(device)
+
+
+def make_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def reference_values(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss and LoRA-gradient norm in eval mode (dropout off), gradients cleared after."""
+    model.eval()
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    grads = [p.grad.float() for pair in lora_weights(model) for p in pair]
+    out = {
+        "loss": loss.detach().float(),
+        "lora grad norm": torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])),
+    }
+    model.zero_grad(set_to_none=True)
+    model.train()
+    return out
+
+
+def check_train_agreement(case: TrainCase, name: str, got: dict, expected: dict) -> None:
+    """``got`` (``reference_values`` of contender ``name``) must match PEFT's ``expected``; raises
+    ``BenchmarkMismatch`` otherwise."""
+    for key, want in expected.items():
+        assert_close(
+            got[key], want, _AGREEMENT_TOL[case.torch_dtype], f"{name} != {PEFT_MODEL} in {key} for {case.label}"
+        )
+
+
+def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    tensors = list(model.parameters()) + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _row(case: TrainCase, name: str, params: int | None, **figures) -> dict:
+    return {"suite": "train", "contender": name, **dataclasses.asdict(case), "shape": case.shape,
+            "tokens": case.tokens, "params": params, **figures}  # fmt: skip
+
+
+def measure_case(case: TrainCase, device: torch.device, min_run_time: float) -> list[dict]:
+    """Every contender in turn (one model in memory at a time): checked against PEFT, timed, its peak measured."""
+    batch = make_batch(case, device)
+    rows, expected = [], None
+    for name in CONTENDERS:
+        model = opt = None
+        try:
+            model = build_model(case, name, device)
+            got = reference_values(model, batch)
+            expected = expected or got
+            check_train_agreement(case, name, got, expected)
+            opt = optimizer(model)
+            step = make_step(model, opt, batch)
+            median, p20, p80 = time_ms(step, device, min_run_time)
+            peak = peak_memory_bytes(step, device)
+            rows.append(_row(
+                case, name, sum(p.numel() for p in model.parameters()), status="ok", median_ms=median, p20_ms=p20,
+                p80_ms=p80, tokens_per_s=case.tokens / (median * 1e-3), state_bytes=_state_bytes(model, opt),
+                peak_step_bytes=peak,
+            ))  # fmt: skip
+        except torch.OutOfMemoryError:
+            rows.append(_row(case, name, None, status="OOM"))
+        finally:
+            del model, opt
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    peft = next((row for row in rows if row["contender"] == PEFT_MODEL and row["status"] == "ok"), None)
+    for row in rows:
+        ok = peft is not None and row["status"] == "ok"
+        row["speedup_over_peft"] = peft["median_ms"] / row["median_ms"] if ok else None
+        row["peak_over_peft"] = row["peak_step_bytes"] / peft["peak_step_bytes"] if ok else None
+    return rows
+
+
+def train_suite(device: torch.device, quick: bool = False, progress_bar: bool = False) -> list[dict]:
+    min_run_time = 0.2 if quick else 2.0
+    rows = []
+    with forced_backend(bench_backend(device)):
+        for case in progress(train_cases(device, quick), "train", progress_bar):
+            rows.extend(measure_case(case, device, min_run_time))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def train_markdown(rows: list[dict]) -> list[str]:
+    lines = [
+        "One optimizer step (forward with loss, backward, AdamW step, zero_grad) of a Llama-style model built from a "
+        "config, every decoder linear layer adapted. Median step time (20/80% quantiles in results.json), tokens per "
+        "second, the weights and optimizer state, and the peak memory of a step above them.",
+    ]
+    header = ["size", "params", "batch×seq", "r", "dtype", "dropout", "contender", "step (ms)", "tokens/s",
+              "speedup over PEFT", "weights + optimizer", "peak step", "peak / PEFT"]  # fmt: skip
+    table = []
+    for row in rows:
+        case = [row["size"], f"{row['params'] / 1e6:.1f}M" if row["params"] else "", f"{row['batch']}×{row['seq']}",
+                row["r"], row["dtype"], row["dropout"], row["contender"]]  # fmt: skip
+        if row["status"] != "ok":
+            table.append([*case, row["status"], "", "", "", "", ""])
+            continue
+        speedup = "" if row["speedup_over_peft"] is None else f"{row['speedup_over_peft']:.2f}×"
+        peak_ratio = "" if row["peak_over_peft"] is None else f"{row['peak_over_peft']:.2f}×"
+        table.append([*case, f"{row['median_ms']:.4g}", f"{row['tokens_per_s']:.4g}", speedup,
+                      fmt_bytes(row["state_bytes"]), fmt_bytes(row["peak_step_bytes"]), peak_ratio])  # fmt: skip
+    return [*lines, "", *md_table(header, table), "", f"![train throughput]({PLOT})"]
+
+
+def train_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Tokens per second (left) and peak step memory (right) per model size and dropout, a bar per contender."""
+    ok = [row for row in rows if row["status"] == "ok"]
+    if not ok:
+        return []
+    plt = pyplot()
+    contenders = list(dict.fromkeys(row["contender"] for row in rows))
+    cases = list(dict.fromkeys((row["size"], row["dropout"]) for row in rows))
+    value = {((row["size"], row["dropout"]), row["contender"]): row for row in ok}
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.4 * len(cases) + 3), 4.2))
+    width = 0.8 / len(contenders)
+    for ax, key, scale, title in ((axes[0], "tokens_per_s", 1e3, "thousand tokens / s (higher is better)"),
+                                  (axes[1], "peak_step_bytes", 2**20, "peak step memory, MiB")):  # fmt: skip
+        for i, name in enumerate(contenders):
+            heights = [value[(c, name)][key] / scale if (c, name) in value else 0 for c in cases]
+            ax.bar([j + (i - (len(contenders) - 1) / 2) * width for j in range(len(cases))], heights, width, label=name)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([f"{size}\np={p}" for size, p in cases], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"one training step, Llama-style models, {rows[0]['device']}", fontsize=11)
+    fig.tight_layout()
+    path = out_dir / PLOT
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+SUITE = Suite("train", train_suite, train_markdown, train_plots, (PLOT,))
