@@ -1,0 +1,220 @@
+"""``MultiLoraModel`` against PEFT: mixed-batch logits and generate, and the model wrapper's own behaviour.
+
+Three adapters of ranks 4, 8 and 16 (sql, chat, math) are trained-looking (``init_lora_weights=False``: B is not zero) PEFT adapters on
+the tiny Llama of ``tiny_models``, saved with ``save_pretrained`` and loaded into a ``MultiLoraModel`` from their
+directories. ``chat`` uses rsLoRA with rank and alpha patterns, ``math`` targets a subset of the wrapper's layers (the
+others run rank 0 for its slot). The key equalities run the Triton kernels (the interpreter on CPU); tests that need
+many forwards use the torch backend. Oracles: PEFT's own mixed-batch forward (``adapter_names`` with
+``"__base__"``), in fp64, and single-adapter fastlora models (``fastlora.load_adapter``).
+"""
+
+import copy
+
+import pytest
+import torch
+from test_serving_helpers import IDS, TARGETS, assert_logits_close, expected_rows, oracle_logits, random_adapter
+from tiny_models import tiny_gpt2, tiny_llama
+
+from fastlora.layers import MultiLoraLinear
+from fastlora.serving import MultiLoraModel, UnknownAdapterError
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+ROWS = ["sql", None, "chat", "math", "sql"]
+PEFT_ROWS = ["__base__" if n is None else n for n in ROWS]
+PEFT_CONFIGS = {
+    "sql": dict(r=4, lora_alpha=8, target_modules=TARGETS),
+    "chat": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=True, rank_pattern={"v_proj": 2},
+              alpha_pattern={"o_proj": 4}),
+    "math": dict(r=16, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(tmp_path_factory):
+    """``(peft_model, {name: directory})``: one PEFT Llama holding adapters a, b, c, each also saved alone."""
+    out = tmp_path_factory.mktemp("peft_adapters")
+    model = None
+    for seed, (name, kwargs) in enumerate(PEFT_CONFIGS.items(), start=1):
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(lora_dropout=0.0, init_lora_weights=False, **kwargs)
+        if model is None:
+            model = peft.get_peft_model(tiny_llama(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    model.eval()
+    dirs = {}
+    for name in PEFT_CONFIGS:
+        model.save_pretrained(out, selected_adapters=[name])
+        dirs[name] = out / name
+    return model, dirs
+
+
+def _wrapped(dirs, max_adapters=4, max_rank=16, **kwargs) -> MultiLoraModel:
+    mm = MultiLoraModel(tiny_llama(), TARGETS, max_adapters=max_adapters, max_rank=max_rank, **kwargs)
+    for name, directory in dirs.items():
+        mm.load_adapter(name, directory)
+    return mm
+
+
+# ------------------------------------------------------------------------------------------------ PEFT equality
+
+
+def test_mixed_batch_logits_match_peft(peft_adapters, monkeypatch):
+    peft_model, dirs = peft_adapters
+    mm = _wrapped(dirs)
+    monkeypatch.setenv("FASTLORA_BACKEND", "auto")  # the Triton kernels (interpreted on CPU)
+    logits = mm(IDS, adapter_names=ROWS).logits
+    with torch.no_grad():
+        expected = copy.deepcopy(peft_model).double()(input_ids=IDS, adapter_names=PEFT_ROWS).logits
+        peft_fp32 = peft_model(input_ids=IDS, adapter_names=PEFT_ROWS).logits
+    assert_logits_close(logits, expected, "MultiLoraModel vs PEFT (fp64)")
+    assert_logits_close(peft_fp32, expected, "PEFT fp32 vs PEFT fp64")
+    # Every row really differs from the base model and from the other adapters (the comparison has teeth).
+    with torch.no_grad():
+        base = tiny_llama()(IDS).logits
+    for i, name in enumerate(ROWS):
+        differs = (logits[i] - base[i]).abs().max() > 1e-3
+        assert differs == (name is not None), f"row {i} ({name})"
+    assert (logits[0] - logits[4]).abs().max() < 1e-5  # the same prompt and adapter in two rows
+    assert mm.pool.info("math").layer_ranks.keys() == {
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    }
+
+
+def test_generate_matches_rows_alone_and_peft(peft_adapters, monkeypatch):
+    peft_model, dirs = peft_adapters
+    mm = _wrapped(dirs)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ids = IDS[:, :5]
+    monkeypatch.setenv("FASTLORA_BACKEND", "auto")
+    mixed = mm.generate(ids, attention_mask=torch.ones_like(ids), adapter_names=ROWS, **kwargs)
+    assert mixed.shape == (len(ROWS), ids.shape[1] + 4)
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")  # many more forwards below
+    for i, name in enumerate(ROWS):
+        alone = mm.generate(ids[i : i + 1], adapter_names=[name], **kwargs)
+        assert torch.equal(mixed[i], alone[0]), f"row {i} ({name})"
+    with torch.no_grad():
+        peft_tokens = peft_model.generate(input_ids=ids, adapter_names=PEFT_ROWS, **kwargs)
+    assert torch.equal(mixed, peft_tokens)
+    # Adapters change what is generated, so the check above tells rows apart.
+    assert len({tuple(row[5:].tolist()) for row in mixed}) >= 3
+
+
+def test_generate_repeats_rows_for_num_return_sequences(peft_adapters, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    _, dirs = peft_adapters
+    mm = _wrapped(dirs)
+    ids = IDS[:2, :4]
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    out = mm.generate(ids, adapter_names=["chat", "math"], num_return_sequences=2, num_beams=2, **kwargs)
+    assert out.shape[0] == 4
+    for i, name in enumerate(["chat", "math"]):
+        alone = mm.generate(ids[i : i + 1], adapter_names=[name], num_return_sequences=2, num_beams=2, **kwargs)
+        assert torch.equal(out[2 * i : 2 * i + 2], alone)
+
+
+def test_gpt2_conv1d_layers_match_fastlora_single_adapter_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "auto")
+    targets = ["c_attn", "c_proj", "c_fc"]
+    dirs = {
+        "x": random_adapter(tmp_path / "x", tiny_gpt2, r=4, lora_alpha=8, target_modules=targets, seed=1),
+        "y": random_adapter(tmp_path / "y", tiny_gpt2, r=8, lora_alpha=8, target_modules=["c_attn"], seed=2),
+    }
+    mm = MultiLoraModel(tiny_gpt2(), targets, max_adapters=2, max_rank=8)
+    for name, directory in dirs.items():
+        mm.load_adapter(name, directory)
+    rows = ["y", "x", None]
+    logits = mm(IDS[:3], adapter_names=rows).logits
+    assert_logits_close(logits, expected_rows(tiny_gpt2, dirs, rows, IDS[:3]), "GPT-2 Conv1D")
+
+
+# ------------------------------------------------------------------------------------------------- the wrapper
+
+
+def test_wrapper_swaps_target_layers_and_unwrap_restores_them(peft_adapters):
+    _, dirs = peft_adapters
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    q = model.model.layers[0].self_attn.q_proj
+    mm = MultiLoraModel(model, TARGETS, max_adapters=2, max_rank=16)
+    swapped = [n for n, m in model.named_modules() if isinstance(m, MultiLoraLinear)]
+    assert len(swapped) == 2 * len(TARGETS)
+    assert model.model.layers[0].self_attn.q_proj.weight is q.weight  # shared, not copied
+    assert model.state_dict().keys() == state.keys()  # the pool is not part of the model's state
+    with torch.no_grad():
+        plain = model(IDS).logits  # outside the wrapper: the base model
+    assert torch.equal(plain, tiny_llama()(IDS).logits)
+    assert torch.equal(mm(IDS).logits, plain)  # no adapter_names: every row is base
+    assert mm.unwrap() is model and model.model.layers[0].self_attn.q_proj is q
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_adapter_scales(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    directory = random_adapter(tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=TARGETS, seed=3)
+    mm = MultiLoraModel(tiny_llama(), TARGETS, max_adapters=2, max_rank=8)
+    mm.load_adapter("a", directory)
+    ids = IDS[:4]
+    logits = mm(ids, adapter_names=["a", "a", "a", None], adapter_scales=[1.0, 0.0, 0.5, 2.0]).logits
+    full = oracle_logits(tiny_llama, directory, ids)
+    base = oracle_logits(tiny_llama, None, ids)
+    half = oracle_logits(tiny_llama, directory, ids, b_scale=0.5)
+    assert_logits_close(logits[0], full[0], "scale 1")
+    assert_logits_close(logits[1], base[1], "scale 0 = base")
+    assert_logits_close(logits[2], half[2], "scale 0.5 = B halved")
+    assert_logits_close(logits[3], base[3], "a scale on a base row changes nothing")
+    with pytest.raises(ValueError, match="adapter_scales has 2 entries for a batch of 4"):
+        mm(ids, adapter_names=["a"] * 4, adapter_scales=[1.0, 1.0])
+
+
+def test_argument_errors(peft_adapters, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    _, dirs = peft_adapters
+    mm = _wrapped(dirs, max_adapters=2)
+    with pytest.raises(ValueError, match="adapter_names has 2 entries for a batch of 5"):
+        mm(IDS, adapter_names=["sql", None])
+    with pytest.raises(UnknownAdapterError, match="no adapter named 'nope'.*registered: chat, math, sql"):
+        mm(IDS, adapter_names=["sql", "nope", None, None, None])
+    with pytest.raises(ValueError, match="uses 3 distinct adapters but the pool has max_adapters=2"):
+        mm(IDS, adapter_names=ROWS)
+    with pytest.raises(ValueError, match="'__base__' means 'no adapter'"):
+        mm.load_adapter("__base__", dirs["sql"])
+    mm(IDS[:1], adapter_names=["chat"])  # resident now
+    mm.unload_adapter("chat")
+    assert mm.adapters == ["sql", "math"] and "chat" not in mm.pool.resident
+    with pytest.raises(UnknownAdapterError, match="no adapter named 'chat'"):
+        mm(IDS[:1], adapter_names=["chat"])
+    with pytest.raises(UnknownAdapterError):
+        mm.unload_adapter("chat")
+    assert mm.pool.pinned == {}  # failed calls released what they had acquired
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        MultiLoraModel(mm.model, TARGETS, max_adapters=2, max_rank=8)
+
+
+def test_more_adapters_than_slots_cycle_through_the_pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    names = [f"ad{i}" for i in range(5)]
+    dirs = {
+        name: random_adapter(tmp_path / name, tiny_llama, r=r, lora_alpha=2 * r, target_modules=TARGETS, seed=10 + i)
+        for i, (name, r) in enumerate(zip(names, (2, 4, 8, 3, 16), strict=True))
+    }
+    mm = MultiLoraModel(tiny_llama(), TARGETS, max_adapters=2, max_rank=16)
+    for name, directory in dirs.items():
+        mm.load_adapter(name, directory)
+    ids = IDS[:3]
+    expected = {name: oracle_logits(tiny_llama, directory, ids) for name, directory in dirs.items()}
+    expected[None] = oracle_logits(tiny_llama, None, ids)
+    batches = [["ad0", None, "ad1"], ["ad2", "ad3", "ad2"], [None, "ad4", "ad0"], ["ad1", "ad1", None],
+               ["ad3", "ad4", None], ["ad0", "ad2", "ad0"]]  # fmt: skip
+    uploads = 0
+    for rows in batches:
+        before = mm.pool.resident
+        logits = mm(ids, adapter_names=rows).logits
+        after = mm.pool.resident
+        uploads += sum(1 for n in set(rows) - {None} if n not in before)
+        assert set(rows) - {None} <= set(after) and len(after) <= 2
+        for i, name in enumerate(rows):
+            assert_logits_close(logits[i], expected[name][i], f"{rows} row {i}")
+    assert uploads >= len(batches)  # the pool did evict and re-upload
