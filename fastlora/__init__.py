@@ -2,7 +2,7 @@
 
 from .config import LoraConfig
 from .io import load_adapter, save_adapter
-from .layers import LoraLinear, lora_scaling
+from .layers import LoraLinear, MultiLoraLinear, lora_scaling
 from .model import (
     apply_lora,
     disable_adapters,
@@ -16,12 +16,15 @@ from .model import (
 from .ops import lora_linear
 from .peft_compat import patch_peft, unpatch_peft
 from .reference import lora_linear_reference
+from .serving import MultiLoraModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig",
     "LoraLinear",
+    "MultiLoraLinear",
+    "MultiLoraModel",
     "apply_lora",
     "disable_adapters",
     "freeze_bottom_layers",

@@ -211,9 +211,11 @@ class MultiLoraModel:
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict):
         rows = _ROWS.get()
-        if rows is None:
+        if rows is None or rows.model is not self:
+            # A plain forward of the wrapped model, or of a second wrapped model inside this call (an assistant
+            # model in assisted generation): the base model.
             if current_batch_meta() is not None:
-                set_batch_meta(None)  # a plain forward of the wrapped model: the base model
+                set_batch_meta(None)
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
