@@ -124,19 +124,29 @@ def estimated_bytes(case: TrainCase) -> int:
     return params * item + activations + 3 * case.tokens * V * 4
 
 
+def fit_batch(case: TrainCase, total: int | None) -> TrainCase | None:
+    """``case`` with its batch halved until the step's estimate fits 80% of ``total`` bytes of device memory (None:
+    no limit), or None when even one sequence does not fit."""
+    while total is not None and estimated_bytes(case) > 0.8 * total:
+        if case.batch == 1:
+            return None
+        case = dataclasses.replace(case, batch=case.batch // 2)
+    return case
+
+
 def train_cases(device: torch.device, quick: bool = False) -> list[TrainCase]:
-    """On CUDA: 160M to 8B-parameter shapes in bf16, r = 16, dropout 0 and 0.1, those that fit the device's memory.
-    On CPU: two tiny fp32 models. Quick: the smallest size, dropout 0.1."""
+    """On CUDA: 160M to 8B-parameter shapes in bf16, r = 16, dropout 0 and 0.1, with the batch cut down to fit the
+    device's memory (sizes where one sequence does not fit are left out). On CPU: two tiny fp32 models. Quick: the
+    smallest size, dropout 0.1."""
     gpu = device.type == "cuda"
     sizes, dtype = (_GPU_SIZES, "bf16") if gpu else (_CPU_SIZES, "fp32")
     if quick:
         size, h, L, nh, kv, f, V, b, s = sizes[0]
-        return [TrainCase(size, h, L, nh, kv, f, V, b, s if not gpu else 512, 16 if gpu else 8, dtype, 0.1)]
-    cases = [
-        TrainCase(*size, 16 if gpu else 8, dtype, p) for size, p in itertools.product(sizes, (0.0, 0.1))
-    ]  # fmt: skip
+        cases = [TrainCase(size, h, L, nh, kv, f, V, b, s if not gpu else 512, 16 if gpu else 8, dtype, 0.1)]
+    else:
+        cases = [TrainCase(*size, 16 if gpu else 8, dtype, p) for size, p in itertools.product(sizes, (0.0, 0.1))]
     total = device_memory(device)
-    return [case for case in cases if total is None or estimated_bytes(case) <= 0.8 * total]
+    return [fitted for case in cases if (fitted := fit_batch(case, total)) is not None]
 
 
 @contextlib.contextmanager
