@@ -9,6 +9,7 @@ many forwards use the torch backend. Oracles: PEFT's own mixed-batch forward (``
 """
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -218,3 +219,32 @@ def test_more_adapters_than_slots_cycle_through_the_pool(tmp_path, monkeypatch):
         for i, name in enumerate(rows):
             assert_logits_close(logits[i], expected[name][i], f"{rows} row {i}")
     assert uploads >= len(batches)  # the pool did evict and re-upload
+
+
+def test_concurrent_generates_in_threads_each_use_their_own_rows(peft_adapters, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    _, dirs = peft_adapters
+    mm = _wrapped(dirs)
+    ids = IDS[:, :4]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    batches = [ROWS, ["math", "math", None, "chat", "sql"], [None, "chat", "sql", None, "math"]]
+    serial = [mm.generate(ids, adapter_names=rows, **kwargs) for rows in batches]
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            for _ in range(3):
+                out = mm.generate(ids, adapter_names=batches[i], **kwargs)
+                assert torch.equal(out, serial[i]), f"batch {i}"
+            results[i] = True
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    assert sorted(results) == [0, 1, 2] and mm.pool.pinned == {}
