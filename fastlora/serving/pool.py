@@ -192,14 +192,18 @@ class AdapterPool:
         self.device = torch.device(device)
         self.dtype = dtype
         self._select = select
+        # Every layer's per-slot ranks and scalings are rows of one [layers, slots] tensor, so an upload sets a slot's
+        # column for all layers with one copy instead of two small writes per layer.
+        self._layer_ranks = torch.zeros(len(layers), max_adapters, device=self.device, dtype=torch.int32)
+        self._layer_scalings = torch.zeros(len(layers), max_adapters, device=self.device, dtype=torch.float32)
         self.layers: dict[str, PoolLayer] = {}
-        for name, (in_features, out_features) in layers.items():
+        for i, (name, (in_features, out_features)) in enumerate(layers.items()):
             self.layers[name] = PoolLayer(
                 name, in_features, out_features,
                 a_pool=torch.zeros(max_adapters, max_rank, in_features, device=self.device, dtype=dtype),
                 b_pool=torch.zeros(max_adapters, out_features, max_rank, device=self.device, dtype=dtype),
-                slot_ranks=torch.zeros(max_adapters, device=self.device, dtype=torch.int32),
-                slot_scalings=torch.zeros(max_adapters, device=self.device, dtype=torch.float32),
+                slot_ranks=self._layer_ranks[i],
+                slot_scalings=self._layer_scalings[i],
             )  # fmt: skip
         self._cond = threading.Condition(threading.RLock())
         self._entries: dict[str, _Entry] = {}
@@ -234,11 +238,13 @@ class AdapterPool:
 
     def info(self, name: str) -> AdapterInfo:
         with self._cond:
-            entry = self._entry(name)
-            return AdapterInfo(
-                name, entry.rank, {n: w.rank for n, w in entry.layers.items()},
-                {n: w.scaling for n, w in entry.layers.items()}, entry.slot, entry.nbytes, entry.version,
-            )  # fmt: skip
+            return self._info(self._entry(name))
+
+    def _info(self, entry: _Entry) -> AdapterInfo:
+        return AdapterInfo(
+            entry.name, entry.rank, {n: w.rank for n, w in entry.layers.items()},
+            {n: w.scaling for n, w in entry.layers.items()}, entry.slot, entry.nbytes, entry.version,
+        )  # fmt: skip
 
     def __contains__(self, name: object) -> bool:
         with self._cond:
@@ -294,7 +300,7 @@ class AdapterPool:
                 self._retire(old)
             self._entries[name] = entry
             self._cond.notify_all()
-        return self.info(name)
+            return self._info(entry)
 
     def unregister(self, name: str) -> None:
         """Remove ``name`` from the pool. New batches cannot use it from now on; batches already running with it
@@ -518,20 +524,24 @@ class AdapterPool:
             for event in self._slot_events[slot]:
                 stream.wait_event(event)  # kernels of earlier batches may still read this slot
         self._slot_events[slot].clear()
+        ranks, scalings = [], []
         for name, layer in self.layers.items():
             weights = entry.layers.get(name)
             if weights is None:
                 layer.a_pool[slot].zero_()
                 layer.b_pool[slot].zero_()
-                rank, scaling = 0, 0.0
+                ranks.append(0)
+                scalings.append(0.0)
             else:
-                rank, scaling = weights.rank, weights.scaling
+                rank = weights.rank
                 layer.a_pool[slot, :rank].copy_(weights.lora_A, non_blocking=True)
                 layer.a_pool[slot, rank:].zero_()
                 layer.b_pool[slot, :, :rank].copy_(weights.lora_B, non_blocking=True)
                 layer.b_pool[slot, :, rank:].zero_()
-            layer.slot_ranks[slot] = rank
-            layer.slot_scalings[slot] = scaling
+                ranks.append(rank)
+                scalings.append(weights.scaling)
+        self._layer_ranks[:, slot].copy_(torch.tensor(ranks, dtype=torch.int32))
+        self._layer_scalings[:, slot].copy_(torch.tensor(scalings, dtype=torch.float32))
         if self.device.type == "cuda":
             entry.ready = torch.cuda.Event()
             entry.ready.record(torch.cuda.current_stream(self.device))
