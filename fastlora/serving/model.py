@@ -82,7 +82,8 @@ class MultiLoraModel:
     ``"all-linear"``); an adapter may target any subset of them. ``max_adapters``: device slots (adapters resident
     at once; a batch may use at most this many distinct adapters). ``max_rank``: the largest rank an adapter may
     have. ``dtype``: the dtype of the adapter pool (default: the model's dtype; see ``AdapterPool``). The pool lives
-    on the model's device: move the model before wrapping it.
+    on the model's device: move the model before wrapping it. ``acquire_timeout``: how long a call waits for slots
+    pinned by other threads' calls before ``TimeoutError`` (default: as long as it takes).
 
     ``model`` is modified in place (its target layers become ``MultiLoraLinear``); ``unwrap()`` restores it. Memory:
     ``max_adapters · max_rank · (K + N)`` elements of ``dtype`` per target layer, plus the CPU tier.
@@ -95,6 +96,7 @@ class MultiLoraModel:
         max_adapters: int = 8,
         max_rank: int = 64,
         dtype: torch.dtype | None = None,
+        acquire_timeout: float | None = None,
     ):
         if any(isinstance(m, MultiLoraLinear) for m in model.modules()) or any(True for _ in lora_layers(model)):
             raise ValueError("MultiLoraModel: the model already has LoRA layers; unload or unwrap them first")
@@ -113,6 +115,7 @@ class MultiLoraModel:
         self._heads = _output_head_names(model)
         self.model = model
         self.target_modules = target_modules
+        self.acquire_timeout = acquire_timeout
         self.pool = AdapterPool(
             shapes, max_adapters=max_adapters, max_rank=max_rank, device=devices.pop(),
             dtype=dtype or first.weight.dtype, select=self._selected,
@@ -235,7 +238,7 @@ class _RowsContext:
     def __enter__(self) -> _Rows:
         if _ROWS.get() is not None:
             raise RuntimeError("MultiLoraModel: a call is already running in this thread (calls do not nest)")
-        lease = self.model.pool.acquire(self.names)
+        lease = self.model.pool.acquire(self.names, timeout=self.model.acquire_timeout)
         self.rows = _Rows(self.model, lease, self.scales)
         self.tokens = (_ROWS.set(self.rows), set_batch_meta(None))
         return self.rows
