@@ -1,0 +1,376 @@
+"""Ahead-of-time build of fastlora's kernels for C and C++ engines: cubins embedded in C sources.
+
+``python -m fastlora.aot --arch 80 --arch 90 --out build/aot`` compiles a declared, small set of specialisations
+of the Triton kernels with ``triton.compile`` for each architecture (no GPU and no CUDA driver needed) and writes:
+
+- ``fastlora_kernels_data.c``: every cubin as a byte array, and the kernel table ``fl_kernels[]`` the C library's
+  dispatchers pick from (``csrc/kernel_table.h`` defines the row);
+- ``fastlora_kernel_args.h``: per kernel, the index of every argument of its ``@triton.jit`` signature, so the C
+  launchers fill arguments by name and stop compiling when a kernel's signature changes;
+- ``manifest.json`` (what was declared and built) and ``manifest.tsv`` (the same, one kernel a line, for the C test).
+
+What is declared (``VARIANTS``), for activation dtypes fp16 and bf16 and LoRA weights in the activation dtype:
+
+| op | site | kernel | used by |
+| --- | --- | --- | --- |
+| onepass | fwd, rank tile 16 / 64, with / without bias | ``_lora_onepass_kernel`` | forward, M <= 64, r <= 64 |
+| shrink | fwd: ``xs = s·x·Aᵀ`` | ``_lora_shrink_kernel`` | forward, M > 64 or r > 64 |
+| expand | fwd: ``y = x·W0ᵀ + xs·Bᵀ + b``, two tiles | ``_lora_expand_kernel`` | forward, M > 64 or r > 64 |
+| shrink | bwd: ``dxa = s·dy·B`` | ``_lora_shrink_kernel`` | backward |
+| expand | bwd: ``dx = dy·W0 + dxa·A`` | ``_lora_expand_kernel`` | backward |
+| wgrad | dA: ``dxaᵀ·x``; dB: ``(xsᵀ·dy)ᵀ`` written as ``[N, r]`` | ``_lora_wgrad_kernel`` | backward |
+| wgrad | reduce (fp32): the split partials summed as ``onesᵀ·P`` | ``_lora_wgrad_kernel`` | backward, large M |
+
+No dropout (the C API serves inference and dropout-free fine-tuning). Each site fixes, as the static check does:
+
+- unit strides (``x``, ``y``, ``W0`` ``[N, K]``, ``A`` ``[r, K]`` and ``B`` ``[N, r]`` row-major) as ``constexpr 1``;
+- 16-element divisibility of the other strides and of ``K`` / ``N`` (``tt.divisibility`` 16, as the JIT would
+  assume), except the strides that equal the rank (``free_ints``), which may be anything;
+- 16-byte aligned pointers.
+
+The table records, per kernel, which arguments were compiled as unit and which as divisible by 16; the C dispatcher
+checks the runtime values against exactly those lists and returns ``FASTLORA_STATUS_UNSUPPORTED`` (naming the
+argument) instead of launching a kernel on values it was not compiled for.
+
+Kernel ABI. A Triton cubin's entry takes the non-constexpr arguments in signature order (pointers as 64-bit,
+``i32`` as 32-bit, ``fp32`` as 32-bit float), then one trailing pointer per scratch buffer that this Triton version
+appends (global scratch and profile scratch in Triton 3.9). The trailing count is read from the PTX ``.entry`` and
+recorded; every declared kernel must need no scratch (``global_scratch_size == profile_scratch_size == 0``), so the
+launcher passes null pointers there, as Triton's own launcher does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+ARCHS = (80, 90)
+DTYPES = ("fp16", "bf16")
+# C enum values of ``fastlora_dtype`` in include/fastlora_kernels.h.
+DTYPE_ENUM = {"fp16": 0, "bf16": 1, "fp32": 2}
+# Grid rules of the C launchers (``fl_grid`` in csrc/kernel_table.h).
+GRIDS = {"tiles_mn": 0, "rows_by_rank": 1, "wgrad": 2}
+_PTX_TYPES = {"*": ".u64", "i32": ".u32", "fp32": ".f32"}
+_ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One declared specialisation of one kernel, before the dtype and the architecture are chosen."""
+
+    op: str  # the C dispatcher's name for the kernel family: onepass, shrink, expand, wgrad
+    site: str  # the call it serves: fwd, fwd_nobias, bwd, dA, dB, reduce
+    kernel: str  # static_check.KernelSpec name
+    pointers: dict[str, str]  # pointer argument -> role (act, lora, fp32, i64)
+    unit_strides: tuple[str, ...]  # compiled as constexpr 1
+    free_ints: tuple[str, ...]  # int arguments equal to the rank: no divisibility assumed
+    constexprs: dict[str, object]
+    config: int  # index into the kernel's GPU config list
+    grid: str
+    dtypes: tuple[str, ...] = DTYPES
+    rank_tile: int = 0  # R_PAD / BLOCK_R, 0 where the kernel loops over the rank
+    precision: str = "tf32"  # only fp32 operands read it
+
+
+_NO_DROPOUT = {"UPCAST": False, "DROPOUT": False}
+_ONEPASS_PTRS = {"x_ptr": "act", "wt_ptr": "act", "at_ptr": "lora", "bt_ptr": "lora", "bias_ptr": "act",
+                 "y_ptr": "act", "xs_ptr": "lora", "seed_ptr": "i64"}  # fmt: skip
+_SHRINK_PTRS = {"x_ptr": "act", "wt_ptr": "lora", "out_ptr": "lora", "seed_ptr": "i64"}
+_EXPAND_PTRS = {"x_ptr": "act", "wt_ptr": "act", "l_ptr": "lora", "rt_ptr": "lora", "bias_ptr": "act",
+                "out_ptr": "act", "seed_ptr": "i64"}  # fmt: skip
+_WGRAD_PTRS = {"u_ptr": "lora", "v_ptr": "act", "out_ptr": "fp32", "seed_ptr": "i64"}
+# Tile configs, by index into each kernel's GPU list: onepass (16, 64, 64) w4 s5; shrink (64, 64) w4 s4;
+# expand (128, 128, 64) w8 s4 for large M and (64, 64, 64) w4 s4 below; wgrad (64, 64) w4 s4.
+_ONEPASS_CFG, _SHRINK_CFG, _EXPAND_CFGS, _WGRAD_CFG = 3, 1, (0, 4), 0
+
+
+def _onepass(rank_tile: int, bias: bool) -> Variant:
+    # A [r, K] and B [N, r] row-major: at = Aᵀ has unit stride along K, bt = Bᵀ along r, and Bᵀ's other stride
+    # is r itself. xs is not stored (STORE_XS off), so its strides are constant-folded away.
+    return Variant(
+        "onepass", "fwd" if bias else "fwd_nobias", "lora_onepass", _ONEPASS_PTRS,
+        ("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_sr"), ("stride_bn", "stride_sm"),
+        {**_NO_DROPOUT, "HAS_BIAS": bias, "STORE_XS": False, "R_PAD": rank_tile}, _ONEPASS_CFG, "tiles_mn",
+        rank_tile=rank_tile,
+    )  # fmt: skip
+
+
+def _expand_fwd(bias: bool, config: int) -> Variant:
+    return Variant(
+        "expand", "fwd" if bias else "fwd_nobias", "lora_expand", _EXPAND_PTRS,
+        ("stride_xk", "stride_wk", "stride_lr", "stride_rr", "stride_on"), ("stride_lm", "stride_rn"),
+        {**_NO_DROPOUT, "HAS_BIAS": bias, "BLOCK_R": 64}, config, "tiles_mn",
+    )  # fmt: skip
+
+
+VARIANTS: tuple[Variant, ...] = (
+    *(_onepass(rank_tile, bias) for rank_tile in (16, 64) for bias in (True, False)),
+    Variant("shrink", "fwd", "lora_shrink", _SHRINK_PTRS, ("stride_xk", "stride_wk", "stride_or"), ("stride_om",),
+            {**_NO_DROPOUT, "BLOCK_R": 64}, _SHRINK_CFG, "rows_by_rank"),
+    *(_expand_fwd(bias, config) for bias in (True, False) for config in _EXPAND_CFGS),
+    Variant("shrink", "bwd", "lora_shrink", _SHRINK_PTRS, ("stride_xk", "stride_wr", "stride_or"),
+            ("stride_wk", "stride_om"), {**_NO_DROPOUT, "BLOCK_R": 64}, _SHRINK_CFG, "rows_by_rank"),
+    Variant("expand", "bwd", "lora_expand", _EXPAND_PTRS, ("stride_xk", "stride_wn", "stride_lr", "stride_rn",
+            "stride_on"), ("stride_lm",), {**_NO_DROPOUT, "HAS_BIAS": False, "BLOCK_R": 64}, _EXPAND_CFGS[0],
+            "tiles_mn"),
+    Variant("wgrad", "dA", "lora_wgrad", _WGRAD_PTRS, ("stride_ur", "stride_vq", "stride_oq"), ("stride_um",),
+            {**_NO_DROPOUT, "BLOCK_R": 64}, _WGRAD_CFG, "wgrad"),
+    # dB = (xsᵀ·dy)ᵀ: the [r, N] result is stored through transposed strides straight into B's [N, r] layout.
+    Variant("wgrad", "dB", "lora_wgrad", _WGRAD_PTRS, ("stride_ur", "stride_vq", "stride_or"),
+            ("stride_um", "stride_oq"), {**_NO_DROPOUT, "BLOCK_R": 64}, _WGRAD_CFG, "wgrad"),
+    # The split partials P [SPLIT, Q] summed in a fixed order as onesᵀ·P (M = SPLIT, R = 1), in exact fp32.
+    Variant("wgrad", "reduce", "lora_wgrad", {**_WGRAD_PTRS, "v_ptr": "fp32"}, ("stride_um", "stride_ur", "stride_vq",
+            "stride_oq"), (), {**_NO_DROPOUT, "BLOCK_R": 16, "PRECISION": "ieee"}, _WGRAD_CFG, "wgrad",
+            dtypes=("fp32",), precision="ieee"),
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    variant: int  # index into VARIANTS
+    dtype: str
+    arch: int
+
+
+def jobs(archs=ARCHS, dtypes=DTYPES, ops=None) -> list[Job]:
+    """Every compile of the declared set: variant x activation dtype x architecture."""
+    out = []
+    for vi, v in enumerate(VARIANTS):
+        if ops is not None and v.op not in ops:
+            continue
+        for dtype in v.dtypes if v.dtypes != DTYPES else dtypes:
+            out.extend(Job(vi, dtype, arch) for arch in archs)
+    return out
+
+
+def _spec(variant: Variant):
+    from . import static_check
+
+    return next(s for s in static_check.kernel_specs() if s.name == variant.kernel)
+
+
+def compile_signature(variant: Variant, dtype: str):
+    """``(spec, config, signature, constexprs, attrs, div16 argument names)`` for one compile.
+
+    Built by the static check's ``_signature`` (the same unit strides and divisibility the JIT would assume), then
+    the rank-valued integers lose their divisibility: a rank need not be a multiple of 16.
+    """
+    from . import static_check
+
+    spec = _spec(variant)
+    config = spec.configs[variant.config]
+    constexprs = {"PRECISION": variant.precision, **variant.constexprs}
+    if not spec.config_ok(config, _ELEM_BYTES[dtype], _ELEM_BYTES[dtype], **({"R_PAD": 0} | constexprs)):
+        raise ValueError(f"{variant.op}/{variant.site}: config {config} is one the Python launcher prunes for {dtype}")
+    site = static_check.Site(variant.site, variant.pointers, variant.unit_strides, constexprs)
+    lora = "fp32" if dtype == "fp32" else dtype
+    signature, constexprs, attrs = static_check._signature(spec, site, dtype, lora, config)
+    names = spec.fn.arg_names
+    for index, name in enumerate(names):
+        if name in variant.free_ints:
+            attrs.pop((index,), None)
+    div16 = [names[i] for (i,) in attrs if not signature[names[i]].startswith("*")]
+    return spec, config, signature, constexprs, attrs, div16
+
+
+def ptx_entry_params(ptx: str) -> tuple[str, list[str]]:
+    """``(entry name, ['.u64', '.u32', '.f32', ...])``: the kernel's parameter list as the PTX declares it."""
+    match = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.S)
+    if match is None:
+        raise ValueError("no .entry in the PTX")
+    return match.group(1), re.findall(r"\.param\s+(\.\w+)", match.group(2))
+
+
+def _compile(job: Job) -> dict:
+    """Compile one job in a worker process; returns the table row, the cubin and the PTX parameter list."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import static_check
+
+    variant = VARIANTS[job.variant]
+    spec, config, signature, constexprs, attrs, div16 = compile_signature(variant, job.dtype)
+    source = ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32), options=options)
+    md = compiled.metadata
+    registers, spills = static_check._resources(compiled.asm["cubin"])
+    entry, ptx_params = ptx_entry_params(compiled.asm["ptx"])
+    params = [name for name in spec.fn.arg_names if signature[name] != "constexpr"]
+    return {
+        "op": variant.op,
+        "site": variant.site,
+        "kernel": spec.name,
+        "arch": job.arch,
+        "dtype": job.dtype,
+        "config": static_check._config_name(config),
+        "blocks": {k: v for k, v in config.kwargs.items() if k.startswith(("BLOCK", "GROUP"))}
+        | {k: v for k, v in variant.constexprs.items() if k in ("BLOCK_R", "R_PAD")},
+        "rank_tile": variant.rank_tile,
+        "has_bias": bool(variant.constexprs.get("HAS_BIAS", False)),
+        "grid": variant.grid,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+        "shared": int(md.shared),
+        "registers": registers,
+        "spills": spills,
+        "name": md.name,
+        "ptx_entry": entry,
+        "ptx_params": ptx_params,
+        "params": params,
+        "param_types": [signature[p] if not signature[p].startswith("*") else "*" for p in params],
+        "unit": list(variant.unit_strides),
+        "div16": div16,
+        "global_scratch_size": int(md.global_scratch_size),
+        "profile_scratch_size": int(getattr(md, "profile_scratch_size", 0)),
+        "cubin": compiled.asm["cubin"],
+    }
+
+
+def check_row(row: dict) -> None:
+    """The launch ABI the C library will use must be the one the PTX declares; raise if not."""
+    from .kernels._common import SMEM_LIMIT
+
+    where = f"{row['name']} ({row['op']}/{row['site']}, {row['dtype']}, sm_{row['arch']})"
+    if row["spills"] or row["shared"] > SMEM_LIMIT[row["arch"]]:
+        raise RuntimeError(f"{where} spills {row['spills']} B or needs {row['shared']} B of shared memory")
+    if row["global_scratch_size"] or row["profile_scratch_size"]:
+        raise RuntimeError(f"{where} needs scratch memory, which the C launcher does not allocate")
+    if row["ptx_entry"] != row["name"]:
+        raise RuntimeError(f"{where}: PTX entry {row['ptx_entry']} differs from the metadata name")
+    expected = [_PTX_TYPES[t] for t in row["param_types"]]
+    declared = row["ptx_params"]
+    scratch = declared[len(expected) :]
+    if declared[: len(expected)] != expected or any(t != ".u64" for t in scratch):
+        raise RuntimeError(f"{where}: PTX parameters {declared} do not start with the arguments {expected}")
+
+
+def build(archs=ARCHS, dtypes=DTYPES, ops=None, workers: int = 2) -> list[dict]:
+    """Compile every job in spawned workers with ``TRITON_INTERPRET`` unset (as ``static_check`` does)."""
+    todo = jobs(archs, dtypes, ops)
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    # Triton 3.9 warns once per process that its FP-fusion default will change; pin today's default explicitly.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(_compile, todo))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    for row in rows:
+        row["scratch_params"] = len(row["ptx_params"]) - len(row["params"])
+        check_row(row)
+    return rows
+
+
+def _kernel_arg_names() -> dict[str, list[str]]:
+    from . import static_check
+
+    return {spec.name: list(spec.fn.arg_names) for spec in static_check.kernel_specs()}
+
+
+def _c_bytes(data: bytes) -> str:
+    return ",\n".join(",".join(str(b) for b in data[i : i + 40]) for i in range(0, len(data), 40))
+
+
+def write_sources(rows: list[dict], out: str) -> dict[str, str]:
+    """Write the generated C sources and manifests into ``out``; returns their paths."""
+    from .kernels import wgrad
+    from .ops import ONEPASS_MAX_TOKENS
+
+    os.makedirs(out, exist_ok=True)
+    arg_names = _kernel_arg_names()
+    paths = {name: os.path.join(out, name) for name in
+             ("fastlora_kernel_args.h", "fastlora_kernels_data.c", "manifest.json", "manifest.tsv")}  # fmt: skip
+
+    header = ["/* Generated by python -m fastlora.aot: argument indices of each Triton kernel's signature. */",
+              "#ifndef FASTLORA_KERNEL_ARGS_H", "#define FASTLORA_KERNEL_ARGS_H", "",
+              f"#define FL_ONEPASS_MAX_TOKENS {ONEPASS_MAX_TOKENS}",
+              f"#define FL_WGRAD_CHUNK_ALIGN {wgrad.CHUNK_ALIGN}",
+              f"#define FL_WGRAD_TARGET_PROGRAMS {wgrad.TARGET_PROGRAMS}", ""]  # fmt: skip
+    max_args = max(len(v) for v in arg_names.values())
+    for kernel, names in sorted(arg_names.items()):
+        header.append(f"enum {{ {', '.join(f'FL_ARG_{kernel}_{n} = {i}' for i, n in enumerate(names))} }};")
+    header += ["", f"#define FL_MAX_KERNEL_ARGS {max_args}", "", "#endif", ""]
+
+    c = ["/* Generated by python -m fastlora.aot: the embedded cubins and the kernel table. Do not edit. */",
+         '#include "kernel_table.h"', ""]  # fmt: skip
+    for kernel, names in sorted(arg_names.items()):
+        c.append(f"static const char *const arg_names_{kernel}[] = {{{', '.join(json.dumps(n) for n in names)}}};")
+    c.append("")
+    entries = []
+    for i, row in enumerate(rows):
+        names = arg_names[row["kernel"]]
+        index = {n: k for k, n in enumerate(names)}
+        params = [index[p] for p in row["params"]] + [255] * row["scratch_params"]
+        types = [{"*": "FL_PARAM_PTR", "i32": "FL_PARAM_I32", "fp32": "FL_PARAM_F32"}[t] for t in row["param_types"]]
+        types += ["FL_PARAM_PTR"] * row["scratch_params"]
+        c.append(f"static const unsigned char image_{i}[] = {{\n{_c_bytes(row['cubin'])}}};")
+        c.append(f"static const unsigned char params_{i}[] = {{{', '.join(map(str, params))}}};")
+        c.append(f"static const unsigned char types_{i}[] = {{{', '.join(types)}}};")
+        for key in ("unit", "div16"):
+            values = [index[n] for n in row[key]] or [255]
+            c.append(f"static const unsigned char {key}_{i}[] = {{{', '.join(map(str, values))}}};")
+        blocks = row["blocks"]
+        entries.append(
+            f"    {{{json.dumps(row['op'])}, {json.dumps(row['site'])}, {json.dumps(row['name'])}, "
+            f"{json.dumps(row['config'])}, {row['arch']}, {DTYPE_ENUM[row['dtype']]}, {row['rank_tile']}, "
+            f"{int(row['has_bias'])}, {GRIDS[row['grid']]}, {blocks.get('BLOCK_M', 0)}, "
+            f"{blocks.get('BLOCK_N', blocks.get('BLOCK_Q', 0))}, {blocks.get('BLOCK_R', blocks.get('R_PAD', 0))}, "
+            f"{blocks.get('GROUP_M', 0)}, {row['num_warps']}, {row['shared']}, image_{i}, sizeof(image_{i}), "
+            f"{len(params)}, params_{i}, types_{i}, {len(row['unit'])}, unit_{i}, {len(row['div16'])}, div16_{i}, "
+            f"arg_names_{row['kernel']}}},"
+        )
+    c += ["", "const fl_kernel fl_kernels[] = {", *entries, "};", "",
+          f"const int fl_num_kernels = {len(rows)};", ""]  # fmt: skip
+
+    manifest = [{k: v for k, v in row.items() if k != "cubin"} | {
+        "index": i, "cubin_bytes": len(row["cubin"]), "cubin_sha256": hashlib.sha256(row["cubin"]).hexdigest()}
+        for i, row in enumerate(rows)]  # fmt: skip
+    tsv = [f"{r['name']}\t{r['arch']}\t{r['dtype']}\t{r['op']}\t{r['site']}\t{r['config']}\t{len(r['params'])}"
+           f"\t{r['scratch_params']}\t{r['rank_tile']}" for r in rows]  # fmt: skip
+
+    _write_if_changed(paths["fastlora_kernel_args.h"], "\n".join(header))
+    _write_if_changed(paths["fastlora_kernels_data.c"], "\n".join(c))
+    _write_if_changed(paths["manifest.json"], json.dumps({"kernels": manifest}, indent=1) + "\n")
+    _write_if_changed(paths["manifest.tsv"], "\n".join(tsv) + "\n")
+    return paths
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    """Leave an unchanged file's timestamp alone, so the C build does not recompile it."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastlora.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="SM architecture (repeatable)")
+    parser.add_argument("--dtype", action="append", choices=DTYPES, help="activation dtype (repeatable)")
+    parser.add_argument("--op", action="append", help="only these kernel families (onepass, shrink, expand, wgrad)")
+    parser.add_argument("--out", required=True, help="directory for the generated sources")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows = build(tuple(args.arch or ARCHS), tuple(args.dtype or DTYPES), args.op, args.workers)
+    write_sources(rows, args.out)
+    print(f"fastlora.aot: {len(rows)} kernels for sm_{'/sm_'.join(map(str, args.arch or ARCHS))} in "
+          f"{time.perf_counter() - start:.1f} s -> {args.out}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
