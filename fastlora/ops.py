@@ -307,3 +307,153 @@ def lora_linear(
         x, weight, bias, lora_A, lora_B, seed, float(scaling), p, fan_in_fan_out, need_xs, forward_impl, backend
     )
     return y
+
+
+# ----------------------------------------------------------------------------------------------- many adapters
+
+MULTI_IMPLS = ("auto", "fused", "segmented")
+# Up to this many tokens (decode) the layer is bound by reading W0 once: the fused kernel does the base GEMM and the
+# per-token expand in one pass over y. Beyond it the base GEMM is compute bound and cuBLAS plus the segmented
+# shrink/expand (tensor-core tiles per adapter segment) win.
+MULTI_FUSED_MAX_TOKENS = 64
+
+
+def _check_multi_inputs(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_scalings, fan_in_fan_out, backend):
+    where = "fastlora.multi_lora_linear"
+    tensors = {"x": x, "weight": weight, "bias": bias, "a_pool": a_pool, "b_pool": b_pool,
+               "slot_ranks": slot_ranks, "slot_scalings": slot_scalings}  # fmt: skip
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for field in ("token_slots", "sorted_token_ids", "seg_offsets", "seg_slots", "num_tokens", "max_rank"):
+        if not hasattr(meta, field):
+            raise TypeError(f"{where}: meta must be a fastlora.serving.BatchMeta, got {type(meta).__name__}")
+    tensors.update({"meta.token_slots": meta.token_slots, "meta.token_scales": meta.token_scales})
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{where}: all tensors (and the batch metadata) must be on one device, got {devices}")
+    allowed = _TRITON_DTYPES if backend == "triton" else _TORCH_DTYPES
+    if x.dtype not in allowed:
+        raise TypeError(f"{where}: x.dtype must be one of {allowed} on the {backend} backend, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{where}: weight.dtype ({weight.dtype}) must equal x.dtype ({x.dtype})")
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{where}: bias.dtype must be x.dtype ({x.dtype}) or float32, got {bias.dtype}")
+    if a_pool.dtype != b_pool.dtype:
+        raise TypeError(f"{where}: a_pool.dtype ({a_pool.dtype}) and b_pool.dtype ({b_pool.dtype}) differ")
+    if a_pool.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{where}: the pools' dtype must be float32 or x.dtype ({x.dtype}), got {a_pool.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{where}: x must have shape [..., K] with K >= 1, got {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}")
+    K = x.shape[-1]
+    N, K_w = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    if K_w != K:
+        layout = "[K, N] (fan_in_fan_out=True)" if fan_in_fan_out else "[N, K]"
+        raise ValueError(f"{where}: weight {tuple(weight.shape)} read as {layout} has K={K_w}, but x has K={K}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"{where}: bias must be [N] = [{N}], got {tuple(bias.shape)}")
+    if a_pool.dim() != 3 or a_pool.shape[2] != K:
+        raise ValueError(f"{where}: a_pool must be [num_slots, r_max, K={K}], got {tuple(a_pool.shape)}")
+    num_slots, r_max = a_pool.shape[:2]
+    if tuple(b_pool.shape) != (num_slots, N, r_max):
+        raise ValueError(
+            f"{where}: b_pool must be [num_slots, N, r_max] = [{num_slots}, {N}, {r_max}] to match weight and a_pool, "
+            f"got {tuple(b_pool.shape)}"
+        )
+    T = x.numel() // K
+    if T != meta.num_tokens or tuple(meta.token_slots.shape) != (T,):
+        raise ValueError(
+            f"{where}: x {tuple(x.shape)} holds {T} tokens but the batch metadata describes {meta.num_tokens}"
+        )
+    if meta.token_scales is not None and tuple(meta.token_scales.shape) != (T,):
+        raise ValueError(f"{where}: meta.token_scales must be [T] = [{T}], got {tuple(meta.token_scales.shape)}")
+    if meta.slot_ranks.numel() != num_slots:
+        raise ValueError(
+            f"{where}: the pools have {num_slots} slots but the batch metadata was built for {meta.slot_ranks.numel()}"
+        )
+    if meta.max_rank > r_max:
+        raise ValueError(f"{where}: the batch uses rank {meta.max_rank} but the pools hold ranks up to r_max={r_max}")
+    if slot_ranks is not None:
+        if tuple(slot_ranks.shape) != (num_slots,) or slot_ranks.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"{where}: slot_ranks must be an int32 tensor [num_slots] = [{num_slots}], "
+                f"got {slot_ranks.dtype} {tuple(slot_ranks.shape)}"
+            )
+    if slot_scalings is not None:
+        if tuple(slot_scalings.shape) != (num_slots,) or slot_scalings.dtype != torch.float32:
+            raise ValueError(
+                f"{where}: slot_scalings must be a float32 tensor [num_slots] = [{num_slots}], "
+                f"got {slot_scalings.dtype} {tuple(slot_scalings.shape)}"
+            )
+
+
+def choose_multi_impl(num_tokens: int, impl: str = "auto") -> str:
+    """``"fused"`` (base GEMM with the per-token expand in its epilogue) for few tokens, else ``"segmented"``."""
+    if impl not in MULTI_IMPLS:
+        raise ValueError(f"fastlora.multi_lora_linear: impl must be one of {MULTI_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "fused" if num_tokens <= MULTI_FUSED_MAX_TOKENS else "segmented"
+    return impl
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    meta,
+    *,
+    slot_ranks: torch.Tensor | None = None,
+    slot_scalings: torch.Tensor | None = None,
+    fan_in_fan_out: bool = False,
+    backend: str | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Every token adds the LoRA update of its own adapter slot:
+    ``y[t] = x[t]·W0ᵀ + b + [slot(t) >= 0]·token_scale[t]·scaling[slot]·(x[t]·A_slotᵀ)·B_slotᵀ``.
+
+    Args:
+        x: ``[..., K]`` activations, ``T = meta.num_tokens`` rows once flattened (fp16, bf16 or fp32; any strides).
+        weight: frozen ``W0``, ``[N, K]``, or ``[K, N]`` with ``fan_in_fan_out=True``; same dtype as ``x``.
+        bias: ``[N]`` (``x.dtype`` or fp32) or None.
+        a_pool, b_pool: ``[num_slots, r_max, K]`` and ``[num_slots, N, r_max]``, fp32 or ``x.dtype``; slot ``s``
+            uses ``a_pool[s, :rank_s]`` and ``b_pool[s, :, :rank_s]``. Entries beyond a slot's rank are never read.
+        meta: the batch's ``fastlora.serving.BatchMeta`` (slot of each token, tokens grouped by slot).
+        slot_ranks, slot_scalings: this layer's per-slot ranks (int32) and scalings (fp32), ``[num_slots]`` on
+            ``x.device``, when they differ from ``meta.slot_ranks`` / ``meta.slot_scalings`` (PEFT's
+            ``rank_pattern`` / ``alpha_pattern``); a layer's rank never exceeds the batch's ``meta.max_rank``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``; defaults to ``FASTLORA_BACKEND`` or ``"auto"``.
+        impl: ``"fused"``, ``"segmented"`` or ``"auto"`` (fused up to ``MULTI_FUSED_MAX_TOKENS`` tokens);
+            triton backend only.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+
+    Inference only on the triton backend: with autograd recording and an input that requires grad it raises (run
+    under ``torch.no_grad()``). The torch backend is differentiable. No call synchronises with the device on the
+    triton backend: every grid is sized from ``meta``'s host integers.
+    """
+    backend = resolve_backend(x.device, backend)
+    _check_multi_inputs(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_scalings, fan_in_fan_out, backend)
+    impl = choose_multi_impl(meta.num_tokens, impl)
+    ranks = meta.slot_ranks if slot_ranks is None else slot_ranks
+    scalings = meta.slot_scalings if slot_scalings is None else slot_scalings
+    if True:  # the Triton kernels land in the next commit; until then every backend runs the reference
+        y = reference.multi_lora_linear_reference(
+            x, weight, bias, a_pool, b_pool, meta.token_slots, ranks, scalings, meta.token_scales,
+            fan_in_fan_out=fan_in_fan_out, active_slots=meta.active_slots,
+        )  # fmt: skip
+        return y.to(x.dtype)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a_pool, b_pool)):
+        raise RuntimeError(
+            "fastlora.multi_lora_linear: the triton backend is inference only and an input requires grad; "
+            "call it under torch.no_grad() (or torch.inference_mode()), or use backend='torch' to differentiate"
+        )
+    x2d = _as_2d(x)
+    y = kernels.multi_lora_linear_triton(
+        x2d, _weight_t(weight, fan_in_fan_out), bias, a_pool, b_pool, meta, ranks, scalings, impl
+    )
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -122,3 +122,51 @@ def lora_backward(dy, x2d, wt, lora_A, lora_B, xs, scaling, dropout_p, seed):
     dA = dxa.t() @ xl
     dB = dyl.t() @ xs
     return dx, dA, dB
+
+
+# Many adapters in one batch: every token picks its own slot of a pool (``fastlora.multi_lora_linear``).
+
+
+def multi_lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    token_slots: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    slot_scalings: torch.Tensor,
+    token_scales: torch.Tensor | None = None,
+    fan_in_fan_out: bool = False,
+    active_slots=None,
+) -> torch.Tensor:
+    """``y[t] = x[t]·W0ᵀ + b + [slot(t) >= 0]·token_scale[t]·scaling[slot]·(x[t]·A_slotᵀ)·B_slotᵀ``.
+
+    ``a_pool [num_slots, r_max, K]``, ``b_pool [num_slots, N, r_max]``; slot ``s`` uses ``A_s = a_pool[s, :rank_s]``
+    and ``B_s = b_pool[s, :, :rank_s]`` with ``rank_s = slot_ranks[s]``. ``token_slots [T]`` (``-1`` = base only),
+    ``token_scales [T]`` or None. Pool entries beyond a slot's rank are never read (masked with ``where``, so even a
+    NaN there cannot leak). The LoRA branch computes in the pools' dtype, with ``s·x·Aᵀ`` rounded to it as the
+    kernels store it. A loop over the slots in use (``active_slots``, else found from ``token_slots``): plain and
+    differentiable; on CUDA tensors it synchronises with the device, as the CPU path and oracle it need not be fast.
+    """
+    w = weight.t() if fan_in_fan_out else weight
+    x2d = x.reshape(-1, x.shape[-1])
+    y = x2d @ w.t()
+    if bias is not None:
+        y = y + bias
+    if active_slots is None:
+        active_slots = torch.unique(token_slots[token_slots >= 0]).tolist()
+    lora_dtype = a_pool.dtype
+    r_max = a_pool.shape[1]
+    in_rank = torch.arange(r_max, device=a_pool.device)
+    for s in active_slots:
+        rows = torch.nonzero(token_slots == s).reshape(-1)
+        keep = in_rank < slot_ranks[s]
+        a = torch.where(keep[:, None], a_pool[s], torch.zeros((), dtype=lora_dtype, device=a_pool.device))
+        b = torch.where(keep[None, :], b_pool[s], torch.zeros((), dtype=lora_dtype, device=b_pool.device))
+        scale = slot_scalings[s]
+        if token_scales is not None:
+            scale = scale * token_scales[rows][:, None]
+        xs = ((x2d[rows].to(lora_dtype) @ a.t()) * scale).to(lora_dtype)
+        y = y.index_add(0, rows, (xs @ b.t()).to(y.dtype))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
