@@ -13,7 +13,7 @@ from .model import (
     print_trainable_parameters,
     unload,
 )
-from .ops import lora_linear
+from .ops import lora_linear, multi_lora_linear
 from .peft_compat import patch_peft, unpatch_peft
 from .reference import lora_linear_reference
 from .serving import MultiLoraModel
@@ -35,6 +35,7 @@ __all__ = [
     "lora_scaling",
     "merge_and_reinit",
     "merge_and_unload",
+    "multi_lora_linear",
     "patch_peft",
     "print_trainable_parameters",
     "save_adapter",

@@ -56,39 +56,3 @@ def expected_rows(build, dirs: dict, rows: list, ids: torch.Tensor) -> torch.Ten
         out.append(cache[name][i])
     return torch.stack(out)
 
-
-# TEMPORARY stand-in until fastlora.ops.multi_lora_linear lands.
-from fastlora import ops as _ops  # noqa: E402
-
-if not hasattr(_ops, "multi_lora_linear"):
-
-    def _multi(
-        x,
-        weight,
-        bias,
-        a_pool,
-        b_pool,
-        meta,
-        *,
-        slot_ranks=None,
-        slot_scalings=None,
-        fan_in_fan_out=False,
-        backend=None,
-    ):
-        K = x.shape[-1]
-        x2 = x.reshape(-1, K)
-        w = weight.t() if fan_in_fan_out else weight
-        y = torch.nn.functional.linear(x2, w, bias)
-        ranks = (slot_ranks if slot_ranks is not None else meta.slot_ranks).tolist()
-        scal = (slot_scalings if slot_scalings is not None else meta.slot_scalings).tolist()
-        for t, s in enumerate(meta.token_slots.tolist()):
-            if s < 0 or ranks[s] == 0:
-                continue
-            r = ranks[s]
-            d = (x2[t] @ a_pool[s, :r].t()) @ b_pool[s, :, :r].t() * scal[s]
-            if meta.token_scales is not None:
-                d = d * meta.token_scales[t]
-            y[t] += d
-        return y.reshape(*x.shape[:-1], -1)
-
-    _ops.multi_lora_linear = _multi
