@@ -217,8 +217,8 @@ static int dtype_ok(fastlora_dtype dtype) { return dtype == FASTLORA_DTYPE_FP16 
 
 static fastlora_status check_dims(fastlora_dtype dtype, int64_t M, int64_t N, int64_t K, int64_t r) {
     if (!dtype_ok(dtype)) {
-        return fail(FASTLORA_STATUS_INVALID_ARGUMENT, "dtype must be FASTLORA_DTYPE_FP16 or FASTLORA_DTYPE_BF16, got %d",
-                    (int)dtype);
+        return fail(FASTLORA_STATUS_INVALID_ARGUMENT,
+                    "dtype must be FASTLORA_DTYPE_FP16 or FASTLORA_DTYPE_BF16, got %d", (int)dtype);
     }
     const char *names[] = {"M", "N", "K", "r"};
     int64_t values[] = {M, N, K, r};
@@ -894,6 +894,8 @@ fastlora_status fastlora_kernel_info(int i, fastlora_kernel_desc *info) {
     info->num_warps = k->num_warps;
     info->shared_bytes = k->shared;
     info->num_params = k->num_params;
+    info->params = k->param_list;
+    info->cubin = k->image;
     info->cubin_bytes = k->image_size;
     info->elf_arch = elf_arch(k->image, k->image_size);
     info->elf_has_kernel = elf_has_function(k->image, k->image_size, k->name);

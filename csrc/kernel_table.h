@@ -42,6 +42,7 @@ typedef struct fl_kernel {
     int num_div16;
     const unsigned char *div16; /* integer arguments compiled as divisible by 16 */
     const char *const *arg_names;
+    const char *param_list; /* the parameter names, comma-separated ("scratch" for the trailing pointers) */
 } fl_kernel;
 
 extern const fl_kernel fl_kernels[];

@@ -328,7 +328,7 @@ def write_sources(rows: list[dict], out: str) -> dict[str, str]:
             f"{blocks.get('BLOCK_N', blocks.get('BLOCK_Q', 0))}, {blocks.get('BLOCK_R', blocks.get('R_PAD', 0))}, "
             f"{blocks.get('GROUP_M', 0)}, {row['num_warps']}, {row['shared']}, image_{i}, sizeof(image_{i}), "
             f"{len(params)}, params_{i}, types_{i}, {len(row['unit'])}, unit_{i}, {len(row['div16'])}, div16_{i}, "
-            f"arg_names_{row['kernel']}}},"
+            f"arg_names_{row['kernel']}, {json.dumps(','.join(row['params'] + ['scratch'] * row['scratch_params']))}}},"
         )
     c += ["", "const fl_kernel fl_kernels[] = {", *entries, "};", "",
           f"const int fl_num_kernels = {len(rows)};", ""]  # fmt: skip

@@ -45,7 +45,7 @@ extern "C" {
 
 typedef enum fastlora_status {
     FASTLORA_STATUS_OK = 0,
-    FASTLORA_STATUS_INVALID_ARGUMENT = 1,     /* a null pointer, a size < 1, ld < columns, an unknown dtype, a short workspace */
+    FASTLORA_STATUS_INVALID_ARGUMENT = 1,     /* a null pointer, a size < 1, ld < columns, a bad dtype, short workspace */
     FASTLORA_STATUS_UNSUPPORTED = 2,          /* valid, but outside the compiled specialisations */
     FASTLORA_STATUS_NO_CUDA_DRIVER = 3,       /* libcuda.so.1 could not be loaded or initialised */
     FASTLORA_STATUS_NO_KERNEL_FOR_DEVICE = 4, /* the current device's architecture is not in this build */
@@ -151,6 +151,8 @@ typedef struct fastlora_kernel_desc {
     int num_warps;
     int shared_bytes;      /* dynamic shared memory per block */
     int num_params;        /* kernel parameters, scratch pointers included */
+    const char *params;    /* their names in launch order, comma-separated; "scratch" = a null scratch pointer */
+    const void *cubin;     /* the embedded cubin (e.g. to load it yourself or inspect it with cuobjdump) */
     size_t cubin_bytes;
     int elf_arch;          /* SM read from the cubin's ELF header, -1 if it is not a CUDA ELF */
     int elf_has_kernel;    /* 1 if the cubin's symbol table defines `name` */

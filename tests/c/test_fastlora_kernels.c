@@ -2,6 +2,8 @@
  *   arguments       every entry point rejects bad arguments before touching the driver
  *   no-driver       with no loadable driver, valid calls return FASTLORA_STATUS_NO_CUDA_DRIVER and say so
  *   manifest FILE   the embedded table and cubins (ELF arch, kernel symbol) match what fastlora.aot declared
+ *   fake-driver LIB the launch path against a recording stand-in for the driver (fake_cuda.c): which cubin runs on
+ *                   which architecture, grids, parameter values, shared-memory opt-in, driver errors
  *   gpu             forward and backward on the GPU against a CPU reference; exit 77 (skip) without a GPU
  */
 #include <dlfcn.h>
@@ -11,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fake_cuda.h"
 #include "fastlora_kernels.h"
 
 static int failures;
@@ -215,6 +218,215 @@ static int test_manifest(const char *path) {
     return failures ? 1 : 0;
 }
 
+/* ------------------------------------------------------------------------------------------------ fake driver */
+
+static fake_cuda_log *fake_log;
+
+static const fastlora_kernel_desc *desc_of(const void *image) {
+    static fastlora_kernel_desc d;
+    for (int i = 0; i < fastlora_kernel_count(); i++) {
+        if (fastlora_kernel_info(i, &d) == FASTLORA_STATUS_OK && d.cubin == image) {
+            return &d;
+        }
+    }
+    return NULL;
+}
+
+/* The recorded value of parameter `name` of launch `i` (its low 4 bytes for i32 / f32 parameters). */
+static uint64_t param(int i, const char *name) {
+    const fake_cuda_launch *l = &fake_log->launches[i];
+    const fastlora_kernel_desc *d = desc_of(l->image);
+    if (d == NULL) {
+        CHECK(0, "launch %d ran an image that is not an embedded cubin", i);
+        return 0;
+    }
+    char list[1024];
+    snprintf(list, sizeof list, "%s", d->params);
+    int index = 0;
+    for (char *tok = strtok(list, ","); tok != NULL; tok = strtok(NULL, ","), index++) {
+        if (strcmp(tok, name) == 0) {
+            return l->params[index];
+        }
+    }
+    CHECK(0, "launch %d (%s) has no parameter %s", i, l->name, name);
+    return 0;
+}
+
+static int32_t param_i32(int i, const char *name) { return (int32_t)(uint32_t)param(i, name); }
+
+static float param_f32(int i, const char *name) {
+    uint32_t bits = (uint32_t)param(i, name);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void expect_launch(int i, const char *name, int arch, const char *site, unsigned g0, unsigned g1, unsigned g2) {
+    CHECK(i < fake_log->num_launches, "launch %d missing (%d launches)", i, fake_log->num_launches);
+    if (i >= fake_log->num_launches) {
+        return;
+    }
+    const fake_cuda_launch *l = &fake_log->launches[i];
+    const fastlora_kernel_desc *d = desc_of(l->image);
+    CHECK(d != NULL && strcmp(l->name, name) == 0 && d->arch == arch && strcmp(d->site, site) == 0,
+          "launch %d is %s (sm_%d %s), want %s sm_%d %s", i, l->name, d ? d->arch : -1, d ? d->site : "?", name, arch,
+          site);
+    CHECK(l->grid[0] == g0 && l->grid[1] == g1 && l->grid[2] == g2,
+          "launch %d (%s) grid (%u, %u, %u), want (%u, %u, %u)", i, name, l->grid[0], l->grid[1], l->grid[2], g0, g1,
+          g2);
+    if (d != NULL) {
+        CHECK(l->block[0] == 32u * (unsigned)d->num_warps && l->block[1] == 1 && l->shared == (unsigned)d->shared_bytes,
+              "launch %d: block %u, shared %u for %d warps and %d bytes", i, l->block[0], l->shared, d->num_warps,
+              d->shared_bytes);
+        CHECK(l->num_params == d->num_params, "launch %d: %d parameters recorded, %d declared", i, l->num_params,
+              d->num_params);
+        CHECK(strstr(d->params, "scratch") == NULL || l->params[d->num_params - 1] == 0,
+              "launch %d: the scratch pointer is not null", i);
+    }
+}
+
+static int test_fake_driver(const char *path) {
+    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (lib == NULL) {
+        fprintf(stderr, "cannot load the fake driver %s: %s\n", path, dlerror());
+        return 1;
+    }
+    fake_cuda_log_fn get_log;
+    fake_cuda_param_counts_fn set_counts;
+    void *sym = dlsym(lib, "fake_cuda_get_log");
+    memcpy(&get_log, &sym, sizeof sym);
+    sym = dlsym(lib, "fake_cuda_set_param_counts");
+    memcpy(&set_counts, &sym, sizeof sym);
+    if (get_log == NULL || set_counts == NULL) {
+        fprintf(stderr, "%s is not the fake driver\n", path);
+        return 1;
+    }
+    fake_log = get_log();
+    int n = fastlora_kernel_count();
+    const void **images = calloc((size_t)n, sizeof *images);
+    int *counts = calloc((size_t)n, sizeof *counts);
+    for (int i = 0; i < n; i++) {
+        fastlora_kernel_desc d;
+        fastlora_kernel_info(i, &d);
+        images[i] = d.cubin;
+        counts[i] = d.num_params;
+    }
+    set_counts(images, counts, n);
+    setenv("FAKE_CUDA_CC", "90", 1);
+    expect(fastlora_driver_status(), FASTLORA_STATUS_OK, NULL, "fake driver loads");
+
+    /* One pass: M = 5, N = 96 -> 1 x 2 tiles of 16 x 64; rank 8 takes the rank-16 kernel. */
+    void *stream = (void *)(uintptr_t)0x5eed;
+    expect(fastlora_lora_forward(stream, FASTLORA_DTYPE_BF16, 5, 96, 64, 8, DEV(1), 80, DEV(2), 64, DEV(6), DEV(3),
+                                 DEV(4), 0.5f, DEV(5), 96, NULL, 0),
+           FASTLORA_STATUS_OK, NULL, "one-pass forward");
+    expect_launch(0, "_lora_onepass_kernel", 90, "fwd", 2, 1, 1);
+    CHECK(desc_of(fake_log->launches[0].image)->rank_tile == 16 && desc_of(fake_log->launches[0].image)->dtype == 1,
+          "one-pass variant");
+    CHECK(fake_log->launches[0].stream == stream, "the caller's stream");
+    CHECK(param(0, "x_ptr") == (uintptr_t)DEV(1) && param(0, "wt_ptr") == (uintptr_t)DEV(2) &&
+              param(0, "at_ptr") == (uintptr_t)DEV(3) && param(0, "bt_ptr") == (uintptr_t)DEV(4) &&
+              param(0, "y_ptr") == (uintptr_t)DEV(5) && param(0, "bias_ptr") == (uintptr_t)DEV(6),
+          "one-pass pointers");
+    CHECK(param_i32(0, "M") == 5 && param_i32(0, "N") == 96 && param_i32(0, "K") == 64 && param_i32(0, "R") == 8,
+          "one-pass sizes");
+    CHECK(param_i32(0, "stride_xm") == 80 && param_i32(0, "stride_wn") == 64 && param_i32(0, "stride_ar") == 64 &&
+              param_i32(0, "stride_bn") == 8 && param_i32(0, "stride_ym") == 96,
+          "one-pass strides");
+    CHECK(param_f32(0, "scaling") == 0.5f && param_f32(0, "keep_scale") == 1.0f &&
+              param_i32(0, "threshold") == INT32_MIN,
+          "one-pass scalars (no dropout)");
+    int loads = fake_log->module_loads;
+    expect(fastlora_lora_forward(stream, FASTLORA_DTYPE_BF16, 7, 96, 64, 8, DEV(1), 80, DEV(2), 64, DEV(6), DEV(3),
+                                 DEV(4), 0.5f, DEV(5), 96, NULL, 0),
+           FASTLORA_STATUS_OK, NULL, "second one-pass forward");
+    CHECK(fake_log->module_loads == loads, "a kernel is loaded once per context (%d loads, then %d)", loads,
+          fake_log->module_loads);
+
+    /* Rank 40 takes the rank-64 one-pass kernel, whose 72 KiB of shared memory need the opt-in. */
+    fake_log->num_launches = 0;
+    expect(fastlora_lora_forward(NULL, FASTLORA_DTYPE_FP16, 33, 160, 128, 40, DEV(1), 128, DEV(2), 128, NULL, DEV(3),
+                                 DEV(4), 1.f, DEV(5), 160, NULL, 0),
+           FASTLORA_STATUS_OK, NULL, "rank-64 one-pass forward");
+    expect_launch(0, "_lora_onepass_kernel", 90, "fwd_nobias", 3 * 3, 1, 1);
+    CHECK(fake_log->shared_optins > 0 && fake_log->last_optin_bytes > 49152, "shared-memory opt-in (%d, %d bytes)",
+          fake_log->shared_optins, fake_log->last_optin_bytes);
+
+    /* Shrink, then GEMM: M = 1000 -> 16 row tiles; N = 128 with 64 x 64 tiles (too few 128 x 128 tiles). */
+    fake_log->num_launches = 0;
+    size_t ws = 0;
+    fastlora_lora_forward_workspace_size(FASTLORA_DTYPE_FP16, 1000, 128, 64, 8, &ws);
+    expect(fastlora_lora_forward(NULL, FASTLORA_DTYPE_FP16, 1000, 128, 64, 8, DEV(1), 64, DEV(2), 64, NULL, DEV(3),
+                                 DEV(4), 0.25f, DEV(5), 128, DEV(9), ws),
+           FASTLORA_STATUS_OK, NULL, "split forward");
+    CHECK(fake_log->num_launches == 2, "split forward: %d launches", fake_log->num_launches);
+    expect_launch(0, "_lora_shrink_kernel", 90, "fwd", 16, 1, 1);
+    expect_launch(1, "_lora_expand_kernel", 90, "fwd_nobias", 16 * 2, 1, 1);
+    CHECK(param(0, "out_ptr") == (uintptr_t)DEV(9) && param(1, "l_ptr") == (uintptr_t)DEV(9),
+          "xs goes through the workspace");
+    CHECK(param_f32(0, "scale") == 0.25f && param_i32(0, "stride_wr") == 64 && param_i32(1, "stride_rn") == 8,
+          "split forward arguments");
+    /* Large M and N take the 128 x 128 tiles. */
+    fake_log->num_launches = 0;
+    fastlora_lora_forward_workspace_size(FASTLORA_DTYPE_FP16, 4096, 4096, 4096, 16, &ws);
+    expect(fastlora_lora_forward(NULL, FASTLORA_DTYPE_FP16, 4096, 4096, 4096, 16, DEV(1), 4096, DEV(2), 4096, DEV(6),
+                                 DEV(3), DEV(4), 1.f, DEV(5), 4096, DEV(9), ws),
+           FASTLORA_STATUS_OK, NULL, "large forward");
+    expect_launch(1, "_lora_expand_kernel", 90, "fwd", 32 * 32, 1, 1);
+
+    /* Backward at M = 300: xs, dxa, dx, then dA and dB split over 3 chunks of 128 tokens and reduced. */
+    fake_log->num_launches = 0;
+    int memsets = fake_log->memsets;
+    fastlora_lora_backward_workspace_size(FASTLORA_DTYPE_FP16, 300, 160, 128, 24, &ws);
+    expect(fastlora_lora_backward(NULL, FASTLORA_DTYPE_FP16, 300, 160, 128, 24, DEV(1), 160, DEV(2), 128, DEV(3), 128,
+                                  DEV(4), DEV(5), 2.f, DEV(6), 128, DEV(7), DEV(8), DEV(9), ws),
+           FASTLORA_STATUS_OK, NULL, "backward");
+    CHECK(fake_log->num_launches == 7, "backward: %d launches", fake_log->num_launches);
+    expect_launch(0, "_lora_shrink_kernel", 90, "fwd", 5, 1, 1);
+    expect_launch(1, "_lora_shrink_kernel", 90, "bwd", 5, 1, 1);
+    expect_launch(2, "_lora_expand_kernel", 90, "bwd", 3, 1, 1); /* only 128 x 128 tiles are built for it */
+    expect_launch(3, "_lora_wgrad_kernel", 90, "dA", 2, 1, 3);
+    expect_launch(4, "_lora_wgrad_kernel", 90, "dB", 3, 1, 3);
+    expect_launch(5, "_lora_wgrad_kernel", 90, "reduce", (24 * 128 + 63) / 64, 1, 1);
+    expect_launch(6, "_lora_wgrad_kernel", 90, "reduce", (160 * 24 + 63) / 64, 1, 1);
+    CHECK(param_i32(1, "K") == 160 && param_i32(1, "stride_wk") == 24, "dxa = s·dy·B reads B [N, r]");
+    CHECK(param_i32(2, "N") == 128 && param_i32(2, "K") == 160 && param_i32(2, "stride_wk") == 128 &&
+              param(2, "out_ptr") == (uintptr_t)DEV(6),
+          "dx = dy·W0 + dxa·A");
+    CHECK(param_i32(3, "chunk") == 128 && param_i32(4, "stride_oq") == 24 && param(5, "out_ptr") == (uintptr_t)DEV(7) &&
+              param(6, "out_ptr") == (uintptr_t)DEV(8),
+          "weight gradients");
+    CHECK(param(3, "out_ptr") == param(5, "v_ptr") && param(4, "out_ptr") == param(6, "v_ptr") &&
+              param(5, "u_ptr") == fake_log->memset_dst && fake_log->memset_value == 0x3f800000u &&
+              fake_log->memset_count == 3 && fake_log->launches[5].memsets_before > memsets,
+          "the split partials are reduced as onesᵀ·P with ones filled first");
+
+    /* sm_86 runs the sm_80 cubins; sm_75 has none; no current context is an error that says so. */
+    fake_log->num_launches = 0;
+    setenv("FAKE_CUDA_CC", "86", 1);
+    expect(fastlora_lora_forward(NULL, FASTLORA_DTYPE_FP16, 5, 96, 64, 8, DEV(1), 64, DEV(2), 64, NULL, DEV(3), DEV(4),
+                                 1.f, DEV(5), 96, NULL, 0),
+           FASTLORA_STATUS_OK, NULL, "sm_86");
+    expect_launch(0, "_lora_onepass_kernel", 80, "fwd_nobias", 2, 1, 1);
+    setenv("FAKE_CUDA_CC", "75", 1);
+    expect(fastlora_lora_forward(NULL, FASTLORA_DTYPE_FP16, 5, 96, 64, 8, DEV(1), 64, DEV(2), 64, NULL, DEV(3), DEV(4),
+                                 1.f, DEV(5), 96, NULL, 0),
+           FASTLORA_STATUS_NO_KERNEL_FOR_DEVICE, "7.5", "sm_75");
+    setenv("FAKE_CUDA_CC", "0", 1);
+    expect(fastlora_lora_forward(NULL, FASTLORA_DTYPE_FP16, 5, 96, 64, 8, DEV(1), 64, DEV(2), 64, NULL, DEV(3), DEV(4),
+                                 1.f, DEV(5), 96, NULL, 0),
+           FASTLORA_STATUS_CUDA_ERROR, "no CUDA context", "no context");
+    setenv("FAKE_CUDA_CC", "90", 1);
+    setenv("FAKE_CUDA_FAIL_LAUNCH", "1", 1);
+    expect(fastlora_lora_forward(NULL, FASTLORA_DTYPE_FP16, 5, 96, 64, 8, DEV(1), 64, DEV(2), 64, NULL, DEV(3), DEV(4),
+                                 1.f, DEV(5), 96, NULL, 0),
+           FASTLORA_STATUS_CUDA_ERROR, "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES", "launch failure");
+    unsetenv("FAKE_CUDA_FAIL_LAUNCH");
+    free(images);
+    free(counts);
+    return failures ? 1 : 0;
+}
+
 /* ------------------------------------------------------------------------------------------------ GPU */
 
 typedef struct gpu {
@@ -328,7 +540,8 @@ static void gpu_case(int dtype, int64_t M, int64_t N, int64_t K, int64_t r, int 
     float *x = malloc(nx * 4), *w = malloc(nw * 4), *a = malloc(na * 4), *b = malloc(nb * 4);
     float *bias = malloc((size_t)N * 4), *dy = malloc(ny * 4), *got = malloc((nx > ny ? nx : ny) * 4);
     float *dA = malloc(na * 4), *dB = malloc(nb * 4);
-    double *ref = malloc((nx > ny ? nx : ny) * 8), *xs = malloc((size_t)(M * r) * 8), *dxa = malloc((size_t)(M * r) * 8);
+    double *ref = malloc((nx > ny ? nx : ny) * 8);
+    double *xs = malloc((size_t)(M * r) * 8), *dxa = malloc((size_t)(M * r) * 8);
     double *refA = malloc(na * 8), *refB = malloc(nb * 8);
     fill(dtype, hx, x, nx, 1.f);
     fill(dtype, hw, w, nw, 1.f / sqrtf((float)K));
@@ -511,9 +724,12 @@ int main(int argc, char **argv) {
     if (argc >= 3 && strcmp(argv[1], "manifest") == 0) {
         return test_manifest(argv[2]);
     }
+    if (argc >= 3 && strcmp(argv[1], "fake-driver") == 0) {
+        return test_fake_driver(argv[2]);
+    }
     if (argc >= 2 && strcmp(argv[1], "gpu") == 0) {
         return test_gpu();
     }
-    fprintf(stderr, "usage: %s arguments | no-driver | manifest FILE | gpu\n", argv[0]);
+    fprintf(stderr, "usage: %s arguments | no-driver | manifest FILE | fake-driver LIB | gpu\n", argv[0]);
     return 2;
 }
