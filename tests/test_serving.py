@@ -14,7 +14,8 @@ import threading
 import pytest
 import torch
 from test_serving_helpers import IDS, TARGETS, assert_logits_close, expected_rows, oracle_logits, random_adapter
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import HIDDEN, tiny_gpt2, tiny_llama
+from tolerances import assert_close
 
 from fastlora.layers import MultiLoraLinear
 from fastlora.serving import MultiLoraModel, UnknownAdapterError
@@ -248,3 +249,18 @@ def test_concurrent_generates_in_threads_each_use_their_own_rows(peft_adapters, 
     if errors:
         raise errors[0]
     assert sorted(results) == [0, 1, 2] and mm.pool.pinned == {}
+
+
+@pytest.mark.parametrize("pool_dtype", [None, torch.float32], ids=["pool in the model dtype", "fp32 pool"])
+def test_bf16_model(peft_adapters, monkeypatch, pool_dtype):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    _, dirs = peft_adapters
+    mm = MultiLoraModel(tiny_llama().to(torch.bfloat16), TARGETS, max_adapters=2, max_rank=16, dtype=pool_dtype)
+    mm.load_adapter("chat", dirs["chat"])
+    assert mm.pool.dtype == (pool_dtype or torch.bfloat16)
+    ids = IDS[:2]
+    logits = mm(ids, adapter_names=["chat", None]).logits.float()
+    expected = torch.stack(
+        [oracle_logits(tiny_llama, dirs["chat"], ids)[0], oracle_logits(tiny_llama, None, ids)[1]]
+    ).double()
+    assert_close(logits, expected, torch.bfloat16, reduce_len=4 * HIDDEN, name=f"bf16 model, {mm.pool.dtype} pool")
