@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import triton
 
-from .kernels import expand, onepass, shrink, wgrad
+from .kernels import expand, multi_lora, onepass, shrink, wgrad
 from .kernels._common import SMEM_LIMIT
 
 ARCHS = (80, 90)
@@ -33,7 +33,7 @@ class Site:
     """One way a launcher calls a kernel: its pointer dtypes (by role), its unit strides, its switches."""
 
     name: str
-    pointers: dict[str, str]  # argument -> "act" | "lora" | "fp32" | "i64"
+    pointers: dict[str, str]  # argument -> "act" | "lora" | "fp32" | "i32" | "i64"
     unit_strides: tuple[str, ...]  # strides equal to 1, which Triton specialises as constants
     constexprs: dict[str, object]
 
@@ -118,12 +118,49 @@ def kernel_specs() -> list[KernelSpec]:
         ),
         wgrad.config_ok,
     )  # fmt: skip
-    return [shrink_spec, expand_spec, onepass_spec, wgrad_spec]
+    meta_ptrs = {"sorted_ids_ptr": "i32", "seg_offsets_ptr": "i32", "seg_slots_ptr": "i32", "ranks_ptr": "i32",
+                 "scalings_ptr": "fp32", "token_scales_ptr": "fp32", "token_slots_ptr": "i32"}  # fmt: skip
+    multi_shrink_spec = KernelSpec(
+        "multi_lora_shrink",
+        multi_lora._multi_shrink_kernel.fn,
+        multi_lora._shrink_gpu_configs(),
+        tuple(
+            Site(name, {"x_ptr": "act", "a_ptr": "lora", "xa_ptr": "fp32", **meta_ptrs},
+                 ("stride_xk", "stride_ak", "stride_or"), {**common, "SPLIT_K": split_k, "BLOCK_R": block_r})
+            for name, split_k, block_r in (("decode r<=16 split 8", 8, 16), ("prefill r<=64", 1, 64))
+        ),
+        multi_lora.shrink_config_ok,
+    )  # fmt: skip
+    multi_expand_spec = KernelSpec(
+        "multi_lora_expand",
+        multi_lora._multi_expand_kernel.fn,
+        multi_lora._expand_gpu_configs(),
+        (
+            Site("y+=c·xa·Bᵀ", {"xa_ptr": "fp32", "b_ptr": "lora", "y_ptr": "act", **meta_ptrs},
+                 ("stride_or", "stride_br", "stride_yn"), {**common, "HAS_TOKEN_SCALES": True}),
+        ),
+        multi_lora.expand_config_ok,
+    )  # fmt: skip
+    fused_ptrs = {"x_ptr": "act", "wt_ptr": "act", "bias_ptr": "act", "xa_ptr": "fp32", "b_ptr": "lora",
+                  "y_ptr": "act", **meta_ptrs}  # fmt: skip
+    multi_fused_spec = KernelSpec(
+        "multi_lora_fused",
+        multi_lora._multi_fused_kernel.fn,
+        multi_lora._fused_gpu_configs(),
+        (
+            Site("decode W0 [N,K] split 8", fused_ptrs, ("stride_xk", "stride_wk", "stride_or", "stride_br", "stride_yn"),
+                 {**common, "HAS_BIAS": True, "HAS_TOKEN_SCALES": True, "SPLIT_K": 8}),
+            Site("decode W0 [K,N] split 1", fused_ptrs, ("stride_xk", "stride_wn", "stride_or", "stride_br", "stride_yn"),
+                 {**common, "HAS_BIAS": True, "HAS_TOKEN_SCALES": False, "SPLIT_K": 1}),
+        ),
+        multi_lora.fused_config_ok,
+    )  # fmt: skip
+    return [shrink_spec, expand_spec, onepass_spec, wgrad_spec, multi_shrink_spec, multi_expand_spec, multi_fused_spec]
 
 
 def _signature(spec: KernelSpec, site: Site, act: str, lora: str, config) -> tuple[dict, dict, dict]:
     """Triton signature, constexprs and alignment attributes for one compile, as the JIT would build them."""
-    roles = {"act": act, "lora": lora, "fp32": "fp32", "i64": "i64"}
+    roles = {"act": act, "lora": lora, "fp32": "fp32", "i32": "i32", "i64": "i64"}
     constexprs = {**site.constexprs, **config.kwargs}
     signature, attrs = {}, {}
     for index, arg in enumerate(spec.fn.arg_names):
