@@ -55,6 +55,8 @@ static void load(void) {
     if (!ok) {
         return;
     }
+    void *get_id = dlsym(lib, "cuCtxGetId");
+    memcpy(&driver.cuCtxGetId, &get_id, sizeof get_id);
     CUresult result = driver.cuInit(0);
     if (result != CUDA_SUCCESS) {
         char buf[256];

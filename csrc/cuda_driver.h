@@ -34,6 +34,8 @@ typedef struct fl_cuda {
                                unsigned int by, unsigned int bz, unsigned int shared_bytes, CUstream stream,
                                void **params, void **extra);
     CUresult (*cuMemsetD32Async)(CUdeviceptr dst, unsigned int value, size_t count, CUstream stream);
+    /* Optional (CUDA 12.0+, else NULL): a context's process-unique id, which a re-created context does not reuse. */
+    CUresult (*cuCtxGetId)(CUcontext ctx, unsigned long long *id);
 } fl_cuda;
 
 /* The loaded driver, or NULL with `error` (at least 256 bytes) saying why: no libcuda.so.1, a missing symbol, or

@@ -144,3 +144,9 @@ FAKE_API int cuLaunchKernel(void *fn, unsigned gx, unsigned gy, unsigned gz, uns
     }
     return 0;
 }
+
+/* Context ids as CUDA 12 reports them; the fake's contexts are one per compute capability. */
+FAKE_API int cuCtxGetId(void *ctx, unsigned long long *id) {
+    *id = 7000 + (unsigned long long)(uintptr_t)ctx;
+    return 0;
+}
