@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("bench", help="run the benchmark suites; write results.json, results.md and plots")
-    p.add_argument("--suite", choices=[*bench.SUITES, "all"], default="linear",
-                   help="which suite to run (default: linear); the others' results already in the folder are kept")  # fmt: skip
+    p.add_argument("--suite", choices=[*bench.SUITES, "all"], default="all",
+                   help="which suite to run (default: all); the others' results already in the folder are kept")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few cases only: a smoke test of the suite")
     p.add_argument("--out", help="output folder (default: benchmarks/results/<device>/)")
     p.set_defaults(func=_bench)

@@ -93,7 +93,7 @@ def write_results(rows: list[dict], out_dir: str | Path, merge: bool = True) -> 
 
 
 def run(
-    suite: str = "linear", quick: bool = False, out: str | Path | None = None, progress: bool = True
+    suite: str = "all", quick: bool = False, out: str | Path | None = None, progress: bool = True
 ) -> tuple[list[dict], Written]:
     """Run ``suite`` (a key of ``SUITES``, or ``"all"``) on this machine's device and write the results into ``out``
     (default ``benchmarks/results/<device_slug>/``); returns the rows measured and the files written."""

@@ -1,7 +1,7 @@
 """What every suite shares: the device and its environment, timing, peak memory, progress, and the ``Suite`` record.
 
-Timing: on CUDA, ``triton.testing.do_bench`` (25 ms of warm-up, repetitions for about 100 ms, L2 flushed before each
-by writing a 256 MB buffer, CUDA events around each call); on CPU, ``torch.utils.benchmark.Timer.blocked_autorange``
+Timing: on CUDA, ``triton.testing.do_bench`` (25 ms of warm-up, repetitions for about 100 ms and at least 10, L2
+flushed before each by writing a 256 MB buffer, CUDA events around each call); on CPU, ``torch.utils.benchmark.Timer.blocked_autorange``
 after one warm-up call. Both give the median and the 20% / 80% quantiles in milliseconds.
 
 Peak memory of a step: the most bytes allocated at once during the call, above what was allocated when it started.
@@ -31,8 +31,8 @@ from ..ops import resolve_backend
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_DISCLAIMER = (
-    "CPU figures (torch backend) say nothing about kernel speed; they prove the suites run. "
-    "Bytes saved for backward are exact on any device."
+    "CPU figures (torch backend) say nothing about kernel speed, nor about the kernels' peak memory; they prove the "
+    "suites run. Bytes saved for backward are counted exactly on any device."
 )
 QUANTILES = (0.5, 0.2, 0.8)
 ENV_KEYS = ("device", "device_type", "torch", "triton", "fastlora", "cuda", "backend", "timestamp", "quick")
@@ -128,13 +128,19 @@ def with_backend(fn: Callable[[], object], backend: str) -> Callable[[], object]
 # ----------------------------------------------------------------------------------------------- measuring
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> tuple[float, float, float]:
+def time_ms(
+    fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5, min_reps: int = 10
+) -> tuple[float, float, float]:
     """``(median, 20% quantile, 80% quantile)`` of one call of ``fn`` in milliseconds. ``min_run_time`` (seconds of
-    repetitions) applies on CPU; on CUDA ``do_bench`` repeats for about 100 ms after 25 ms of warm-up."""
+    repetitions) applies on CPU. On CUDA ``do_bench`` warms up for 25 ms and repeats for 100 ms, or for ``min_reps``
+    calls when a call is slower than 100 ms / ``min_reps`` (a training step of a large model), so that the
+    quantiles are never those of a handful of samples."""
     if device.type == "cuda":
         import triton.testing
 
-        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES)))
+        estimate = triton.testing.do_bench(fn, warmup=0, rep=1, return_mode="median")  # also a first warm-up
+        rep = max(100.0, min_reps * estimate)
+        return tuple(triton.testing.do_bench(fn, warmup=max(25.0, estimate), rep=rep, quantiles=list(QUANTILES)))
     from torch.utils.benchmark import Timer
 
     fn()  # warm-up: first calls pay for lazy initialisation
