@@ -156,6 +156,16 @@ static fastlora_status grid_of(const fl_launch *l, const fl_kernel *k, unsigned 
         g[1] = cdiv(l->grid_r, k->block_r);
         g[2] = l->grid_split;
         break;
+    case FL_GRID_SEGMENTS_BY_RANK:
+        g[0] = l->grid_split;
+        g[1] = cdiv(l->grid_m, k->block_m);
+        g[2] = cdiv(l->grid_r, k->block_r);
+        break;
+    case FL_GRID_SEGMENTS_BY_COLS:
+        g[0] = l->grid_split;
+        g[1] = cdiv(l->grid_m, k->block_m);
+        g[2] = cdiv(l->grid_n, k->block_n);
+        break;
     default:
         return fail(FASTLORA_STATUS_UNSUPPORTED, "%s: unknown grid rule %d", k->name, k->grid);
     }
@@ -771,48 +781,116 @@ static fastlora_status check_meta(const fastlora_batch_meta *meta, int64_t r_max
                     (long long)meta->num_tokens, (long long)meta->num_slots, (long long)meta->num_segments,
                     (long long)meta->max_segment_len, (long long)meta->max_rank, (long long)r_max);
     }
-    const fl_ptr_arg ptrs[] = {{"meta->sorted_token_ids", meta->sorted_token_ids, meta->num_segments == 0},
-                               {"meta->seg_offsets", meta->seg_offsets, 0},
-                               {"meta->seg_slots", meta->seg_slots, meta->num_segments == 0},
-                               {"meta->slot_ranks", meta->slot_ranks, 0},
-                               {"meta->slot_scalings", meta->slot_scalings, 0}};
-    for (int i = 0; i < (int)(sizeof ptrs / sizeof ptrs[0]); i++) {
-        if (ptrs[i].p == NULL && !ptrs[i].optional) {
-            return fail(FASTLORA_STATUS_INVALID_ARGUMENT, "%s must not be NULL", ptrs[i].name);
-        }
+    if (meta->num_segments > meta->num_tokens || meta->max_segment_len > meta->num_tokens ||
+        (meta->num_segments > 0 && meta->max_segment_len < 1)) {
+        return fail(FASTLORA_STATUS_INVALID_ARGUMENT,
+                    "meta: num_segments (%lld) and max_segment_len (%lld) must be in [1, num_tokens = %lld] (or both "
+                    "0 when no token uses an adapter)",
+                    (long long)meta->num_segments, (long long)meta->max_segment_len, (long long)meta->num_tokens);
     }
-    return FASTLORA_STATUS_OK;
+    int none = meta->num_segments == 0;
+    const fl_ptr_arg ptrs[] = {{"meta->sorted_token_ids", meta->sorted_token_ids, none},
+                               {"meta->seg_offsets", meta->seg_offsets, none},
+                               {"meta->seg_slots", meta->seg_slots, none},
+                               {"meta->slot_ranks", meta->slot_ranks, none},
+                               {"meta->slot_scalings", meta->slot_scalings, none},
+                               {"meta->token_scales", meta->token_scales, 1}};
+    return check_ptrs(ptrs, (int)(sizeof ptrs / sizeof ptrs[0]));
 }
 
-static fastlora_status multi_lora_unbuilt(void) {
-    return fail(FASTLORA_STATUS_UNSUPPORTED, "the multi-adapter kernels are not part of this build of fastlora_kernels "
-                                             "(declared in the API; see fastlora/aot.py)");
+/* Segment grids: (segments, token blocks of the longest segment, rank or column blocks). */
+static void plan_segments(fl_launch *l, const char *op, const char *site, int dtype, const fastlora_batch_meta *meta) {
+    memset(l, 0, sizeof *l);
+    l->op = op;
+    l->site = site;
+    l->dtype = dtype;
+    l->grid_split = meta->num_segments;
+    l->grid_m = meta->max_segment_len;
+    l->grid_r = meta->max_rank;
 }
 
 fastlora_status fastlora_multi_lora_shrink(void *stream, fastlora_dtype dtype, const fastlora_batch_meta *meta,
                                            int64_t K, int64_t r_max, const void *x, int64_t ldx, const void *a_pool,
                                            void *xa, int64_t ldxa) {
-    (void)stream;
     FL_TRY(check_dims(dtype, meta ? meta->num_tokens : 1, 1, K, r_max));
     FL_TRY(check_meta(meta, r_max));
     const fl_ptr_arg ptrs[] = {{"x", x, 0}, {"a_pool", a_pool, 0}, {"xa", xa, 0}};
     FL_TRY(check_ptrs(ptrs, 3));
     FL_TRY(check_ld("ldx", ldx, K, "K"));
-    FL_TRY(check_ld("ldxa", ldxa, r_max, "r_max"));
-    return multi_lora_unbuilt();
+    FL_TRY(check_ld("ldxa", ldxa, meta->max_rank, "meta->max_rank"));
+    if (meta->num_slots > INT32_MAX / (r_max * K) || meta->num_tokens > INT32_MAX / (ldxa > 0 ? ldxa : 1)) {
+        return fail(FASTLORA_STATUS_UNSUPPORTED, "the pool (num_slots * r_max * K) and xa (T * ldxa) must have "
+                                                 "fewer than 2^31 elements");
+    }
+    if (meta->num_segments == 0 || meta->max_rank == 0) {
+        return succeed(); /* no token uses an adapter */
+    }
+    fl_launch l;
+    plan_segments(&l, "multi_shrink", "seg", dtype, meta);
+    l.rank_tile = meta->max_rank <= 16 ? 16 : 64;
+    set_ptr(&l, FL_ARG_multi_lora_shrink_x_ptr, x);
+    set_ptr(&l, FL_ARG_multi_lora_shrink_a_ptr, a_pool);
+    set_ptr(&l, FL_ARG_multi_lora_shrink_xa_ptr, xa);
+    set_ptr(&l, FL_ARG_multi_lora_shrink_sorted_ids_ptr, meta->sorted_token_ids);
+    set_ptr(&l, FL_ARG_multi_lora_shrink_seg_offsets_ptr, meta->seg_offsets);
+    set_ptr(&l, FL_ARG_multi_lora_shrink_seg_slots_ptr, meta->seg_slots);
+    set_ptr(&l, FL_ARG_multi_lora_shrink_ranks_ptr, meta->slot_ranks);
+    set_i32(&l, FL_ARG_multi_lora_shrink_K, K);
+    set_i32(&l, FL_ARG_multi_lora_shrink_R, meta->max_rank);
+    set_i32(&l, FL_ARG_multi_lora_shrink_M_BUCKET, m_bucket(meta->max_segment_len));
+    set_i32(&l, FL_ARG_multi_lora_shrink_stride_xm, ldx);
+    set_i32(&l, FL_ARG_multi_lora_shrink_stride_xk, 1);
+    set_i32(&l, FL_ARG_multi_lora_shrink_stride_as, r_max * K);
+    set_i32(&l, FL_ARG_multi_lora_shrink_stride_ar, K);
+    set_i32(&l, FL_ARG_multi_lora_shrink_stride_ak, 1);
+    set_i32(&l, FL_ARG_multi_lora_shrink_stride_os, meta->num_tokens * ldxa);
+    set_i32(&l, FL_ARG_multi_lora_shrink_stride_om, ldxa);
+    set_i32(&l, FL_ARG_multi_lora_shrink_stride_or, 1);
+    FL_TRY(check_all(&l, 1));
+    return execute(&l, 1, stream);
 }
 
 fastlora_status fastlora_multi_lora_expand(void *stream, fastlora_dtype dtype, const fastlora_batch_meta *meta,
                                            int64_t N, int64_t r_max, const void *xa, int64_t ldxa, const void *b_pool,
                                            void *y, int64_t ldy) {
-    (void)stream;
     FL_TRY(check_dims(dtype, meta ? meta->num_tokens : 1, N, 1, r_max));
     FL_TRY(check_meta(meta, r_max));
     const fl_ptr_arg ptrs[] = {{"xa", xa, 0}, {"b_pool", b_pool, 0}, {"y", y, 0}};
     FL_TRY(check_ptrs(ptrs, 3));
-    FL_TRY(check_ld("ldxa", ldxa, r_max, "r_max"));
+    FL_TRY(check_ld("ldxa", ldxa, meta->max_rank, "meta->max_rank"));
     FL_TRY(check_ld("ldy", ldy, N, "N"));
-    return multi_lora_unbuilt();
+    if (meta->num_slots > INT32_MAX / (r_max * N) || meta->num_tokens > INT32_MAX / (ldxa > 0 ? ldxa : 1)) {
+        return fail(FASTLORA_STATUS_UNSUPPORTED, "the pool (num_slots * N * r_max) and xa (T * ldxa) must have "
+                                                 "fewer than 2^31 elements");
+    }
+    if (meta->num_segments == 0 || meta->max_rank == 0) {
+        return succeed();
+    }
+    fl_launch l;
+    plan_segments(&l, "multi_expand", meta->token_scales ? "seg_scales" : "seg", dtype, meta);
+    l.grid_n = N;
+    set_ptr(&l, FL_ARG_multi_lora_expand_xa_ptr, xa);
+    set_ptr(&l, FL_ARG_multi_lora_expand_b_ptr, b_pool);
+    set_ptr(&l, FL_ARG_multi_lora_expand_y_ptr, y);
+    set_ptr(&l, FL_ARG_multi_lora_expand_sorted_ids_ptr, meta->sorted_token_ids);
+    set_ptr(&l, FL_ARG_multi_lora_expand_seg_offsets_ptr, meta->seg_offsets);
+    set_ptr(&l, FL_ARG_multi_lora_expand_seg_slots_ptr, meta->seg_slots);
+    set_ptr(&l, FL_ARG_multi_lora_expand_ranks_ptr, meta->slot_ranks);
+    set_ptr(&l, FL_ARG_multi_lora_expand_scalings_ptr, meta->slot_scalings);
+    set_ptr(&l, FL_ARG_multi_lora_expand_token_scales_ptr,
+            meta->token_scales ? (const void *)meta->token_scales : (const void *)meta->slot_scalings);
+    set_i32(&l, FL_ARG_multi_lora_expand_N, N);
+    set_i32(&l, FL_ARG_multi_lora_expand_R, meta->max_rank);
+    set_i32(&l, FL_ARG_multi_lora_expand_M_BUCKET, m_bucket(meta->max_segment_len));
+    set_i32(&l, FL_ARG_multi_lora_expand_stride_om, ldxa);
+    set_i32(&l, FL_ARG_multi_lora_expand_stride_or, 1);
+    set_i32(&l, FL_ARG_multi_lora_expand_stride_bs, N * r_max);
+    set_i32(&l, FL_ARG_multi_lora_expand_stride_bn, r_max);
+    set_i32(&l, FL_ARG_multi_lora_expand_stride_br, 1);
+    set_i32(&l, FL_ARG_multi_lora_expand_stride_ym, ldy);
+    set_i32(&l, FL_ARG_multi_lora_expand_stride_yn, 1);
+    FL_TRY(check_all(&l, 1));
+    return execute(&l, 1, stream);
 }
 
 /* ------------------------------------------------------------------------------------------------ introspection */

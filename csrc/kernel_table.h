@@ -10,8 +10,16 @@ enum { FL_PARAM_PTR = 0, FL_PARAM_I32 = 1, FL_PARAM_F32 = 2 };
 /* Grid rules, matching the Python launchers:
  *   FL_GRID_TILES_MN     (cdiv(M, block_m) * cdiv(N, block_n), 1, 1)      onepass, expand
  *   FL_GRID_ROWS_BY_RANK (cdiv(M, block_m), cdiv(R, block_r), 1)          shrink
- *   FL_GRID_WGRAD        (cdiv(Q, block_n), cdiv(R, block_r), split)      wgrad */
-enum { FL_GRID_TILES_MN = 0, FL_GRID_ROWS_BY_RANK = 1, FL_GRID_WGRAD = 2 };
+ *   FL_GRID_WGRAD        (cdiv(Q, block_n), cdiv(R, block_r), split)      wgrad
+ *   FL_GRID_SEGMENTS_BY_RANK (S, cdiv(max_segment_len, block_m), cdiv(R, block_r))   multi-adapter shrink
+ *   FL_GRID_SEGMENTS_BY_COLS (S, cdiv(max_segment_len, block_m), cdiv(N, block_n))   multi-adapter expand */
+enum {
+    FL_GRID_TILES_MN = 0,
+    FL_GRID_ROWS_BY_RANK = 1,
+    FL_GRID_WGRAD = 2,
+    FL_GRID_SEGMENTS_BY_RANK = 3,
+    FL_GRID_SEGMENTS_BY_COLS = 4
+};
 
 /* Argument index 255 in `params` marks a trailing scratch pointer that Triton appends; it is passed as null. */
 #define FL_SCRATCH_PARAM 255

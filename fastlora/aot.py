@@ -20,10 +20,15 @@ What is declared (``VARIANTS``), for activation dtypes fp16 and bf16 and LoRA we
 | expand | bwd: ``dx = dy·W0 + dxa·A`` | ``_lora_expand_kernel`` | backward |
 | wgrad | dA: ``dxaᵀ·x``; dB: ``(xsᵀ·dy)ᵀ`` written as ``[N, r]`` | ``_lora_wgrad_kernel`` | backward |
 | wgrad | reduce (fp32): the split partials summed as ``onesᵀ·P`` | ``_lora_wgrad_kernel`` | backward, large M |
+| multi_shrink | seg: ``xa[t] = x[t]·A_sᵀ``, rank tile 16 / 64 | ``_multi_shrink_kernel`` | many adapters |
+| multi_expand | seg / seg_scales: ``y[t] += round(c[t]·xa[t])·B_sᵀ`` | ``_multi_expand_kernel`` | many adapters |
 
-No dropout (the C API serves inference and dropout-free fine-tuning). Each site fixes, as the static check does:
+That is 70 compiles for two archs (about 40 s on two cores). No dropout (the C API serves inference and
+dropout-free fine-tuning); no fused multi-adapter decode kernel (engines run their own base GEMM, then the
+segmented shrink and expand). Each site fixes, as the static check does:
 
-- unit strides (``x``, ``y``, ``W0`` ``[N, K]``, ``A`` ``[r, K]`` and ``B`` ``[N, r]`` row-major) as ``constexpr 1``;
+- unit strides (``x``, ``y``, ``W0`` ``[N, K]``, ``A`` ``[r, K]``, ``B`` ``[N, r]`` and the pools row-major) as
+  ``constexpr 1``;
 - 16-element divisibility of the other strides and of ``K`` / ``N`` (``tt.divisibility`` 16, as the JIT would
   assume), except the strides that equal the rank (``free_ints``), which may be anything;
 - 16-byte aligned pointers.
@@ -57,7 +62,7 @@ DTYPES = ("fp16", "bf16")
 # C enum values of ``fastlora_dtype`` in include/fastlora_kernels.h.
 DTYPE_ENUM = {"fp16": 0, "bf16": 1, "fp32": 2}
 # Grid rules of the C launchers (``fl_grid`` in csrc/kernel_table.h).
-GRIDS = {"tiles_mn": 0, "rows_by_rank": 1, "wgrad": 2}
+GRIDS = {"tiles_mn": 0, "rows_by_rank": 1, "wgrad": 2, "segments_by_rank": 3, "segments_by_cols": 4}
 _PTX_TYPES = {"*": ".u64", "i32": ".u32", "fp32": ".f32"}
 _ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -87,9 +92,15 @@ _SHRINK_PTRS = {"x_ptr": "act", "wt_ptr": "lora", "out_ptr": "lora", "seed_ptr":
 _EXPAND_PTRS = {"x_ptr": "act", "wt_ptr": "act", "l_ptr": "lora", "rt_ptr": "lora", "bias_ptr": "act",
                 "out_ptr": "act", "seed_ptr": "i64"}  # fmt: skip
 _WGRAD_PTRS = {"u_ptr": "lora", "v_ptr": "act", "out_ptr": "fp32", "seed_ptr": "i64"}
+_META_PTRS = {"sorted_ids_ptr": "i32", "seg_offsets_ptr": "i32", "seg_slots_ptr": "i32", "ranks_ptr": "i32"}
+_MULTI_SHRINK_PTRS = {"x_ptr": "act", "a_ptr": "lora", "xa_ptr": "fp32", **_META_PTRS}
+_MULTI_EXPAND_PTRS = {"xa_ptr": "fp32", "b_ptr": "lora", "y_ptr": "act", "scalings_ptr": "fp32",
+                      "token_scales_ptr": "fp32", **_META_PTRS}  # fmt: skip
 # Tile configs, by index into each kernel's GPU list: onepass (16, 64, 64) w4 s5; shrink (64, 64) w4 s4;
-# expand (128, 128, 64) w8 s4 for large M and (64, 64, 64) w4 s4 below; wgrad (64, 64) w4 s4.
+# expand (128, 128, 64) w8 s4 for large M and (64, 64, 64) w4 s4 below; wgrad (64, 64) w4 s4; multi-adapter
+# shrink (32, 128) w4 s4 and expand (32, 128, 16) w4 s3, sized for segments of a few to a few hundred tokens.
 _ONEPASS_CFG, _SHRINK_CFG, _EXPAND_CFGS, _WGRAD_CFG = 3, 1, (0, 4), 0
+_MULTI_SHRINK_CFG, _MULTI_EXPAND_CFG = 2, 1
 
 
 def _onepass(rank_tile: int, bias: bool) -> Variant:
@@ -130,6 +141,15 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("wgrad", "reduce", "lora_wgrad", {**_WGRAD_PTRS, "v_ptr": "fp32"}, ("stride_um", "stride_ur", "stride_vq",
             "stride_oq"), (), {**_NO_DROPOUT, "BLOCK_R": 16, "PRECISION": "ieee"}, _WGRAD_CFG, "wgrad",
             dtypes=("fp32",), precision="ieee"),
+    # Many adapters: xa [T, R] = x·A_sᵀ per segment (fp32, unscaled), then y += round(c·xa)·B_sᵀ. Pools are
+    # a_pool [slots, r_max, K] and b_pool [slots, N, r_max], contiguous; xa's row stride and r_max may be anything.
+    *(Variant("multi_shrink", "seg", "multi_lora_shrink", _MULTI_SHRINK_PTRS, ("stride_xk", "stride_ak", "stride_or"),
+              ("stride_os", "stride_om"), {"UPCAST": False, "SPLIT_K": 1, "BLOCK_R": rank_tile}, _MULTI_SHRINK_CFG,
+              "segments_by_rank", rank_tile=rank_tile) for rank_tile in (16, 64)),
+    *(Variant("multi_expand", "seg_scales" if scales else "seg", "multi_lora_expand", _MULTI_EXPAND_PTRS,
+              ("stride_or", "stride_br", "stride_yn"), ("stride_om", "stride_bn"),
+              {"UPCAST": False, "HAS_TOKEN_SCALES": scales}, _MULTI_EXPAND_CFG, "segments_by_cols")
+      for scales in (False, True)),
 )  # fmt: skip
 
 

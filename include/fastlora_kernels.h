@@ -105,9 +105,15 @@ FASTLORA_API fastlora_status fastlora_lora_backward(void *stream, fastlora_dtype
 
 /*
  * Multi-adapter batches: every token may use a different adapter (or none) from a pool of slots,
- *   a_pool [num_slots, r_max, K] and b_pool [num_slots, N, r_max], contiguous, in the activation dtype.
- * The metadata is fastlora.serving.BatchMeta as plain device arrays (int32 / fp32), built once per batch and
- * shared by every layer; the counts are host integers so no call synchronises.
+ *   a_pool [num_slots, r_max, K] and b_pool [num_slots, N, r_max], contiguous, in the activation dtype;
+ * slot s holds an adapter of rank slot_ranks[s] <= r_max in a_pool[s, :rank] and b_pool[s, :, :rank].
+ * The layer is y = x·W0ᵀ + b (the engine's own GEMM) followed by
+ *   fastlora_multi_lora_shrink:  xa[t, :rank] = x[t]·A_sᵀ              (fp32, unscaled)
+ *   fastlora_multi_lora_expand:  y[t] += round(c[t]·xa[t, :rank])·B_sᵀ  c[t] = slot_scalings[s]·token_scales[t]
+ * for every token t whose slot s is not -1; other rows of xa and y are not touched, and an adapter of rank 8 costs
+ * rank-8 work whatever r_max is. The metadata is fastlora.serving.BatchMeta as plain device arrays (int32 / fp32,
+ * 16-byte aligned), built once per batch and shared by every layer; its counts are host integers, so no call
+ * synchronises. Deterministic: every output element is written by one program, without atomics.
  */
 typedef struct fastlora_batch_meta {
     int64_t num_tokens;              /* T: rows of x / y */
@@ -118,18 +124,18 @@ typedef struct fastlora_batch_meta {
     const int32_t *sorted_token_ids; /* [T_active] tokens that use an adapter, grouped by slot */
     const int32_t *seg_offsets;      /* [S + 1] segment s is sorted_token_ids[seg_offsets[s] : seg_offsets[s+1]] */
     const int32_t *seg_slots;        /* [S] the slot of each segment */
-    const int32_t *slot_ranks;       /* [num_slots] each slot's rank (<= r_max) */
+    const int32_t *slot_ranks;       /* [num_slots] each slot's rank (<= r_max); a layer may pass its own */
     const float *slot_scalings;      /* [num_slots] each slot's lora_alpha / r */
     const float *token_scales;       /* [T] per-token multiplier of the LoRA term, or NULL */
 } fastlora_batch_meta;
 
-/* xa[t, :rank(t)] = scaling(t)·x[t]·A(t)ᵀ for every token with an adapter; xa is [T, r_max] (ld ldxa). */
+/* xa [T, ldxa] fp32, ldxa >= meta->max_rank (the batch's largest rank; wider ranks are clamped to it). */
 FASTLORA_API fastlora_status fastlora_multi_lora_shrink(void *stream, fastlora_dtype dtype,
                                                         const fastlora_batch_meta *meta, int64_t K, int64_t r_max,
                                                         const void *x, int64_t ldx, const void *a_pool, void *xa,
                                                         int64_t ldxa);
 
-/* y[t] += xa[t, :rank(t)]·B(t)ᵀ for every token with an adapter (y holds the base output, [T, N], ld ldy). */
+/* y [T, N] (ld ldy) holds the base output and is updated in place; xa is the shrink's output. */
 FASTLORA_API fastlora_status fastlora_multi_lora_expand(void *stream, fastlora_dtype dtype,
                                                         const fastlora_batch_meta *meta, int64_t N, int64_t r_max,
                                                         const void *xa, int64_t ldxa, const void *b_pool, void *y,

@@ -22,6 +22,7 @@ def test_declared_set_is_complete():
     declared = {(v.op, v.site, d, a) for v, d, a in keys}
     wanted = [("onepass", s) for s in ("fwd", "fwd_nobias")] + [("expand", s) for s in ("fwd", "fwd_nobias", "bwd")]
     wanted += [("shrink", "fwd"), ("shrink", "bwd"), ("wgrad", "dA"), ("wgrad", "dB")]
+    wanted += [("multi_shrink", "seg"), ("multi_expand", "seg"), ("multi_expand", "seg_scales")]
     for op, site in wanted:
         for dtype in aot.DTYPES:
             for arch in aot.ARCHS:

@@ -121,18 +121,32 @@ static int test_arguments(void) {
            FASTLORA_STATUS_INVALID_ARGUMENT, "workspace_size", "short backward workspace");
 
     /* Multi-adapter entry points. */
-    int32_t fake_ids = 0;
-    fastlora_batch_meta meta = {8, 1, 8, 16, 4, &fake_ids, &fake_ids, &fake_ids, &fake_ids, (const float *)DEV(3),
-                                NULL};
+    fastlora_batch_meta meta = {8, 1, 8, 16, 4, DEV(10), DEV(11), DEV(12), DEV(13), DEV(14), NULL};
     expect(fastlora_multi_lora_shrink(NULL, FASTLORA_DTYPE_FP16, NULL, 64, 16, DEV(1), 64, DEV(2), DEV(3), 16),
            FASTLORA_STATUS_INVALID_ARGUMENT, "meta", "meta NULL");
     expect(fastlora_multi_lora_shrink(NULL, FASTLORA_DTYPE_FP16, &meta, 64, 8, DEV(1), 64, DEV(2), DEV(3), 16),
            FASTLORA_STATUS_INVALID_ARGUMENT, "max_rank", "max_rank > r_max");
     expect(fastlora_multi_lora_expand(NULL, FASTLORA_DTYPE_FP16, &meta, 128, 16, DEV(1), 8, DEV(2), DEV(3), 128),
            FASTLORA_STATUS_INVALID_ARGUMENT, "ldxa", "ldxa < r_max");
+    expect(fastlora_multi_lora_shrink(NULL, FASTLORA_DTYPE_FP16, &meta, 72, 16, DEV(1), 72, DEV(2), DEV(3), 16),
+           FASTLORA_STATUS_UNSUPPORTED, "multiple of 16", "multi shrink, K not a multiple of 16");
+    expect(fastlora_multi_lora_expand(NULL, FASTLORA_DTYPE_FP16, &meta, 128, 16, DEV(1), 16, DEV(2), DEV(3), 136),
+           FASTLORA_STATUS_UNSUPPORTED, "multiple of 16", "multi expand, ldy not a multiple of 16");
+    meta.max_segment_len = 0;
+    expect(fastlora_multi_lora_expand(NULL, FASTLORA_DTYPE_FP16, &meta, 128, 16, DEV(1), 16, DEV(2), DEV(3), 128),
+           FASTLORA_STATUS_INVALID_ARGUMENT, "max_segment_len", "segments without tokens");
+    meta.max_segment_len = 8;
+    meta.seg_slots = (const int32_t *)((const char *)DEV(12) + 4);
+    expect(fastlora_multi_lora_expand(NULL, FASTLORA_DTYPE_FP16, &meta, 128, 16, DEV(1), 16, DEV(2), DEV(3), 128),
+           FASTLORA_STATUS_UNSUPPORTED, "seg_slots", "misaligned metadata");
+    meta.seg_slots = DEV(12);
     meta.slot_ranks = NULL;
     expect(fastlora_multi_lora_expand(NULL, FASTLORA_DTYPE_FP16, &meta, 128, 16, DEV(1), 16, DEV(2), DEV(3), 128),
            FASTLORA_STATUS_INVALID_ARGUMENT, "slot_ranks", "slot_ranks NULL");
+    /* A batch where no token uses an adapter launches nothing, so it succeeds even without a driver. */
+    fastlora_batch_meta none = {8, 0, 0, 0, 4, NULL, NULL, NULL, NULL, NULL, NULL};
+    expect(fastlora_multi_lora_shrink(NULL, FASTLORA_DTYPE_FP16, &none, 64, 16, DEV(1), 64, DEV(2), DEV(3), 16),
+           FASTLORA_STATUS_OK, NULL, "no adapter in the batch");
 
     /* Introspection. */
     fastlora_kernel_desc info;
@@ -157,6 +171,11 @@ static int test_no_driver(void) {
     expect(fastlora_lora_backward(NULL, FASTLORA_DTYPE_FP16, 5000, 128, 64, 8, DEV(1), 128, DEV(2), 64, DEV(3), 64,
                                   DEV(4), DEV(5), 1.f, DEV(6), 64, DEV(7), DEV(8), DEV(9), ws),
            FASTLORA_STATUS_NO_CUDA_DRIVER, "no CUDA driver", "backward");
+    fastlora_batch_meta meta = {8, 1, 8, 16, 4, DEV(10), DEV(11), DEV(12), DEV(13), DEV(14), NULL};
+    expect(fastlora_multi_lora_shrink(NULL, FASTLORA_DTYPE_BF16, &meta, 64, 16, DEV(1), 64, DEV(2), DEV(3), 16),
+           FASTLORA_STATUS_NO_CUDA_DRIVER, "no CUDA driver", "multi-adapter shrink");
+    expect(fastlora_multi_lora_expand(NULL, FASTLORA_DTYPE_BF16, &meta, 128, 16, DEV(1), 16, DEV(2), DEV(3), 128),
+           FASTLORA_STATUS_NO_CUDA_DRIVER, "no CUDA driver", "multi-adapter expand");
     /* The failure is remembered, not retried into a crash. */
     expect(forward(0, 4, 128, 64, 8, DEV(1), 64, 64, 128, NULL, 0), FASTLORA_STATUS_NO_CUDA_DRIVER, "libcuda",
            "second call");
@@ -400,6 +419,37 @@ static int test_fake_driver(const char *path) {
               param(5, "u_ptr") == fake_log->memset_dst && fake_log->memset_value == 0x3f800000u &&
               fake_log->memset_count == 3 && fake_log->launches[5].memsets_before > memsets,
           "the split partials are reduced as onesᵀ·P with ones filled first");
+
+    /* Many adapters: 3 segments, the longest of 40 tokens (2 blocks of 32), max rank 24 (the rank-64 tile). */
+    fake_log->num_launches = 0;
+    fastlora_batch_meta meta = {100, 3, 40, 24, 6, DEV(10), DEV(11), DEV(12), DEV(13), DEV(14), NULL};
+    expect(fastlora_multi_lora_shrink(NULL, FASTLORA_DTYPE_BF16, &meta, 256, 32, DEV(1), 256, DEV(2), DEV(3), 27),
+           FASTLORA_STATUS_OK, NULL, "multi-adapter shrink");
+    expect_launch(0, "_multi_shrink_kernel", 90, "seg", 3, 2, 1);
+    CHECK(desc_of(fake_log->launches[0].image)->rank_tile == 64, "rank tile 64 for max rank 24");
+    CHECK(param(0, "sorted_ids_ptr") == (uintptr_t)DEV(10) && param(0, "seg_offsets_ptr") == (uintptr_t)DEV(11) &&
+              param(0, "seg_slots_ptr") == (uintptr_t)DEV(12) && param(0, "ranks_ptr") == (uintptr_t)DEV(13) &&
+              param(0, "xa_ptr") == (uintptr_t)DEV(3),
+          "multi-adapter shrink metadata");
+    CHECK(param_i32(0, "K") == 256 && param_i32(0, "R") == 24 && param_i32(0, "stride_as") == 32 * 256 &&
+              param_i32(0, "stride_ar") == 256 && param_i32(0, "stride_om") == 27,
+          "multi-adapter shrink sizes and strides");
+    meta.token_scales = DEV(15);
+    expect(fastlora_multi_lora_expand(NULL, FASTLORA_DTYPE_BF16, &meta, 512, 32, DEV(3), 27, DEV(4), DEV(5), 512),
+           FASTLORA_STATUS_OK, NULL, "multi-adapter expand");
+    expect_launch(1, "_multi_expand_kernel", 90, "seg_scales", 3, 2, 4);
+    CHECK(param(1, "scalings_ptr") == (uintptr_t)DEV(14) && param(1, "token_scales_ptr") == (uintptr_t)DEV(15) &&
+              param(1, "y_ptr") == (uintptr_t)DEV(5) && param_i32(1, "stride_bs") == 512 * 32 &&
+              param_i32(1, "stride_bn") == 32 && param_i32(1, "stride_ym") == 512 && param_i32(1, "N") == 512,
+          "multi-adapter expand arguments");
+    meta.token_scales = NULL;
+    meta.max_rank = 16;
+    expect(fastlora_multi_lora_shrink(NULL, FASTLORA_DTYPE_BF16, &meta, 256, 32, DEV(1), 256, DEV(2), DEV(3), 16),
+           FASTLORA_STATUS_OK, NULL, "multi-adapter shrink, rank 16");
+    expect(fastlora_multi_lora_expand(NULL, FASTLORA_DTYPE_BF16, &meta, 512, 32, DEV(3), 16, DEV(4), DEV(5), 512),
+           FASTLORA_STATUS_OK, NULL, "multi-adapter expand without token scales");
+    CHECK(desc_of(fake_log->launches[2].image)->rank_tile == 16, "rank tile 16 for max rank 16");
+    expect_launch(3, "_multi_expand_kernel", 90, "seg", 3, 2, 4);
 
     /* sm_86 runs the sm_80 cubins; sm_75 has none; no current context is an error that says so. */
     fake_log->num_launches = 0;
@@ -660,6 +710,108 @@ static void gpu_case(int dtype, int64_t M, int64_t N, int64_t K, int64_t r, int 
     printf("%s: %s\n", what, failures ? "FAILED so far" : "ok");
 }
 
+/* Many adapters: T tokens over a pool of 4 slots (ranks 8, 24, unused, 16), some tokens without an adapter. */
+static void gpu_multi_case(int dtype, int64_t T, int with_token_scales) {
+    char what[128];
+    snprintf(what, sizeof what, "%s multi-adapter T=%lld%s", dtype_name(dtype), (long long)T,
+             with_token_scales ? " token scales" : "");
+    enum { SLOTS = 4, R_MAX = 32, K = 128, N = 96 };
+    const int32_t ranks[SLOTS] = {8, 24, 0, 16};
+    const float scalings[SLOTS] = {0.5f, 2.0f, 1.0f, 1.5f};
+    const int choices[] = {-1, 0, 1, 3, 0, 3};
+    size_t nx = (size_t)T * K, na = (size_t)SLOTS * R_MAX * K, nb = (size_t)SLOTS * N * R_MAX, ny = (size_t)T * N;
+    uint16_t *hx = malloc(nx * 2), *ha = malloc(na * 2), *hb = malloc(nb * 2), *hy = malloc(ny * 2);
+    float *x = malloc(nx * 4), *a = malloc(na * 4), *b = malloc(nb * 4), *y0 = malloc(ny * 4), *got = malloc(ny * 4);
+    float *token_scales = malloc((size_t)T * 4);
+    double *ref = malloc(ny * 8);
+    int32_t *slots = malloc((size_t)T * 4), *sorted = malloc((size_t)T * 4), offsets[SLOTS + 1], seg_slots[SLOTS];
+    fill(dtype, hx, x, nx, 1.f);
+    fill(dtype, ha, a, na, 1.f / sqrtf((float)K));
+    fill(dtype, hb, b, nb, 0.25f);
+    fill(dtype, hy, y0, ny, 1.f);
+    for (int64_t t = 0; t < T; t++) {
+        slots[t] = choices[(unsigned)(uniform() * 3.f + 3.f) % 6];
+        token_scales[t] = with_token_scales ? 0.5f + (uniform() + 1.f) : 1.f;
+    }
+    /* BatchMeta.build: tokens with an adapter, stably grouped by slot, one segment per slot in use. */
+    int64_t count = 0, segments = 0, max_len = 0, max_rank = 0;
+    offsets[0] = 0;
+    for (int s = 0; s < SLOTS; s++) {
+        int64_t start = count;
+        for (int64_t t = 0; t < T; t++) {
+            if (slots[t] == s) {
+                sorted[count++] = (int32_t)t;
+            }
+        }
+        if (count > start) {
+            seg_slots[segments] = s;
+            offsets[++segments] = (int32_t)count;
+            max_len = count - start > max_len ? count - start : max_len;
+            max_rank = ranks[s] > max_rank ? ranks[s] : max_rank;
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t n = 0; n < N; n++) {
+            ref[t * N + n] = y0[t * N + n];
+        }
+        int s = slots[t];
+        if (s < 0) {
+            continue;
+        }
+        for (int j = 0; j < ranks[s]; j++) {
+            double acc = 0;
+            for (int64_t k = 0; k < K; k++) {
+                acc += (double)x[t * K + k] * a[((size_t)s * R_MAX + j) * K + k];
+            }
+            double xs = round_to(dtype, (double)(scalings[s] * token_scales[t]) * (float)acc);
+            for (int64_t n = 0; n < N; n++) {
+                ref[t * N + n] += xs * b[((size_t)s * N + n) * R_MAX + j];
+            }
+        }
+    }
+    unsigned long long dx = upload(hx, nx * 2), da = upload(ha, na * 2), db = upload(hb, nb * 2);
+    unsigned long long dy = upload(hy, ny * 2), dxa = upload(NULL, (size_t)T * (size_t)max_rank * 4);
+    unsigned long long dsorted = upload(sorted, (size_t)count * 4), doffsets = upload(offsets, sizeof offsets);
+    unsigned long long dsegs = upload(seg_slots, sizeof seg_slots), dranks = upload(ranks, sizeof ranks);
+    unsigned long long dscalings = upload(scalings, sizeof scalings);
+    unsigned long long dtscales = upload(token_scales, (size_t)T * 4);
+    fastlora_batch_meta meta = {T, segments, max_len, max_rank, SLOTS,
+                                (const int32_t *)(uintptr_t)dsorted, (const int32_t *)(uintptr_t)doffsets,
+                                (const int32_t *)(uintptr_t)dsegs, (const int32_t *)(uintptr_t)dranks,
+                                (const float *)(uintptr_t)dscalings,
+                                with_token_scales ? (const float *)(uintptr_t)dtscales : NULL};
+    fastlora_status st = fastlora_multi_lora_shrink(NULL, (fastlora_dtype)dtype, &meta, K, R_MAX,
+                                                    (void *)(uintptr_t)dx, K, (void *)(uintptr_t)da,
+                                                    (void *)(uintptr_t)dxa, max_rank);
+    CHECK(st == FASTLORA_STATUS_OK, "%s shrink: %s (%s)", what, fastlora_status_string(st), fastlora_last_error());
+    st = fastlora_multi_lora_expand(NULL, (fastlora_dtype)dtype, &meta, N, R_MAX, (void *)(uintptr_t)dxa, max_rank,
+                                    (void *)(uintptr_t)db, (void *)(uintptr_t)dy, N);
+    CHECK(st == FASTLORA_STATUS_OK, "%s expand: %s (%s)", what, fastlora_status_string(st), fastlora_last_error());
+    CHECK(cu.cuCtxSynchronize() == 0, "%s: synchronize", what);
+    cu.cuMemcpyDtoH(hy, dy, ny * 2);
+    for (size_t i = 0; i < ny; i++) {
+        got[i] = to_float(dtype, hy[i]);
+    }
+    char label[160];
+    snprintf(label, sizeof label, "%s y", what);
+    close_enough(label, got, ref, ny, dtype == 0 ? 1e-2 : 4e-2);
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t n = 0; slots[t] < 0 && n < N; n++) {
+            CHECK(got[t * N + n] == y0[t * N + n], "%s: token %lld has no adapter but its row changed", what,
+                  (long long)t);
+        }
+    }
+    unsigned long long bufs[] = {dx, da, db, dy, dxa, dsorted, doffsets, dsegs, dranks, dscalings, dtscales};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        cu.cuMemFree(bufs[i]);
+    }
+    void *host[] = {hx, ha, hb, hy, x, a, b, y0, got, token_scales, ref, slots, sorted};
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
+        free(host[i]);
+    }
+    printf("%s: %s\n", what, failures ? "FAILED so far" : "ok");
+}
+
 #define SKIP 77
 
 static int test_gpu(void) {
@@ -707,6 +859,8 @@ static int test_gpu(void) {
         gpu_case(dtype, 3, 64, 64, 80, 1);    /* r > 64: shrink + GEMM even for a few tokens */
         gpu_case(dtype, 300, 160, 128, 24, 1); /* shrink + GEMM; the weight gradients split over 3 chunks */
         gpu_case(dtype, 2100, 512, 256, 16, 0); /* 128x128 tiles, more splits */
+        gpu_multi_case(dtype, 37, 0);
+        gpu_multi_case(dtype, 300, 1);
         if (failures) {
             break;
         }
