@@ -2,6 +2,7 @@
 adapters in one batch, unsorted slots, tokens without an adapter, per-token scales, per-layer rank/scaling overrides,
 both kernel paths (fused decode, segmented), odd shapes, both weight layouts, and garbage beyond each slot's rank."""
 
+import pytest
 import torch
 from tolerances import assert_close
 
@@ -68,3 +69,202 @@ def test_torch_backend_against_reference():
     y = ops.multi_lora_linear(*case, backend="torch")
     assert y.dtype == torch.float32 and y.shape == (len(slots), 17)
     assert_close(y, expected(*case), torch.float32, 33 + 16, "y")
+
+
+RANKS = (1, 8, 16, 64)  # mixed in every batch: slot s has rank RANKS[s % 4]
+IMPLS = ["fused", "segmented"]
+
+
+def unsorted_slots(T, num_adapters, seed=0):
+    """Every adapter used at least once, in a shuffled order, with about one token in five on the base model."""
+    g = torch.Generator().manual_seed(seed)
+    slots = [s % num_adapters for s in range(T)]
+    slots = [slots[i] for i in torch.randperm(T, generator=g).tolist()]
+    for i in range(2, T, 5):
+        slots[i] = -1
+    return slots
+
+
+def run(case, **kwargs):
+    """``multi_lora_linear`` on the triton backend (the interpreter here), checking that no input was modified."""
+    before = [t.clone() for t in case[:5] if t is not None]
+    with torch.no_grad():
+        y = ops.multi_lora_linear(*case, backend="triton", **kwargs)
+    for t, t0 in zip([t for t in case[:5] if t is not None], before):
+        torch.testing.assert_close(t, t0, rtol=0, atol=0, equal_nan=True)
+    return y
+
+
+@pytest.mark.parametrize("num_adapters", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_against_reference(impl, dtype, num_adapters):
+    """Ranks 1, 8, 16 and 64 in one batch (pool sized for 64, NaN beyond each rank), shuffled slots, tokens without
+    an adapter and per-token scales; odd K and N. The weight layout, bias and LoRA dtype vary with the case."""
+    T = 24 if impl == "segmented" else 20  # longer than a 16-row tile: segments and fused tiles both span two
+    K, N = (37, 45) if num_adapters != 3 else (45, 19)
+    fan_in_fan_out = num_adapters == 3
+    lora_dtype = torch.float32 if num_adapters == 16 else dtype
+    ranks = [RANKS[s % 4] for s in range(num_adapters)]
+    slots = unsorted_slots(T, num_adapters, seed=num_adapters)
+    case = make_case(T, K, N, ranks, slots, dtype, lora_dtype, r_max=64, token_scales=True,
+                     fan_in_fan_out=fan_in_fan_out, bias=num_adapters != 1)  # fmt: skip
+    y = run(case, fan_in_fan_out=fan_in_fan_out, impl=impl)
+    assert y.dtype == dtype and y.shape == (T, N) and y.is_contiguous()
+    assert_close(y, expected(*case, fan_in_fan_out=fan_in_fan_out), dtype, K + max(ranks), "y")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16(impl):
+    ranks = [8, 1, 16]
+    slots = [1, 0, -1, 2, 0, 2, 1]
+    case = make_case(len(slots), 40, 33, ranks, slots, torch.bfloat16, r_max=16, token_scales=True)
+    assert_close(run(case, impl=impl), expected(*case), torch.bfloat16, 40 + 16, "y")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_token_has_an_adapter(impl):
+    """Every token on the base model: the plain GEMM plus bias; the NaN-filled pools are never read."""
+    case = make_case(5, 20, 30, [4, 8], [-1] * 5, torch.float32, pad=float("nan"))
+    case[3].fill_(float("nan"))
+    case[4].fill_(float("nan"))
+    y = run(case, impl=impl)
+    x, w, b = case[:3]
+    assert_close(y, x.double() @ w.double().t() + b.double(), torch.float32, 20, "y")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl):
+    case = make_case(0, 20, 30, [4], [], torch.float32)
+    y = run(case, impl=impl)
+    assert y.shape == (0, 30) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_layer_ranks_and_scalings(impl):
+    """A layer's own ranks (below the batch's, 0 = this layer not adapted) and scalings override the metadata; the
+    pool columns between the layer's rank and the batch's hold NaN and must stay unread."""
+    meta_ranks = [8, 16, 4]
+    layer_ranks = [3, 0, 4]
+    slots = [2, 0, 1, -1, 1, 0, 2, 2, 1]
+    x, w, b, a_pool, b_pool, meta = make_case(len(slots), 29, 23, meta_ranks, slots, torch.float32, token_scales=True)
+    for s, r in enumerate(layer_ranks):
+        a_pool[s, r:] = float("nan")
+        b_pool[s, :, r:] = float("nan")
+    ranks = torch.tensor(layer_ranks, dtype=torch.int32)
+    scalings = torch.tensor([2.0, 0.1, -0.5], dtype=torch.float32)
+    case = (x, w, b, a_pool, b_pool, meta)
+    y = run(case, slot_ranks=ranks, slot_scalings=scalings, impl=impl)
+    assert_close(y, expected(*case, slot_ranks=ranks, slot_scalings=scalings), torch.float32, 29 + 4, "y")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_input_layouts(impl):
+    """3-D activations, and activations whose K stride is 2 (every other column of a wider buffer)."""
+    ranks = [16, 1]
+    slots = [1, -1, 0, 0, 1, 0]
+    x, w, b, a_pool, b_pool, meta = make_case(len(slots), 24, 17, ranks, slots, torch.float16, token_scales=True)
+    y = run((x.view(2, 3, 24), w, b, a_pool, b_pool, meta), impl=impl)
+    assert y.shape == (2, 3, 17) and y.is_contiguous()
+    want = expected(x, w, b, a_pool, b_pool, meta)
+    assert_close(y.view(6, 17), want, torch.float16, 24 + 16, "y 3-D")
+    wide = torch.zeros(6, 48, dtype=x.dtype)
+    wide[:, ::2] = x
+    y = run((wide[:, ::2], w, b, a_pool, b_pool, meta), impl=impl)
+    assert_close(y, want, torch.float16, 24 + 16, "y strided")
+
+
+def test_decode_shrink_k_splits():
+    """The decode shrink's K splits (partial sums added by the fused kernel in a fixed order) give the same layer; a
+    rank of 80 spans two 64-wide rank blocks of the shrink."""
+    from fastlora import kernels
+
+    ranks = [16, 8, 1, 80]
+    slots = [3, 1, -1, 0, 2, 3, 0]
+    x, w, b, a_pool, b_pool, meta = make_case(len(slots), 100, 21, ranks, slots, torch.float32, token_scales=True)
+    want = expected(x, w, b, a_pool, b_pool, meta)
+    for split_k in (1, 2, 4):
+        xa = kernels.multi_lora_shrink(x, a_pool, meta, meta.slot_ranks, split_k)
+        y = kernels.multi_lora_fused(x, w.t(), b, xa, b_pool, meta, meta.slot_ranks, meta.slot_scalings)
+        assert_close(y, want, torch.float32, 100 + 80, f"y split_k={split_k}")
+
+
+def test_deterministic():
+    ranks = [8, 16]
+    slots = unsorted_slots(20, 2)
+    case = make_case(20, 33, 40, ranks, slots, torch.float16, token_scales=True)
+    for impl in IMPLS:
+        assert torch.equal(run(case, impl=impl), run(case, impl=impl))
+
+
+def test_auto_picks_fused_for_few_tokens():
+    assert ops.choose_multi_impl(1) == ops.choose_multi_impl(ops.MULTI_FUSED_MAX_TOKENS) == "fused"
+    assert ops.choose_multi_impl(ops.MULTI_FUSED_MAX_TOKENS + 1) == "segmented"
+    assert ops.choose_multi_impl(500, "fused") == "fused"
+
+
+def test_torch_backend_is_differentiable():
+    """The reference path carries gradients; pool entries beyond a rank get none."""
+    ranks = [2, 3]
+    x, w, b, a_pool, b_pool, meta = make_case(4, 6, 5, ranks, [1, 0, -1, 1], torch.float64, r_max=4, pad=0.0)
+    x.requires_grad_()
+    a_pool.requires_grad_()
+    b_pool.requires_grad_()
+    ops.multi_lora_linear(x, w, b, a_pool, b_pool, meta, backend="torch").sum().backward()
+    assert x.grad is not None and a_pool.grad[0, :2].abs().sum() > 0
+    assert a_pool.grad[0, 2:].abs().sum() == 0 and b_pool.grad[1, :, 3:].abs().sum() == 0
+
+
+def test_triton_backend_refuses_autograd():
+    case = make_case(3, 8, 8, [2], [0, -1, 0], torch.float32)
+    case[0].requires_grad_()
+    with pytest.raises(RuntimeError, match="inference only"):
+        ops.multi_lora_linear(*case, backend="triton")
+    with torch.no_grad():
+        ops.multi_lora_linear(*case, backend="triton")
+
+
+def _bad_inputs():
+    x, w, b, a_pool, b_pool, meta = make_case(4, 8, 6, [2, 3], [1, 0, -1, 1], torch.float32, r_max=4, pad=0.0)
+    other_meta = BatchMeta.build([0, 0, 1], [2, 3], [1.0, 1.0])
+    three_slots = BatchMeta.build([1, 0, -1, 1], [2, 3, 1], [1.0, 1.0, 1.0])
+    big_rank = BatchMeta.build([1, 0, -1, 1], [2, 8], [1.0, 1.0])
+    yield "tokens", (x, w, b, a_pool, b_pool, other_meta), {}
+    yield "slots", (x, w, b, a_pool, b_pool, three_slots), {}
+    yield "r_max", (x, w, b, a_pool, b_pool, big_rank), {}
+    yield "K=", (x[:, :7], w, b, a_pool, b_pool, meta), {}
+    yield "weight.dtype", (x, w.double(), b, a_pool, b_pool, meta), {}
+    yield "bias", (x, w, b[:5], a_pool, b_pool, meta), {}
+    yield "a_pool", (x, w, b, a_pool[:, :, :7], b_pool, meta), {}
+    yield "b_pool", (x, w, b, a_pool, b_pool[:, :5], meta), {}
+    yield "differ", (x, w, b, a_pool, b_pool.half(), meta), {}
+    yield "pools' dtype", (x, w, b, a_pool.half(), b_pool.half(), meta), {}
+    yield "slot_ranks", (x, w, b, a_pool, b_pool, meta), {"slot_ranks": torch.tensor([1, 2, 3], dtype=torch.int32)}
+    yield "slot_ranks", (x, w, b, a_pool, b_pool, meta), {"slot_ranks": torch.tensor([1.0, 2.0])}
+    yield "slot_scalings", (x, w, b, a_pool, b_pool, meta), {"slot_scalings": torch.tensor([1.0], dtype=torch.float32)}
+    yield "BatchMeta", (x, w, b, a_pool, b_pool, [0, 1]), {}
+    yield "impl", (x, w, b, a_pool, b_pool, meta), {"impl": "onepass"}
+    yield "backend", (x, w, b, a_pool, b_pool, meta), {"backend": "cuda"}
+
+
+@pytest.mark.parametrize("match,args,kwargs", list(_bad_inputs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_clear_errors(match, args, kwargs):
+    with pytest.raises((ValueError, TypeError)) as info:
+        ops.multi_lora_linear(*args, **kwargs)
+    assert match in str(info.value), str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["auto", *IMPLS])
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float32, torch.float32)])  # fmt: skip
+@pytest.mark.parametrize("T,K,N,num_adapters", [(1, 16, 16, 1), (9, 97, 65, 5), (70, 41, 100, 16), (40, 64, 33, 9)])
+def test_sweep(impl, dtype, lora_dtype, T, K, N, num_adapters):
+    """More shapes, ranks up to 128, every dtype pair, both layouts, and the automatic choice of path."""
+    ranks = [(1, 8, 16, 64, 128, 3)[s % 6] for s in range(num_adapters)]
+    slots = unsorted_slots(T, num_adapters, seed=T + K)
+    fan_in_fan_out = K % 2 == 1
+    case = make_case(T, K, N, ranks, slots, dtype, lora_dtype, r_max=128, token_scales=T % 2 == 0,
+                     fan_in_fan_out=fan_in_fan_out, bias=N % 2 == 0, seed=N)  # fmt: skip
+    y = run(case, fan_in_fan_out=fan_in_fan_out, impl=impl)
+    assert_close(y, expected(*case, fan_in_fan_out=fan_in_fan_out), dtype, K + max(ranks), "y")

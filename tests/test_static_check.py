@@ -59,3 +59,11 @@ def test_resource_report_detects_spills(tmp_path):
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True).stdout
     registers, spills = map(int, out.split()[-2:])
     assert registers > 0 and spills > 0
+
+
+def test_serving_kernels_are_checked():
+    """The multi-adapter kernels are in the check, at decode (K split) and prefill sites."""
+    specs = {spec.name: spec for spec in static_check.kernel_specs()}
+    for name in ("multi_lora_shrink", "multi_lora_expand", "multi_lora_fused"):
+        assert name in specs and specs[name].sites and specs[name].configs, name
+    assert {site.constexprs["SPLIT_K"] for site in specs["multi_lora_fused"].sites} == {1, 8}
