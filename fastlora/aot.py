@@ -23,14 +23,15 @@ What is declared (``VARIANTS``), for activation dtypes fp16 and bf16 and LoRA we
 | multi_shrink | seg: ``xa[t] = x[t]·A_sᵀ``, rank tile 16 / 64 | ``_multi_shrink_kernel`` | many adapters |
 | multi_expand | seg / seg_scales: ``y[t] += round(c[t]·xa[t])·B_sᵀ`` | ``_multi_expand_kernel`` | many adapters |
 
-That is 70 compiles for two archs (about 40 s on two cores). No dropout (the C API serves inference and
+That is 70 compiles for two archs (about 50 s on two cores with a cold Triton cache). No dropout (the C API serves inference and
 dropout-free fine-tuning); no fused multi-adapter decode kernel (engines run their own base GEMM, then the
 segmented shrink and expand). Each site fixes, as the static check does:
 
 - unit strides (``x``, ``y``, ``W0`` ``[N, K]``, ``A`` ``[r, K]``, ``B`` ``[N, r]`` and the pools row-major) as
   ``constexpr 1``;
 - 16-element divisibility of the other strides and of ``K`` / ``N`` (``tt.divisibility`` 16, as the JIT would
-  assume), except the strides that equal the rank (``free_ints``), which may be anything;
+  assume), except the strides that equal a rank or ``r_max`` and the row stride of the fp32 ``xa`` (``free_ints``),
+  which may be anything;
 - 16-byte aligned pointers.
 
 The table records, per kernel, which arguments were compiled as unit and which as divisible by 16; the C dispatcher
@@ -42,6 +43,17 @@ Kernel ABI. A Triton cubin's entry takes the non-constexpr arguments in signatur
 appends (global scratch and profile scratch in Triton 3.9). The trailing count is read from the PTX ``.entry`` and
 recorded; every declared kernel must need no scratch (``global_scratch_size == profile_scratch_size == 0``), so the
 launcher passes null pointers there, as Triton's own launcher does.
+
+Architectures. sm_80 cubins run on every 8.x GPU; Triton compiles sm_90 as sm_90a, which runs on 9.0 only. In the
+cubin's ELF header the SM is ``e_flags & 0xff`` for ptxas 12.x (ELF ABI version 7, what Triton 3.9 uses for sm_80)
+and ``(e_flags >> 8) & 0xff`` for ptxas 13.x (ABI version 8, used for sm_90 and later); the C library reads both,
+and the ctest checks every embedded cubin against the manifest that way.
+
+Dispatch rules (in ``csrc/fastlora_kernels.c``): the forward takes the one-pass kernel for ``M <= 64`` and
+``r <= 64`` (rank tile 16 for ``r <= 16``), else shrink then GEMM, with 128x128 tiles once they make at least 256
+programs and 64x64 below; the backward splits the weight-gradient reduction exactly as ``kernels/wgrad.py`` does
+and sums the partials with the fp32 ``reduce`` kernel; the multi-adapter shrink takes rank tile 16 when the batch's
+largest rank is at most 16, else 64. The library does not autotune.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@
  *    (convert fp32 adapters once at load time). Accumulation is fp32.
  *  - Shapes: x [M, K], W0 [N, K] (nn.Linear's layout), A [r, K] and B [N, r] contiguous (PEFT's lora_A / lora_B),
  *    bias [N] or NULL, y [M, N].
- *  - The compiled specialisations assume what LLM layers satisfy: K, N and every ld* multiples of 16 elements and
- *    16-byte aligned pointers. Other values return FASTLORA_STATUS_UNSUPPORTED; fastlora_last_error() names the
- *    argument. M and r may be anything >= 1.
+ *  - The compiled specialisations assume what LLM layers satisfy: K, N and every ld* (but the fp32 ldxa)
+ *    multiples of 16 elements and 16-byte aligned pointers. Other values return FASTLORA_STATUS_UNSUPPORTED;
+ *    fastlora_last_error() names the argument. M, r and r_max may be anything >= 1.
  *  - Launches are asynchronous on `stream` (a CUstream / cudaStream_t; NULL is the legacy default stream), in the
  *    CUDA context current on the calling thread (the runtime API's primary context after cudaSetDevice).
  *  - Workspaces are caller-provided device memory (engines own their allocators): query the size first; 0 means

@@ -10,6 +10,10 @@ build=${1:-build/cmake-ci}
 python=${FASTLORA_PYTHON:-$root/.venv/bin/python}
 jobs=${FASTLORA_JOBS:-2}
 start=$SECONDS
+if [ ! -x "$python" ]; then
+  echo "cmake_ci: $python not found: run ./dev test first (it makes .venv) or set FASTLORA_PYTHON" >&2
+  exit 1
+fi
 
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DFASTLORA_PYTHON="$python" -DFASTLORA_WERROR=ON
 cmake --build "$build" --parallel "$jobs"
