@@ -328,7 +328,8 @@ def _check_multi_inputs(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_
     for field in ("token_slots", "sorted_token_ids", "seg_offsets", "seg_slots", "num_tokens", "max_rank"):
         if not hasattr(meta, field):
             raise TypeError(f"{where}: meta must be a fastlora.serving.BatchMeta, got {type(meta).__name__}")
-    tensors.update({"meta.token_slots": meta.token_slots, "meta.token_scales": meta.token_scales})
+    tensors.update({"meta.token_slots": meta.token_slots, "meta.sorted_token_ids": meta.sorted_token_ids,
+                    "meta.slot_ranks": meta.slot_ranks, "meta.token_scales": meta.token_scales})  # fmt: skip
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"{where}: all tensors (and the batch metadata) must be on one device, got {devices}")
@@ -378,7 +379,7 @@ def _check_multi_inputs(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_
     if slot_ranks is not None:
         if tuple(slot_ranks.shape) != (num_slots,) or slot_ranks.dtype not in (torch.int32, torch.int64):
             raise ValueError(
-                f"{where}: slot_ranks must be an int32 tensor [num_slots] = [{num_slots}], "
+                f"{where}: slot_ranks must be an int32 (or int64) tensor [num_slots] = [{num_slots}], "
                 f"got {slot_ranks.dtype} {tuple(slot_ranks.shape)}"
             )
     if slot_scalings is not None:
@@ -438,6 +439,8 @@ def multi_lora_linear(
     """
     backend = resolve_backend(x.device, backend)
     _check_multi_inputs(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_scalings, fan_in_fan_out, backend)
+    if impl == "auto" and meta.num_segments == 0:
+        impl = "segmented"  # no token has an adapter: the vendor GEMM alone, nothing else is launched
     impl = choose_multi_impl(meta.num_tokens, impl)
     ranks = meta.slot_ranks if slot_ranks is None else slot_ranks
     scalings = meta.slot_scalings if slot_scalings is None else slot_scalings

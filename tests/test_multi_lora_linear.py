@@ -229,7 +229,9 @@ def _bad_inputs():
     other_meta = BatchMeta.build([0, 0, 1], [2, 3], [1.0, 1.0])
     three_slots = BatchMeta.build([1, 0, -1, 1], [2, 3, 1], [1.0, 1.0, 1.0])
     big_rank = BatchMeta.build([1, 0, -1, 1], [2, 8], [1.0, 1.0])
+    on_meta_device = BatchMeta.build([1, 0, -1, 1], [2, 3], [1.0, 1.0], device="meta")
     yield "tokens", (x, w, b, a_pool, b_pool, other_meta), {}
+    yield "one device", (x, w, b, a_pool, b_pool, on_meta_device), {}
     yield "slots", (x, w, b, a_pool, b_pool, three_slots), {}
     yield "r_max", (x, w, b, a_pool, b_pool, big_rank), {}
     yield "K=", (x[:, :7], w, b, a_pool, b_pool, meta), {}
