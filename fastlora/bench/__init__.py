@@ -92,12 +92,22 @@ def write_results(rows: list[dict], out_dir: str | Path, merge: bool = True) -> 
     return _write_results(rows, out_dir, SUITES, merge=merge)
 
 
+def _require_packages() -> None:
+    """Every suite measures PEFT and draws plots: fail before measuring anything when a package is missing."""
+    import importlib.util
+
+    missing = [name for name in ("peft", "transformers", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"fastlora bench needs {', '.join(missing)}: pip install 'fastlora[bench,integration]'")
+
+
 def run(
     suite: str = "all", quick: bool = False, out: str | Path | None = None, progress: bool = True
 ) -> tuple[list[dict], Written]:
     """Run ``suite`` (a key of ``SUITES``, or ``"all"``) on this machine's device and write the results into ``out``
     (default ``benchmarks/results/<device_slug>/``); returns the rows measured and the files written."""
     names = suite_names(suite)
+    _require_packages()
     device = bench_device()
     env = environment(device, quick=quick)
     rows = [{**row, **env} for name in names for row in SUITES[name].run(device, quick, progress)]

@@ -260,6 +260,12 @@ def md_table(header: list[str], lines: Iterable[list[str]]) -> list[str]:
     return out
 
 
+def plot_title(title: str, rows: list[dict]) -> str:
+    """``title`` with the device, and a warning on the torch backend, whose timings are no kernel's."""
+    warning = "\n(torch backend: says nothing about kernel speed)" if rows[0]["backend"] == "torch" else ""
+    return f"{title}, {rows[0]['device']}{warning}"
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib

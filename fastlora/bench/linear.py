@@ -40,6 +40,7 @@ from .common import (
     assert_close,
     bench_backend,
     md_table,
+    plot_title,
     progress,
     pyplot,
     time_ms,
@@ -364,7 +365,7 @@ def linear_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         if i == len(modes) - 1:
             ax.set_xlabel("tokens M")
         ax.legend(fontsize=7)
-    fig.suptitle(f"fastlora vs PEFT lora.Linear, {rows[0]['device']}", fontsize=11)
+    fig.suptitle(plot_title("fastlora vs PEFT lora.Linear", rows), fontsize=11)
     fig.tight_layout()
     path = out_dir / PLOT
     fig.savefig(path, dpi=110)

@@ -41,6 +41,7 @@ from .common import (
     forced_backend,
     md_table,
     peak_memory_bytes,
+    plot_title,
     progress,
     pyplot,
     time_ms,
@@ -359,7 +360,7 @@ def train_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_title(title, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"one training step, Llama-style models, {rows[0]['device']}", fontsize=11)
+    fig.suptitle(plot_title("one training step, Llama-style models", rows), fontsize=11)
     fig.tight_layout()
     path = out_dir / PLOT
     fig.savefig(path, dpi=110)
