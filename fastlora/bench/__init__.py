@@ -7,14 +7,15 @@ Suites (``SUITES``; each a ``Suite`` of ``fastlora.bench.common``, one module ea
   (``fastlora.bench.memory``);
 - ``train``: one optimizer step of a Llama-style model: tokens per second and peak memory (``fastlora.bench.train``).
 
-A suite is a function ``(device, quick, progress) -> rows``; a row is a flat dict (suite, contender, the case's
+A suite runs as ``run(device, quick, progress_bar) -> rows`` and draws its own tables and plots; a row is a flat dict (suite, contender, the case's
 fields, ``shape``, ``dtype``, measurements, environment) so that tables and plots are drawn from rows, never from
 live measurements. ``run`` picks the cases for the device, measures every contender of a case in the same process on
 the same inputs, after checking that they compute the same thing, and writes ``results.json``, ``results.md`` and
 PNG plots (``fastlora.bench.report``). The CPU suites run the torch backend on small shapes: their timings say
-nothing about kernel speed, they prove the suites run; bytes saved for backward are exact on any device.
+nothing about kernel speed, they prove the suites run; bytes saved for backward are counted exactly on any device.
 
-A new suite plugs in with one line in ``SUITES``.
+A new suite (the multi-adapter ``multi`` suite of the serving runtime) is a module with a ``SUITE`` record, added to
+the tuple that builds ``SUITES``: ``fastlora bench --suite`` and ``all`` pick it up from there.
 """
 
 from __future__ import annotations

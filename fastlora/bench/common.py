@@ -206,7 +206,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """A benchmark suite as the runner sees it. ``run(device, quick, progress)`` returns rows (flat dicts: ``suite``,
+    """A benchmark suite as the runner sees it. ``run(device, quick, progress_bar)`` returns rows (flat dicts: ``suite``,
     ``contender``, the case's fields, ``shape``, ``dtype``, measurements); ``markdown(rows)`` returns the lines of
     its section of results.md (its tables); ``plots(rows, out_dir)`` writes its PNGs and returns their paths.
     ``plot_names`` are the file names ``plots`` may write, so that a rerun can remove stale ones."""
