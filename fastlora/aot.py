@@ -44,10 +44,13 @@ appends (global scratch and profile scratch in Triton 3.9). The trailing count i
 recorded; every declared kernel must need no scratch (``global_scratch_size == profile_scratch_size == 0``), so the
 launcher passes null pointers there, as Triton's own launcher does.
 
-Architectures. sm_80 cubins run on every 8.x GPU; Triton compiles sm_90 as sm_90a, which runs on 9.0 only. In the
-cubin's ELF header the SM is ``e_flags & 0xff`` for ptxas 12.x (ELF ABI version 7, what Triton 3.9 uses for sm_80)
-and ``(e_flags >> 8) & 0xff`` for ptxas 13.x (ABI version 8, used for sm_90 and later); the C library reads both,
-and the ctest checks every embedded cubin against the manifest that way.
+Architectures and drivers. sm_80 cubins run on every 8.x GPU; Triton compiles sm_90 as sm_90a, which runs on 9.0
+only. Triton 3.9 assembles sm_80 with the CUDA 12.9 ``ptxas`` of its wheel and sm_90 with its CUDA 13.1 one, and a
+CUDA 13 cubin loads only on an R580+ driver. By default (``--ptxas cuda12``) every arch is assembled with the
+CUDA 12.9 ``ptxas``, so the library runs on any CUDA 12 driver (R525+, CUDA's minor-version compatibility);
+``--ptxas triton`` keeps Triton's own choice. The manifest records each cubin's ``ptxas`` version. In the ELF header
+the SM is ``e_flags & 0xff`` for ptxas 12.x (ELF ABI version 7) and ``(e_flags >> 8) & 0xff`` for ptxas 13.x
+(ABI version 8); the C library reads both, and the ctest checks every embedded cubin against the manifest that way.
 
 Dispatch rules (in ``csrc/fastlora_kernels.c``): the forward takes the one-pass kernel for ``M <= 64`` and
 ``r <= 64`` (rank tile 16 for ``r <= 16``), else shrink then GEMM, with 128x128 tiles once they make at least 256
@@ -234,6 +237,8 @@ def _compile(job: Job) -> dict:
     source = ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32), options=options)
+    from triton.backends.nvidia.compiler import get_ptxas
+
     md = compiled.metadata
     registers, spills = static_check._resources(compiled.asm["cubin"])
     entry, ptx_params = ptx_entry_params(compiled.asm["ptx"])
@@ -254,6 +259,7 @@ def _compile(job: Job) -> dict:
         "num_stages": config.num_stages,
         "shared": int(md.shared),
         "registers": registers,
+        "ptxas": get_ptxas(job.arch).version,
         "spills": spills,
         "name": md.name,
         "ptx_entry": entry,
@@ -286,18 +292,41 @@ def check_row(row: dict) -> None:
         raise RuntimeError(f"{where}: PTX parameters {declared} do not start with the arguments {expected}")
 
 
-def build(archs=ARCHS, dtypes=DTYPES, ops=None, workers: int = 2) -> list[dict]:
+PTXAS = ("cuda12", "triton")
+
+
+def _worker_env(ptxas: str) -> dict[str, str]:
+    """Environment changes for the compile workers (spawned workers inherit the environment at their start)."""
+    # Triton 3.9 warns once per process that its FP-fusion default will change; pin today's default explicitly.
+    env = {"TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
+    if ptxas == "cuda12":
+        from triton import knobs
+
+        legacy = knobs.nvidia.ptxas  # the CUDA 12.x ptxas Triton uses below sm_90
+        if legacy is None or not legacy.version.startswith("12."):
+            raise RuntimeError("--ptxas cuda12: this Triton ships no CUDA 12 ptxas; use --ptxas triton")
+        env["TRITON_PTXAS_BLACKWELL_PATH"] = legacy.path  # the one Triton uses from sm_90 on
+    elif ptxas != "triton":
+        raise ValueError(f"ptxas must be one of {PTXAS}, got {ptxas!r}")
+    return env
+
+
+def build(archs=ARCHS, dtypes=DTYPES, ops=None, workers: int = 2, ptxas: str = "cuda12") -> list[dict]:
     """Compile every job in spawned workers with ``TRITON_INTERPRET`` unset (as ``static_check`` does)."""
     todo = jobs(archs, dtypes, ops)
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    # Triton 3.9 warns once per process that its FP-fusion default will change; pin today's default explicitly.
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    changes = _worker_env(ptxas)
+    saved = {name: os.environ.get(name) for name in [*changes, "TRITON_INTERPRET"]}
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.update(changes)
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows = list(pool.map(_compile, todo))
     finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     for row in rows:
         row["scratch_params"] = len(row["ptx_params"]) - len(row["params"])
         check_row(row)
@@ -395,10 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="activation dtype (repeatable)")
     parser.add_argument("--op", action="append", help="only these kernel families (onepass, shrink, expand, wgrad)")
     parser.add_argument("--out", required=True, help="directory for the generated sources")
+    parser.add_argument("--ptxas", choices=PTXAS, default="cuda12",
+                        help="cuda12: assemble every arch with the CUDA 12 ptxas (loads on R525+ drivers); "
+                             "triton: Triton's own choice per arch")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = build(tuple(args.arch or ARCHS), tuple(args.dtype or DTYPES), args.op, args.workers)
+    rows = build(tuple(args.arch or ARCHS), tuple(args.dtype or DTYPES), args.op, args.workers, args.ptxas)
     write_sources(rows, args.out)
     print(f"fastlora.aot: {len(rows)} kernels for sm_{'/sm_'.join(map(str, args.arch or ARCHS))} in "
           f"{time.perf_counter() - start:.1f} s -> {args.out}", file=sys.stderr)  # fmt: skip
