@@ -45,7 +45,7 @@ recorded; every declared kernel must need no scratch (``global_scratch_size == p
 launcher passes null pointers there, as Triton's own launcher does.
 
 Architectures and drivers. sm_80 cubins run on every 8.x GPU; Triton compiles sm_90 as sm_90a, which runs on 9.0
-only. Triton 3.9 assembles sm_80 with the CUDA 12.9 ``ptxas`` of its wheel and sm_90 with its CUDA 13.1 one, and a
+only. Triton 3.9 assembles sm_80 with the CUDA 12.9 ``ptxas`` of its wheel and sm_90 with its CUDA 13.x one, and a
 CUDA 13 cubin loads only on an R580+ driver. By default (``--ptxas cuda12``) every arch is assembled with the
 CUDA 12.9 ``ptxas``, so the library runs on any CUDA 12 driver (R525+, CUDA's minor-version compatibility);
 ``--ptxas triton`` keeps Triton's own choice. The manifest records each cubin's ``ptxas`` version. In the ELF header
