@@ -5,7 +5,10 @@
  * Each entry point validates its arguments, picks the specialisation for the current device and shape, and
  * launches it on the caller's stream through the CUDA driver API. The driver (libcuda.so.1) is opened with
  * dlopen at the first call that needs it, so the library builds, links and loads on machines without CUDA;
- * calls there return FASTLORA_STATUS_NO_CUDA_DRIVER.
+ * calls there return FASTLORA_STATUS_NO_CUDA_DRIVER. The first attempt decides for the process. $FASTLORA_LIBCUDA,
+ * read then, names another driver library (a path that does not exist behaves as a machine without CUDA).
+ * sm_80 kernels run on every compute capability 8.x device, sm_90 ones (sm_90a) on 9.0 only; other devices get
+ * FASTLORA_STATUS_NO_KERNEL_FOR_DEVICE. The cubins come from CUDA 12's ptxas: any CUDA 12 driver loads them.
  *
  * Conventions, for every entry point:
  *  - Matrices are row-major with unit column stride; ld* is the row stride in elements (ld >= columns).
@@ -20,7 +23,7 @@
  *    CUDA context current on the calling thread (the runtime API's primary context after cudaSetDevice).
  *  - Workspaces are caller-provided device memory (engines own their allocators): query the size first; 0 means
  *    none is needed and workspace may be NULL. A workspace may be reused once the stream has passed the call.
- *  - Thread-safe. Kernels are loaded into each context at their first use.
+ *  - Thread-safe. Kernels are loaded into each context at their first use and stay loaded for the process's life.
  */
 #ifndef FASTLORA_KERNELS_H
 #define FASTLORA_KERNELS_H
