@@ -86,7 +86,6 @@ typedef struct fl_launch {
     int memset_ones; /* before this launch, fill `ones` with 1.0f (the split reduction's left operand) */
     uint64_t ones;
     int64_t ones_count;
-    const fl_kernel *kernel; /* any architecture's variant: they share arguments, unit and div16 lists */
     fl_arg args[FL_MAX_KERNEL_ARGS];
 } fl_launch;
 
@@ -179,15 +178,15 @@ static fastlora_status grid_of(const fl_launch *l, const fl_kernel *k, unsigned 
     return FASTLORA_STATUS_OK;
 }
 
-/* The launch's arguments against its specialisation: every parameter set with the right type, every unit
- * argument 1, every divisible-by-16 argument a multiple of 16. */
+/* The launch's arguments against its specialisation (any architecture's: they share arguments, unit and div16
+ * lists): every parameter set with the right type, every unit argument 1, every divisible-by-16 argument a
+ * multiple of 16, and a grid within CUDA's limits. */
 static fastlora_status check_launch(fl_launch *l) {
     const fl_kernel *k = find_kernel(l, 0);
     if (k == NULL) {
         return fail(FASTLORA_STATUS_UNSUPPORTED, "this build has no %s/%s kernel for %s%s", l->op, l->site,
                     dtype_name(l->dtype), l->rank_tile ? " at this rank tile" : "");
     }
-    l->kernel = k;
     if (k->num_params > FL_MAX_PARAMS) {
         return fail(FASTLORA_STATUS_UNSUPPORTED, "%s takes %d parameters, more than this library's %d", k->name,
                     k->num_params, FL_MAX_PARAMS);

@@ -8,7 +8,7 @@
  * calls there return FASTLORA_STATUS_NO_CUDA_DRIVER. The first attempt decides for the process. $FASTLORA_LIBCUDA,
  * read then, names another driver library (a path that does not exist behaves as a machine without CUDA).
  * sm_80 kernels run on every compute capability 8.x device, sm_90 ones (sm_90a) on 9.0 only; other devices get
- * FASTLORA_STATUS_NO_KERNEL_FOR_DEVICE. The cubins come from CUDA 12's ptxas: any CUDA 12 driver loads them.
+ * FASTLORA_STATUS_NO_KERNEL_FOR_DEVICE. Built by default with CUDA 12's ptxas, the cubins load on any CUDA 12 driver.
  *
  * Conventions, for every entry point:
  *  - Matrices are row-major with unit column stride; ld* is the row stride in elements (ld >= columns).
