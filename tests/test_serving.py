@@ -17,6 +17,7 @@ from test_serving_helpers import IDS, TARGETS, assert_logits_close, expected_row
 from tiny_models import HIDDEN, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
+from fastlora import kernels
 from fastlora.layers import MultiLoraLinear
 from fastlora.serving import MultiLoraModel, UnknownAdapterError
 
@@ -53,6 +54,21 @@ def peft_adapters(tmp_path_factory):
     return model, dirs
 
 
+@pytest.fixture
+def triton_calls(monkeypatch) -> list:
+    """Runs the Triton kernels (interpreted on CPU) and records each multi-adapter kernel launch."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "auto")
+    calls = []
+    real = kernels.multi_lora_linear_triton
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "multi_lora_linear_triton", spy)
+    return calls
+
+
 def _wrapped(dirs, max_adapters=4, max_rank=16, **kwargs) -> MultiLoraModel:
     mm = MultiLoraModel(tiny_llama(), TARGETS, max_adapters=max_adapters, max_rank=max_rank, **kwargs)
     for name, directory in dirs.items():
@@ -63,11 +79,11 @@ def _wrapped(dirs, max_adapters=4, max_rank=16, **kwargs) -> MultiLoraModel:
 # ------------------------------------------------------------------------------------------------ PEFT equality
 
 
-def test_mixed_batch_logits_match_peft(peft_adapters, monkeypatch):
+def test_mixed_batch_logits_match_peft(peft_adapters, triton_calls):
     peft_model, dirs = peft_adapters
     mm = _wrapped(dirs)
-    monkeypatch.setenv("FASTLORA_BACKEND", "auto")  # the Triton kernels (interpreted on CPU)
     logits = mm(IDS, adapter_names=ROWS).logits
+    assert triton_calls == [IDS.numel()] * 2 * len(TARGETS)  # one launch per layer, every token of the batch
     with torch.no_grad():
         expected = copy.deepcopy(peft_model).double()(input_ids=IDS, adapter_names=PEFT_ROWS).logits
         peft_fp32 = peft_model(input_ids=IDS, adapter_names=PEFT_ROWS).logits
@@ -85,14 +101,16 @@ def test_mixed_batch_logits_match_peft(peft_adapters, monkeypatch):
     }
 
 
-def test_generate_matches_rows_alone_and_peft(peft_adapters, monkeypatch):
+def test_generate_matches_rows_alone_and_peft(peft_adapters, triton_calls, monkeypatch):
     peft_model, dirs = peft_adapters
     mm = _wrapped(dirs)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     ids = IDS[:, :5]
-    monkeypatch.setenv("FASTLORA_BACKEND", "auto")
     mixed = mm.generate(ids, attention_mask=torch.ones_like(ids), adapter_names=ROWS, **kwargs)
     assert mixed.shape == (len(ROWS), ids.shape[1] + 4)
+    # The prefill, then decode steps of one token per row with the KV cache, each through the kernels.
+    layers = 2 * len(TARGETS)
+    assert triton_calls == [ids.numel()] * layers + [len(ROWS)] * layers * 3
     monkeypatch.setenv("FASTLORA_BACKEND", "torch")  # many more forwards below
     for i, name in enumerate(ROWS):
         alone = mm.generate(ids[i : i + 1], adapter_names=[name], **kwargs)
@@ -117,8 +135,7 @@ def test_generate_repeats_rows_for_num_return_sequences(peft_adapters, monkeypat
         assert torch.equal(out[2 * i : 2 * i + 2], alone)
 
 
-def test_gpt2_conv1d_layers_match_fastlora_single_adapter_models(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTLORA_BACKEND", "auto")
+def test_gpt2_conv1d_layers_match_fastlora_single_adapter_models(tmp_path, triton_calls):
     targets = ["c_attn", "c_proj", "c_fc"]
     dirs = {
         "x": random_adapter(tmp_path / "x", tiny_gpt2, r=4, lora_alpha=8, target_modules=targets, seed=1),
@@ -129,6 +146,7 @@ def test_gpt2_conv1d_layers_match_fastlora_single_adapter_models(tmp_path, monke
         mm.load_adapter(name, directory)
     rows = ["y", "x", None]
     logits = mm(IDS[:3], adapter_names=rows).logits
+    assert triton_calls  # before the oracle runs: only MultiLoraModel calls the multi-adapter kernels
     assert_logits_close(logits, expected_rows(tiny_gpt2, dirs, rows, IDS[:3]), "GPT-2 Conv1D")
 
 
