@@ -189,7 +189,10 @@ def jobs(archs=ARCHS, dtypes=DTYPES, ops=None) -> list[Job]:
 def _spec(variant: Variant):
     from . import static_check
 
-    return next(s for s in static_check.kernel_specs() if s.name == variant.kernel)
+    for spec in static_check.kernel_specs():
+        if spec.name == variant.kernel:
+            return spec
+    raise LookupError(f"fastlora.aot declares {variant.kernel!r}, which static_check.kernel_specs() no longer has")
 
 
 def compile_signature(variant: Variant, dtype: str):
