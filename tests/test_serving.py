@@ -171,6 +171,17 @@ def test_wrapper_swaps_target_layers_and_unwrap_restores_them(peft_adapters):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_inputs_embeds_and_a_single_name_for_every_row(peft_adapters, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    _, dirs = peft_adapters
+    mm = _wrapped(dirs)
+    ids = IDS[:2]
+    by_ids = mm(ids, adapter_names=["math", "math"]).logits
+    with torch.no_grad():
+        embeds = mm.model.get_input_embeddings()(ids)
+    assert torch.equal(mm(inputs_embeds=embeds, adapter_names="math").logits, by_ids)
+
+
 def test_adapter_scales(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTLORA_BACKEND", "torch")
     directory = random_adapter(tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=TARGETS, seed=3)
