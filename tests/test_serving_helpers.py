@@ -55,4 +55,3 @@ def expected_rows(build, dirs: dict, rows: list, ids: torch.Tensor) -> torch.Ten
             cache[name] = oracle_logits(build, None if name is None else dirs[name], ids)
         out.append(cache[name][i])
     return torch.stack(out)
-
