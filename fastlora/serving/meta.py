@@ -60,9 +60,7 @@ class BatchMeta:
         scalings = torch.as_tensor(slot_scalings, dtype=torch.float32).reshape(-1)
         num_slots = ranks_host.numel()
         if scalings.numel() != num_slots:
-            raise ValueError(
-                f"BatchMeta: slot_scalings has {scalings.numel()} entries but slot_ranks has {num_slots}"
-            )
+            raise ValueError(f"BatchMeta: slot_scalings has {scalings.numel()} entries but slot_ranks has {num_slots}")
         T = slots_host.numel()
         if T and (slots_host.min() < -1 or slots_host.max() >= num_slots):
             bad = slots_host[(slots_host < -1) | (slots_host >= num_slots)][0].item()
