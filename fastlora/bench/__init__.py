@@ -5,7 +5,10 @@ Suites (``SUITES``; each a ``Suite`` of ``fastlora.bench.common``, one module ea
 - ``linear``: one LoRA layer, forward and forward+backward, timed (``fastlora.bench.linear``);
 - ``memory``: bytes saved for backward per adapted module and peak memory of its training step
   (``fastlora.bench.memory``);
-- ``train``: one optimizer step of a Llama-style model: tokens per second and peak memory (``fastlora.bench.train``).
+- ``train``: one optimizer step of a Llama-style model: tokens per second and peak memory (``fastlora.bench.train``);
+- ``multi``: many adapters in one batch (serving): ``multi_lora_linear`` and ``MultiLoraModel`` against a base-only
+  forward and PEFT's mixed batch, by distinct adapters, tokens, rank mix and adapters registered
+  (``fastlora.bench.multi``).
 
 A suite runs as ``run(device, quick, progress_bar) -> rows`` and draws its own tables and plots; a row is a flat dict (suite, contender, the case's
 fields, ``shape``, ``dtype``, measurements, environment) so that tables and plots are drawn from rows, never from
@@ -14,15 +17,15 @@ the same inputs, after checking that they compute the same thing, and writes ``r
 PNG plots (``fastlora.bench.report``). The CPU suites run the torch backend on small shapes: their timings say
 nothing about kernel speed, they prove the suites run; bytes saved for backward are counted exactly on any device.
 
-A new suite (the multi-adapter ``multi`` suite of the serving runtime) is a module with a ``SUITE`` record, added to
-the tuple that builds ``SUITES``: ``fastlora bench --suite`` and ``all`` pick it up from there.
+A new suite is a module with a ``SUITE`` record, added to the tuple that builds ``SUITES``: ``fastlora bench --suite``
+and ``all`` pick it up from there.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import linear, memory, train
+from . import linear, memory, multi, train
 from .common import (
     CPU_DISCLAIMER,
     DTYPES,
@@ -58,20 +61,22 @@ from .linear import (
     peft_lora_linear,
 )
 from .memory import MemoryCase, SavedTensors, memory_cases, saved_for_backward
+from .multi import MultiCase, MultiModelCase, layer_cases, model_cases
 from .report import Written, read_rows
 from .report import format_markdown as _format_markdown
 from .report import write_results as _write_results
 from .train import TrainCase, train_cases
 
-SUITES: dict[str, Suite] = {suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE)}
+SUITES: dict[str, Suite] = {suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE, multi.SUITE)}
 
 __all__ = [
     "CPU_DISCLAIMER", "DTYPES", "FASTLORA", "FROZEN", "MODES", "NAIVE", "PATCHED", "PEFT", "QUANTILES", "SUITES",
-    "BenchmarkMismatch", "LinearCase", "LinearInputs", "MemoryCase", "SavedTensors", "Suite", "TrainCase", "Written",
-    "bench_backend", "bench_device", "check_agreement", "default_out_dir", "device_slug", "environment",
-    "forced_backend", "format_markdown", "linear_cases", "linear_contender_names", "linear_contenders", "linear_flops",
-    "make_linear_inputs", "memory_cases", "peak_memory_bytes", "peft_lora_linear", "read_rows", "run",
-    "saved_for_backward", "synchronized", "time_ms", "train_cases", "with_backend", "write_results",
+    "BenchmarkMismatch", "LinearCase", "LinearInputs", "MemoryCase", "MultiCase", "MultiModelCase", "SavedTensors",
+    "Suite", "TrainCase", "Written", "bench_backend", "bench_device", "check_agreement", "default_out_dir",
+    "device_slug", "environment", "forced_backend", "format_markdown", "layer_cases", "linear_cases",
+    "linear_contender_names", "linear_contenders", "linear_flops", "make_linear_inputs", "memory_cases", "model_cases",
+    "peak_memory_bytes", "peft_lora_linear", "read_rows", "run", "saved_for_backward", "synchronized", "time_ms",
+    "train_cases", "with_backend", "write_results",
 ]  # fmt: skip
 
 
