@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 
 from fastlora import bench
-from fastlora.bench import memory, train
+from fastlora.bench import memory, multi, train
 from fastlora.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -46,10 +46,30 @@ def _expected_rows() -> dict[str, set]:
             for case in bench.train_cases(device, quick=True)
             for name in train.CONTENDERS
         },
+        "multi": {
+            ("layer", *dataclasses.astuple(case), name)
+            for case in bench.layer_cases(device, quick=True)
+            for name in multi.layer_contender_names(case, backend)
+        }
+        | {
+            ("model", *dataclasses.astuple(case), name)
+            for case in bench.model_cases(device, quick=True)
+            for name in multi.model_contender_names(case)
+        },
     }
 
 
 CASE_TYPES = {"linear": bench.LinearCase, "memory": bench.MemoryCase, "train": bench.TrainCase}
+MULTI_CASE_TYPES = {"layer": bench.MultiCase, "model": bench.MultiModelCase}
+
+
+def _row_key(row: dict) -> tuple:
+    """A row's case fields and contender, as ``_expected_rows`` writes them (the multi suite's rows lead with their
+    level, whose case type they follow)."""
+    if row["suite"] == "multi":
+        fields = [f.name for f in dataclasses.fields(MULTI_CASE_TYPES[row["level"]])]
+        return (row["level"], *(row[f] for f in fields), row["contender"])
+    return (*(row[f.name] for f in dataclasses.fields(CASE_TYPES[row["suite"]])), row["contender"])
 
 
 def test_bench_quick_all_writes_every_suites_rows(quick_all):
@@ -61,14 +81,13 @@ def test_bench_quick_all_writes_every_suites_rows(quick_all):
     assert set(results["suites"]) == set(bench.SUITES)
     rows = results["rows"]
     for suite, expected in _expected_rows().items():
-        fields = [f.name for f in dataclasses.fields(CASE_TYPES[suite])]
-        got = [(*(row[f] for f in fields), row["contender"]) for row in rows if row["suite"] == suite]
+        got = [_row_key(row) for row in rows if row["suite"] == suite]
         assert set(got) == expected and len(got) == len(expected), suite
     for row in rows:
         for key in ("device", "torch", "triton", "fastlora", "timestamp", "shape", "dtype"):
             assert row[key], (key, row)
         assert row["device"] == results["environment"]["device"]
-        if row["suite"] in ("linear", "train"):
+        if row["suite"] in ("linear", "train", "multi"):
             assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
     for row in (r for r in rows if r["suite"] == "linear"):
         assert row["tflops"] > 0 and row["ratio_to_frozen"] > 0, row
@@ -77,6 +96,19 @@ def test_bench_quick_all_writes_every_suites_rows(quick_all):
         assert 0 <= row["saved_beyond_input_bytes"] <= row["saved_bytes"] and row["peak_step_bytes"] > 0, row
     for row in (r for r in rows if r["suite"] == "train"):
         assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["peak_step_bytes"] > 0, row
+    multi_rows = [r for r in rows if r["suite"] == "multi"]
+    for row in multi_rows:
+        assert row["tokens_per_s"] > 0, row
+        if row["level"] == "layer" or row["sweep"] == "contenders":
+            assert row["ratio_to_base"] > 0 and row["speedup_over_peft"] > 0, row
+            base = multi.BASE_ONLY if row["level"] == "layer" else multi.BASE_MODEL
+            assert (row["ratio_to_base"] == 1.0) == (row["contender"] == base), row
+    sweep = [r for r in multi_rows if r["level"] == "model" and r["sweep"] == "registered"]
+    assert len({r["registered"] for r in sweep}) >= 2  # a sweep, not a point
+    fewest = min(r["registered"] for r in sweep)
+    for row in sweep:
+        assert row["contender"] == multi.MULTI_MODEL and row["throughput_vs_fewest_registered"] > 0, row
+        assert (row["throughput_vs_fewest_registered"] == 1.0) == (row["registered"] == fewest), row
     assert str(out / "results.json") in stdout
 
 
@@ -85,20 +117,26 @@ def test_bench_markdown_has_every_table(quick_all):
     markdown = (out / "results.md").read_text()
     if bench.bench_device().type == "cpu":
         assert bench.CPU_DISCLAIMER in markdown
-    for heading in ("## linear", "### fwd", "### fwd+bwd", "## memory", "## train"):
+    headings = ("## linear", "### fwd", "### fwd+bwd", "## memory", "## train", "## multi", "### layer", "### model",
+                "### registered adapters")  # fmt: skip
+    for heading in headings:
         assert f"\n{heading}\n" in markdown
-    for name in (bench.FROZEN, bench.NAIVE, bench.PEFT, bench.FASTLORA, bench.PATCHED, train.APPLY_LORA):
+    names = (bench.FROZEN, bench.NAIVE, bench.PEFT, bench.FASTLORA, bench.PATCHED, train.APPLY_LORA, multi.BASE_ONLY,
+             multi.PEFT_MIXED, multi.MULTI, multi.BASE_MODEL, multi.MULTI_MODEL)  # fmt: skip
+    for name in names:
         assert name in markdown
-    for header in ("speedup over PEFT", "fastlora TFLOP/s", "fastlora / frozen", "saved for backward", "tokens/s"):
+    for header in ("speedup over PEFT", "fastlora TFLOP/s", "fastlora / frozen", "saved for backward", "tokens/s",
+                   "fastlora / base", "vs fewest registered"):  # fmt: skip
         assert header in markdown
     rows = json.loads((out / "results.json").read_text())["rows"]
-    # a line per linear case (its contenders side by side), a line per memory and per train row
+    # a line per linear and per multi case (its contenders side by side), a line per memory and per train row
     linear_cases = {
         (r["M"], r["K"], r["N"], r["r"], r["dtype"], r["dropout"], r["mode"]) for r in rows if r["suite"] == "linear"
     }
-    expected = len(linear_cases) + sum(r["suite"] != "linear" for r in rows)
+    multi_cases = {_row_key(r)[:-1] for r in rows if r["suite"] == "multi"}
+    expected = len(linear_cases) + len(multi_cases) + sum(r["suite"] in ("memory", "train") for r in rows)
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
-    headers = [line for line in lines if line.startswith(("| M |", "| size |", "| ---"))]
+    headers = [line for line in lines if line.startswith(("| M |", "| size |", "| T |", "| ---"))]
     assert len(lines) - len(headers) == expected
 
 

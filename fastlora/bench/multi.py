@@ -650,7 +650,7 @@ def add_registered_spread(rows: list[dict]) -> None:
 
 
 @contextlib.contextmanager
-def _cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
+def cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
     """On CPU, run torch on ``threads`` threads: the tiny CPU shapes are dozens of small ops per layer, where a
     thread pool's barriers cost more than they share, and on a loaded machine a spinning thread waiting for a busy
     core turns microseconds into milliseconds. CUDA runs are left alone."""
@@ -669,7 +669,7 @@ def multi_suite(device: torch.device, quick: bool = False, progress_bar: bool = 
     """The layer cases, then the model cases; one row per (case, contender)."""
     backend = bench_backend(device)
     rows = []
-    with forced_backend(backend), _cpu_threads(device, 1):
+    with forced_backend(backend), cpu_threads(device, 1):
         for case in progress(layer_cases(device, quick), "multi layer", progress_bar):
             rows.extend(measure_layer_case(case, device, backend, 0.05 if quick else 0.5))
             _free(device)

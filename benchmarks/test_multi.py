@@ -1,0 +1,65 @@
+"""pytest-benchmark over the multi suite's quick cases: one test per (case, contender) of the multi-adapter layer
+(base-only GEMM, PEFT's mixed batch, ``multi_lora_linear`` and its forced paths on Triton) and of the model
+(base model, PEFT's mixed batch, ``MultiLoraModel``), each fastlora contender checked against PEFT first.
+``fastlora bench --suite multi`` writes the tables."""
+
+import functools
+
+import pytest
+
+from fastlora import bench
+from fastlora.bench import multi
+
+DEVICE = bench.bench_device()
+BACKEND = bench.bench_backend(DEVICE)
+LAYER_CASES = bench.layer_cases(DEVICE, quick=True)
+MODEL_CASES = bench.model_cases(DEVICE, quick=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """As ``fastlora bench`` runs the suite: on CPU, one torch thread (see ``multi.cpu_threads``)."""
+    with multi.cpu_threads(DEVICE, 1):
+        yield
+
+
+@functools.cache
+def layer_contenders(case: bench.MultiCase) -> dict:
+    """The case's inputs and contenders, built and checked against PEFT's mixed batch once for all contenders."""
+    contenders = multi.layer_contenders(case, multi.make_multi_inputs(case, DEVICE), BACKEND)
+    multi.check_layer_agreement(case, contenders)
+    return contenders
+
+
+@functools.cache
+def peft_logits(case: bench.MultiModelCase):
+    with bench.forced_backend(BACKEND):
+        return multi.peft_reference(case, DEVICE, multi.make_ids(case, DEVICE))
+
+
+def _param(case, name):
+    return pytest.param(case, name, id=f"{case.label}-{name.replace(' ', '_')}")
+
+
+@pytest.mark.parametrize(
+    "case, name", [_param(case, name) for case in LAYER_CASES for name in multi.layer_contender_names(case, BACKEND)]
+)
+def test_multi_layer(benchmark, case, name):
+    benchmark.group = f"multi-{case.label}"
+    benchmark.extra_info.update(backend=BACKEND, tokens=case.T, adapters=case.adapters)
+    benchmark(bench.synchronized(layer_contenders(case)[name], DEVICE))
+
+
+@pytest.mark.parametrize(
+    "case, name", [_param(case, name) for case in MODEL_CASES for name in multi.model_contender_names(case)]
+)
+def test_multi_model(benchmark, case, name):
+    ids = multi.make_ids(case, DEVICE)
+    with bench.forced_backend(BACKEND):
+        model = multi.build_model(case, name, DEVICE)
+        if name == multi.MULTI_MODEL:
+            multi.check_model_agreement(case, multi.forward_logits(model, case, name, ids), peft_logits(case))
+    benchmark.group = f"multi-{case.label}"
+    benchmark.extra_info.update(backend=BACKEND, tokens=case.tokens, registered=case.registered)
+    step = bench.with_backend(multi.model_step(model, case, name, ids), BACKEND)
+    benchmark(bench.synchronized(step, DEVICE))
