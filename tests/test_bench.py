@@ -2,13 +2,14 @@
 that guard the timings, and the choice of sizes. Expected figures are computed from shapes, never copied from a run."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
 from torch import nn
 
 from fastlora import bench
-from fastlora.bench import linear, memory, train
+from fastlora.bench import linear, memory, multi, train
 
 CPU = torch.device("cpu")
 
@@ -144,3 +145,119 @@ def test_gpu_train_sizes_fit_the_device(monkeypatch, gib):
             assert train.estimated_bytes(case) <= limit and case.batch <= full.batch
             if case.batch < full.batch:
                 assert train.estimated_bytes(dataclasses.replace(case, batch=case.batch * 2)) > limit
+
+
+# ----------------------------------------------------------------------------------------------- multi
+
+
+def test_multi_layer_inputs_spread_adapters_over_the_pool_and_mix_ranks():
+    case = bench.MultiCase(T=48, K=32, N=24, adapters=4, ranks=multi.MIXED, slots=16, dtype="fp32")
+    inputs = multi.make_multi_inputs(case, CPU)
+    mix = multi.parse_ranks(case.ranks)
+    assert inputs.batch_slots == [0, 4, 8, 12]
+    assert [inputs.slot_ranks[s] for s in inputs.batch_slots] == list(mix)  # every rank of the mix in the batch
+    counts = {s: inputs.token_slots.count(s) for s in inputs.batch_slots}
+    assert set(inputs.token_slots) == set(inputs.batch_slots) and set(counts.values()) == {case.T // case.adapters}
+    assert inputs.token_slots != sorted(inputs.token_slots)  # shuffled, not one contiguous run per adapter
+    assert inputs.meta.num_segments == case.adapters and inputs.meta.max_rank == max(mix)
+    for s, r in enumerate(inputs.slot_ranks):
+        assert inputs.a_pool[s, :r].abs().sum() > 0 and inputs.b_pool[s, :, :r].abs().sum() > 0
+        assert not inputs.a_pool[s, r:].any() and not inputs.b_pool[s, :, r:].any()
+
+
+def test_multi_peft_layer_holds_the_batch_adapters():
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    case = bench.MultiCase(T=8, K=16, N=12, adapters=3, ranks="2,4", slots=6, dtype="fp32")
+    inputs = multi.make_multi_inputs(case, CPU)
+    layer, names = multi.peft_mixed_linear(inputs)
+    assert type(layer) is PeftLinear and not layer.training
+    assert names == [f"slot{s}" for s in inputs.token_slots]
+    assert set(layer.lora_A) == {f"slot{s}" for s in inputs.batch_slots}
+    for s in inputs.batch_slots:
+        r = inputs.slot_ranks[s]
+        assert torch.equal(layer.lora_A[f"slot{s}"].weight, inputs.a_pool[s, :r])
+        assert torch.equal(layer.lora_B[f"slot{s}"].weight, inputs.b_pool[s, :, :r])
+        assert layer.scaling[f"slot{s}"] == inputs.scaling
+    assert layer.base_layer.weight.data_ptr() == inputs.weight.data_ptr()
+
+
+def test_multi_layer_agreement_check_catches_a_wrong_slot(monkeypatch):
+    case = bench.MultiCase(T=16, K=32, N=16, adapters=4, ranks=multi.MIXED, slots=8, dtype="fp32")
+    inputs = multi.make_multi_inputs(case, CPU)
+    contenders = multi.layer_contenders(case, inputs, "torch")
+    multi.check_layer_agreement(case, contenders)  # the real contenders agree
+    base, peft = contenders[multi.BASE_ONLY](), contenders[multi.PEFT_MIXED]()
+    assert (peft - base).abs().max() > 0.1 * base.abs().max()  # the adapters matter: the check has teeth
+    real = multi.multi_lora_linear
+
+    def shifted(x, w, b, a_pool, b_pool, meta, **kw):  # every token reads the next slot's adapter
+        return real(x, w, b, a_pool.roll(1, 0), b_pool.roll(1, 0), meta, **kw)
+
+    monkeypatch.setattr(multi, "multi_lora_linear", shifted)
+    with pytest.raises(bench.BenchmarkMismatch, match="fastlora multi_lora_linear != PEFT mixed batch"):
+        multi.check_layer_agreement(case, multi.layer_contenders(case, inputs, "torch"))
+
+
+def test_multi_model_adapters_and_rows():
+    case = next(c for c in multi.cpu_model_cases(quick=True) if c.ranks == multi.MIXED)
+    names = multi.batch_adapters(case)
+    assert len(names) == case.adapters == len(set(names))
+    assert [multi.adapter_rank(case, n) for n in names] == list(multi.parse_ranks(case.ranks))[: case.adapters]
+    rows = multi.row_adapters(case)
+    assert len(rows) == case.batch and set(rows) == set(names)
+    wide = dataclasses.replace(case, registered=64, sweep="registered")
+    spread = [int(n.removeprefix("adapter")) for n in multi.batch_adapters(wide)]
+    assert spread == sorted(spread) and spread[-1] >= wide.registered // 2  # over the whole pool, not its first slots
+    with pytest.raises(ValueError, match="distinct adapters need as many rows"):
+        dataclasses.replace(case, adapters=case.batch + 1, registered=case.batch + 1)
+    with pytest.raises(ValueError, match="between 1 and registered"):
+        dataclasses.replace(case, registered=case.adapters - 1)
+
+
+def test_multi_model_matches_peft_and_the_check_compares_them():
+    case = next(c for c in multi.cpu_model_cases(quick=True) if c.sweep == "registered")
+    ids = multi.make_ids(case, CPU)
+    with bench.forced_backend("torch"):
+        want = multi.peft_reference(case, CPU, ids)
+        mm = multi.build_model(case, multi.MULTI_MODEL, CPU)
+        got = multi.forward_logits(mm, case, multi.MULTI_MODEL, ids)
+        base = multi.forward_logits(multi.build_model(case, multi.BASE_MODEL, CPU), case, multi.BASE_MODEL, ids)
+    assert sorted(mm.pool.resident) == sorted(multi.adapter_names(case))  # every registered adapter in a slot
+    assert mm.pool.max_adapters == case.registered and not mm.pool.pinned
+    multi.check_model_agreement(case, got, want)
+    assert (want - base).abs().max() > 1e-3  # the adapters change the logits
+    with pytest.raises(bench.BenchmarkMismatch, match="in logits"):
+        multi.check_model_agreement(case, base, want)
+
+
+def test_multi_registered_spread_is_relative_to_the_fewest():
+    def row(registered, tokens_per_s, **over):
+        return {"level": "model", "sweep": "registered", "size": "s", "mode": "generate", "batch": 4, "seq": 8,
+                "new_tokens": 4, "adapters": 2, "ranks": "16", "dtype": "fp32", "registered": registered,
+                "tokens_per_s": tokens_per_s, **over}  # fmt: skip
+
+    rows = [row(64, 90.0), row(8, 100.0), row(512, 96.0), row(8, 50.0, batch=8), row(32, 55.0, batch=8)]
+    other = {"level": "model", "sweep": "contenders", "tokens_per_s": 1.0}
+    multi.add_registered_spread([*rows, other])
+    assert [r["throughput_vs_fewest_registered"] for r in rows] == [0.9, 1.0, 0.96, 1.0, 1.1]
+    assert "throughput_vs_fewest_registered" not in other
+
+
+def test_multi_gpu_cases_cover_the_issue_sizes():
+    layer = multi.gpu_layer_cases()
+    assert {(c.K, c.N, c.dtype) for c in layer} == {(4096, 4096, "bf16")}
+    main = [c for c in layer if c.slots == 128]
+    decode = {(c.T, c.adapters, c.ranks) for c in main if c.phase == "decode"}
+    for T, D, ranks in itertools.product((32, 64, 128, 256), (1, 8, 32, 128), (multi.UNIFORM, multi.MIXED)):
+        assert ((T, D, ranks) in decode) == (D <= T)
+    assert {(c.adapters, c.ranks) for c in main if c.T == 4096} == set(
+        itertools.product((1, 8, 32, 128), (multi.UNIFORM, multi.MIXED))
+    )
+    assert {c.slots for c in layer} == {8, 32, 128, 512}
+    target = multi.MultiCase(32, 4096, 4096, 32, multi.UNIFORM, 128, "bf16")
+    assert target in layer and target in multi.gpu_layer_cases(quick=True)
+    sweep = [c for c in multi.gpu_model_cases() if c.sweep == "registered"]
+    assert {c.registered for c in sweep} == {8, 32, 128, 512}
+    assert len({dataclasses.replace(c, registered=512) for c in sweep}) == 1  # only the number registered changes
+    assert {c.mode for c in multi.gpu_model_cases() if c.sweep == "contenders"} == set(multi.MODES)
