@@ -1,7 +1,7 @@
 """The ``multi`` suite: many adapters in one batch (the serving path), at the layer and at the model level.
 
 **Layer** (``MultiCase``): one projection ``x [T, K] -> [T, N]`` whose ``T`` tokens use ``D`` distinct adapters, each
-token's adapter drawn in shuffled order (every adapter gets ``T / D`` tokens, never in contiguous runs), from a pool
+token's adapter drawn in shuffled order (every adapter gets ``T / D`` tokens, to within one, not in runs), from a pool
 of ``slots`` adapters (the registered adapters resident on the device) of the case's rank mix (``"16"``, or
 ``"8,16,32,64"`` cycled over the batch's adapters). Contenders, all on the same ``x``, ``W0``, bias and adapter
 weights, under ``torch.no_grad`` (inference):
@@ -21,8 +21,9 @@ gate/up/down projections adapted, ``batch`` rows each using one of ``D`` distinc
 adapter at least one row). ``mode`` is ``forward`` (one forward of ``batch × seq`` tokens, no KV cache: prefill) or
 ``generate`` (greedy ``generate`` of exactly ``new_tokens`` tokens per row after a ``seq``-token prompt, KV cache on;
 the prefill is inside the timed call). Contenders: the base model alone (the same weights, no adapters), PEFT's
-mixed batch (``get_peft_model`` and ``add_adapter`` for the batch's adapters, called with ``adapter_names=``) and
-``fastlora.serving.MultiLoraModel`` with ``registered`` adapters registered and resident in as many slots. The
+mixed batch (``get_peft_model`` and ``add_adapter`` for the batch's adapters, called with ``adapter_names=``; PEFT
+keeps them in fp32 for a bf16 model, as it does by default) and ``fastlora.serving.MultiLoraModel`` (its pool in the
+model's dtype, its default) with ``registered`` adapters registered and resident in as many slots. The
 ``registered`` sweep times ``MultiLoraModel`` alone, on a fixed batch, with more and more adapters registered: its
 throughput should not depend on how many adapters the pool holds.
 
