@@ -14,8 +14,9 @@ A suite runs as ``run(device, quick, progress_bar) -> rows`` and draws its own t
 (suite, contender, the case's fields, ``shape``, ``dtype``, measurements, environment) so that tables and plots are
 drawn from rows, never from live measurements. ``run`` picks the cases for the device, measures every contender of a
 case in the same process on the same inputs, after checking that they compute the same thing, and writes
-``results.json``, ``results.md`` and PNG plots (``fastlora.bench.report``). The CPU suites run the torch backend on small shapes: their timings say
-nothing about kernel speed, they prove the suites run; bytes saved for backward are counted exactly on any device.
+``results.json``, ``results.md`` and PNG plots (``fastlora.bench.report``). The CPU suites run the torch backend on
+small shapes: their timings say nothing about kernel speed, they prove the suites run; bytes saved for backward are
+counted exactly on any device.
 
 A new suite is a module with a ``SUITE`` record, added to the tuple that builds ``SUITES``: ``fastlora bench --suite``
 and ``all`` pick it up from there.
