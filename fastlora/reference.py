@@ -15,6 +15,7 @@ _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
+_MASK_BLOCK_ELEMENTS = 1 << 16
 
 
 def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +56,16 @@ def dropout_mask(seed: int | torch.Tensor, shape: tuple[int, int], p: float, dev
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
     M, K = shape
-    rows = torch.arange(M, device=device)[:, None]
+    keep = torch.empty((M, K), dtype=torch.bool, device=device)
     cols = torch.arange(K, device=device)[None, :]
-    return philox_word(seed, rows, cols) >= dropout_threshold(p)
+    threshold = dropout_threshold(p)
+    # The Philox rounds hold about ten int64 temporaries per element: a block of rows at a time bounds them to a few
+    # MiB instead of ~80 bytes per element of x (and keeps them in cache).
+    step = max(1, _MASK_BLOCK_ELEMENTS // max(K, 1))
+    for r0 in range(0, M, step):
+        rows = torch.arange(r0, min(r0 + step, M), device=device)[:, None]
+        keep[r0 : r0 + step] = philox_word(seed, rows, cols) >= threshold
+    return keep
 
 
 def dropout(x2d: torch.Tensor, p: float, seed: int | torch.Tensor | None) -> torch.Tensor:
