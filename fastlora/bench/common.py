@@ -45,6 +45,19 @@ PATCHED = "PEFT + fastlora.patch_peft"
 FASTLORA = "fastlora"
 
 
+class Case:
+    """Base of every suite's case dataclass: its ``dtype`` field names a key of ``DTYPES`` (checked when the case
+    is made; subclasses that check more call ``super().__post_init__()``)."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"{type(self).__name__}: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
 class BenchmarkMismatch(AssertionError):
     """Two contenders that compute the same thing disagree: timing them side by side would be meaningless."""
 

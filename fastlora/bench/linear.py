@@ -31,11 +31,11 @@ from torch import nn
 from ..kernels import ONEPASS_MAX_RANK
 from ..ops import lora_linear
 from .common import (
-    DTYPES,
     FASTLORA,
     FROZEN,
     NAIVE,
     PEFT,
+    Case,
     Suite,
     assert_close,
     bench_backend,
@@ -53,7 +53,7 @@ PLOT = "linear_speedup.png"
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearCase:
+class LinearCase(Case):
     """One shape of the linear suite: ``x [M, K]``, ``W0 [N, K]``, rank ``r``, activation dtype (a key of
     ``DTYPES``), LoRA dropout probability, and ``mode`` (``"fwd"`` or ``"fwd+bwd"``)."""
 
@@ -66,14 +66,9 @@ class LinearCase:
     mode: str
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"LinearCase: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"LinearCase: mode must be one of {MODES}, got {self.mode!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @property
     def shape(self) -> str:

@@ -37,11 +37,11 @@ from torch import nn
 
 from ..layers import LoraLinear
 from .common import (
-    DTYPES,
     FASTLORA,
     FROZEN,
     PATCHED,
     PEFT,
+    Case,
     Suite,
     assert_close,
     bench_backend,
@@ -65,7 +65,7 @@ TORCH_BACKEND_NOTE = (
 
 
 @dataclasses.dataclass(frozen=True)
-class MemoryCase:
+class MemoryCase(Case):
     """One adapted module: ``x [M, K]``, ``W0 [N, K]``, rank ``r``, activation dtype, LoRA dropout."""
 
     M: int
@@ -74,14 +74,6 @@ class MemoryCase:
     r: int
     dtype: str
     dropout: float
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"MemoryCase: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @property
     def shape(self) -> str:

@@ -52,8 +52,8 @@ from torch import nn
 from ..ops import MULTI_FUSED_MAX_TOKENS, multi_lora_linear
 from ..serving import BatchMeta, MultiLoraModel
 from .common import (
-    DTYPES,
     FASTLORA,
+    Case,
     Suite,
     assert_close,
     bench_backend,
@@ -92,9 +92,7 @@ def parse_ranks(ranks: str) -> tuple[int, ...]:
     return tuple(int(r) for r in ranks.split(","))
 
 
-def _check_common(where: str, dtype: str, ranks: str, adapters: int, pool: int, pool_name: str) -> None:
-    if dtype not in DTYPES:
-        raise ValueError(f"{where}: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+def _check_common(where: str, ranks: str, adapters: int, pool: int, pool_name: str) -> None:
     if not ranks or any(r < 1 for r in parse_ranks(ranks)):
         raise ValueError(f"{where}: ranks must be positive integers separated by commas, got {ranks!r}")
     if not 1 <= adapters <= pool:
@@ -105,7 +103,7 @@ def _check_common(where: str, dtype: str, ranks: str, adapters: int, pool: int, 
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiCase:
+class MultiCase(Case):
     """One layer shape: ``T`` tokens of ``x [T, K]``, ``W0 [N, K]``, ``adapters`` distinct adapters in the batch
     (``D``), their rank mix, ``slots`` adapters in the pool, the dtype of activations, weights and pool."""
 
@@ -118,13 +116,10 @@ class MultiCase:
     dtype: str
 
     def __post_init__(self):
-        _check_common("MultiCase", self.dtype, self.ranks, self.adapters, self.slots, "slots")
+        super().__post_init__()
+        _check_common("MultiCase", self.ranks, self.adapters, self.slots, "slots")
         if self.adapters > self.T:
             raise ValueError(f"MultiCase: {self.adapters} distinct adapters need at least as many tokens, T={self.T}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @property
     def phase(self) -> str:
@@ -344,7 +339,7 @@ def measure_layer_case(case: MultiCase, device: torch.device, backend: str, min_
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiModelCase:
+class MultiModelCase(Case):
     """A Llama-style model (``size`` names it), ``mode`` (``forward`` or ``generate``), ``batch`` rows of ``seq``
     prompt tokens (``new_tokens`` generated per row), ``adapters`` distinct adapters among the rows, their rank mix,
     ``registered`` adapters in the pool (all resident), the model's dtype, and ``sweep``: ``contenders`` (base, PEFT
@@ -368,7 +363,8 @@ class MultiModelCase:
     sweep: str
 
     def __post_init__(self):
-        _check_common("MultiModelCase", self.dtype, self.ranks, self.adapters, self.registered, "registered")
+        super().__post_init__()
+        _check_common("MultiModelCase", self.ranks, self.adapters, self.registered, "registered")
         if self.mode not in MODES:
             raise ValueError(f"MultiModelCase: mode must be one of {MODES}, got {self.mode!r}")
         if self.sweep not in SWEEPS:
@@ -377,10 +373,6 @@ class MultiModelCase:
             raise ValueError(f"MultiModelCase: {self.adapters} distinct adapters need as many rows, batch={self.batch}")
         if (self.mode == "generate") != (self.new_tokens > 0):
             raise ValueError("MultiModelCase: new_tokens > 0 for generate, 0 for forward")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @property
     def tokens(self) -> int:

@@ -33,6 +33,7 @@ from .common import (
     DTYPES,
     FASTLORA,
     PATCHED,
+    Case,
     Suite,
     assert_close,
     bench_backend,
@@ -56,7 +57,7 @@ PLOT = "train_throughput.png"
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainCase:
+class TrainCase(Case):
     """A Llama-style model (``size`` names it), the batch, the LoRA rank, the dtype of the model and the dropout."""
 
     size: str
@@ -71,14 +72,6 @@ class TrainCase:
     r: int
     dtype: str
     dropout: float
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"TrainCase: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @property
     def tokens(self) -> int:
