@@ -455,8 +455,50 @@ def multi_lora_linear(
             "fastlora.multi_lora_linear: the triton backend is inference only and an input requires grad; "
             "call it under torch.no_grad() (or torch.inference_mode()), or use backend='torch' to differentiate"
         )
-    x2d = _as_2d(x)
+    return _multi_lora_linear_fwd(
+        x, weight, bias, a_pool, b_pool, meta.token_slots, meta.sorted_token_ids, meta.seg_offsets, meta.seg_slots,
+        meta.token_scales, ranks, scalings, meta.num_segments, meta.max_segment_len, meta.max_rank, fan_in_fan_out,
+        impl,
+    )  # fmt: skip
+
+
+# The Triton path as one custom op (a BatchMeta is not an op argument type, so its tensors and host integers are
+# passed one by one): torch.compile traces code that calls it with a batch's metadata without graph breaks.
+@torch.library.custom_op("fastlora::multi_lora_linear", mutates_args=())
+def _multi_lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_token_ids: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    seg_slots: torch.Tensor,
+    token_scales: torch.Tensor | None,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    num_segments: int,
+    max_segment_len: int,
+    max_rank: int,
+    fan_in_fan_out: bool,
+    impl: str,
+) -> torch.Tensor:
+    from .serving.meta import BatchMeta  # a plain dataclass; imported here as fastlora.serving imports this module
+
+    meta = BatchMeta(
+        token_slots=token_slots, sorted_token_ids=sorted_token_ids, seg_offsets=seg_offsets, seg_slots=seg_slots,
+        slot_ranks=ranks, slot_scalings=scalings, token_scales=token_scales, num_tokens=token_slots.numel(),
+        num_segments=num_segments, max_segment_len=max_segment_len, max_rank=max_rank, active_slots=(),
+    )  # fmt: skip
     y = kernels.multi_lora_linear_triton(
-        x2d, _weight_t(weight, fan_in_fan_out), bias, a_pool, b_pool, meta, ranks, scalings, impl
+        _as_2d(x), _weight_t(weight, fan_in_fan_out), bias, a_pool, b_pool, meta, ranks, scalings, impl
     )
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@_multi_lora_linear_fwd.register_fake
+def _(x, weight, bias, a_pool, b_pool, token_slots, sorted_token_ids, seg_offsets, seg_slots, token_scales, ranks,
+      scalings, num_segments, max_segment_len, max_rank, fan_in_fan_out, impl):  # fmt: skip
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], N))

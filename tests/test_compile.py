@@ -50,3 +50,27 @@ def test_compile_fullgraph_with_dropout(device):
     torch.manual_seed(1)
     b = compiled(x)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["fused", "segmented"])
+def test_compile_fullgraph_multi_lora_linear(impl, device):
+    """The multi-adapter op is one custom op: a compiled function over a batch's metadata traces without breaks."""
+    from test_multi_lora_linear import expected, make_case
+
+    from fastlora import multi_lora_linear
+
+    torch._dynamo.reset()
+    x, w, b, a_pool, b_pool, meta = make_case(
+        9, 24, 40, [4, 16, 0, 8], [1, -1, 0, 3, 1, 0, -1, 3, 1], torch.float32, token_scales=True, device=device
+    )
+
+    def two_layers(x):
+        h = multi_lora_linear(x, w, b, a_pool, b_pool, meta, impl=impl)
+        return multi_lora_linear(h[:, :24].contiguous(), w, b, a_pool, b_pool, meta, impl=impl)
+
+    with torch.no_grad():
+        eager = two_layers(x)
+        compiled = torch.compile(two_layers, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(compiled, eager)
+    h = expected(x, w, b, a_pool, b_pool, meta)
+    assert_close(eager, expected(h[:, :24].float().contiguous(), w, b, a_pool, b_pool, meta), torch.float32, 48)
