@@ -59,7 +59,7 @@ _AGREEMENT_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2
 PLOT = "memory_per_module.png"
 TORCH_BACKEND_NOTE = (
     "Here fastlora runs its torch backend (`fastlora.reference`): its peak step memory is that of plain PyTorch ops "
-    "with their temporaries (with dropout, the Philox mask is computed from int64 index tensors of size M·K), not "
+    "with their temporaries (with dropout, the keep-mask and the dropped input are tensors of size M·K), not "
     "the Triton kernels', which keep the mask in registers. What it saves for backward is the same on every backend."
 )
 
@@ -279,8 +279,8 @@ def memory_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     axes[1].set_xticklabels([f"M={M} K={K}\nN={N} r={r}\n{dt}, p={p}" for M, K, N, r, dt, p in cases], fontsize=8)
     fig.suptitle(f"memory per adapted module, {rows[0]['device']}", fontsize=11)
     if rows[0]["backend"] == "torch":
-        fig.text(0.5, 0.005, "fastlora on its torch backend: its peak step is the reference's (int64 temporaries for "
-                 "the dropout mask), not the kernels'", ha="center", fontsize=7, style="italic")  # fmt: skip
+        fig.text(0.5, 0.005, "fastlora on its torch backend: its peak step is the reference's (M·K temporaries for "
+                 "dropout), not the kernels'", ha="center", fontsize=7, style="italic")  # fmt: skip
     fig.tight_layout(rect=(0, 0.02, 1, 1))  # room for the note at the bottom
     path = out_dir / PLOT
     fig.savefig(path, dpi=110)
