@@ -216,6 +216,8 @@ def _multi_shrink_kernel(
     configs=_expand_configs(),
     key=["M_BUCKET", "N", "R"],
     prune_configs_by={"early_config_prune": _pruner(expand_config_ok, "y_ptr", "b_ptr")},
+    # The kernel adds into y: every timed launch of the tuner would add the LoRA term again.
+    restore_value=["y_ptr"],
 )
 @triton.jit
 def _multi_expand_kernel(
@@ -357,7 +359,7 @@ def _multi_fused_kernel(
             other=0.0,
         )
         w = tl.load(
-            wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+            wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn,
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )

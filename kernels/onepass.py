@@ -138,7 +138,7 @@ def _lora_onepass_kernel(
             x_ptr + rows_m * stride_xm + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
         )
         w = tl.load(
-            wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+            wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn,
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )

@@ -270,3 +270,31 @@ def test_sweep(impl, dtype, lora_dtype, T, K, N, num_adapters):
                      fan_in_fan_out=fan_in_fan_out, bias=N % 2 == 0, seed=N)  # fmt: skip
     y = run(case, fan_in_fan_out=fan_in_fan_out, impl=impl)
     assert_close(y, expected(*case, fan_in_fan_out=fan_in_fan_out), dtype, K + max(ranks), "y")
+
+
+def test_expand_autotuning_does_not_accumulate_into_the_output(monkeypatch):
+    """The segmented expand adds into ``y`` in place. On a GPU the autotuner times several configs by launching the
+    kernel repeatedly on the real arguments; each launch must start from the base output (``restore_value``)."""
+    import triton
+
+    from fastlora.kernels import multi_lora
+
+    tuner = multi_lora._multi_expand_kernel
+    configs = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_R": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_R": 16}, num_warps=4, num_stages=1),
+    ]
+
+    def timer(kernel_call, quantiles=None, **_):
+        for _ in range(3):  # warm-up and repetitions, each a real launch as in triton.testing.do_bench
+            kernel_call()
+        return 1.0 if quantiles is None else [1.0] * len(quantiles)
+
+    monkeypatch.setattr(tuner, "configs", configs)
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "_do_bench", timer)
+    x, w, b, a_pool, b_pool, meta = make_case(80, 32, 24, [4, 8], [i % 3 - 1 for i in range(80)], torch.float32)
+    with torch.no_grad():
+        y = ops.multi_lora_linear(x, w, b, a_pool, b_pool, meta, impl="segmented", backend="triton")
+    assert len(tuner.cache) == 1, "the tuner did not run: the test would prove nothing"
+    assert_close(y, expected(x, w, b, a_pool, b_pool, meta), torch.float32, 32, "first (tuned) call")
