@@ -15,7 +15,9 @@ For ``T`` tokens in input order and a pool of ``num_slots`` slots:
 - ``token_scales [T]`` or None: an optional per-token multiplier of the LoRA term (per-request adapter strength).
 
 Host-side integers (``num_tokens``, ``num_segments``, ``max_segment_len``, ``max_rank``) size the kernels' grids, so
-no layer synchronises with the device. Index tensors are int32 on the batch's device.
+no layer synchronises with the device. The grouping is done on the host (the slots come from the host: one adapter
+name per request) and copied with ``non_blocking=True``: a copy from pageable memory is staged at once and does not
+wait for the device's queue. Index tensors are int32 on the batch's device.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class BatchMeta:
             token_scales = torch.as_tensor(token_scales, dtype=torch.float32).reshape(-1)
             if token_scales.numel() != T:
                 raise ValueError(f"BatchMeta: token_scales has {token_scales.numel()} entries for {T} tokens")
-            token_scales = token_scales.to(device)
+            token_scales = token_scales.to(device, non_blocking=True)
 
         active = slots_host >= 0
         ids = torch.nonzero(active).reshape(-1)
@@ -92,7 +94,7 @@ class BatchMeta:
             seg_offsets=on_device(seg_offsets),
             seg_slots=on_device(seg_slots),
             slot_ranks=on_device(ranks_host),
-            slot_scalings=scalings.to(device),
+            slot_scalings=scalings.to(device, non_blocking=True),
             token_scales=token_scales,
             num_tokens=T,
             num_segments=seg_slots.numel(),
