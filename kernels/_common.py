@@ -9,6 +9,7 @@ here rather than taken from ``tl.randint`` so that the mask does not change with
 """
 
 import os
+import threading
 
 import torch
 import triton
@@ -24,6 +25,13 @@ PHILOX_ROUNDS = 10
 
 # ``triton.jit`` reads TRITON_INTERPRET when a kernel is defined, so the mode is fixed when this module loads.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Every launch of an autotuned kernel goes through this lock. Triton's ``Autotuner.run`` keeps the call's arguments
+# on the shared kernel object (``self.nargs``) while it picks and launches a config, so two threads launching the same
+# kernel at once can read each other's arguments (or None); and the interpreter patches ``triton.language`` during a
+# launch. Launches are asynchronous on a GPU, so the lock is held for microseconds.
+launch_lock = threading.Lock()
 
 
 def is_interpreting() -> bool:

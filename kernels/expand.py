@@ -21,6 +21,7 @@ from ._common import (
     dropout_tile,
     fits_in_smem,
     is_interpreting,
+    launch_lock,
     m_bucket,
     mma,
     signed_threshold,
@@ -176,16 +177,17 @@ def lora_expand(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _lora_expand_kernel[grid](
-        x, wt, low, rt, bias if bias is not None else x, out, seed if dropout else x,
-        M, N, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), low.stride(0), low.stride(1),
-        rt.stride(0), rt.stride(1), out.stride(0), out.stride(1),
-        signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        HAS_BIAS=bias is not None,
-        DROPOUT=dropout,
-        UPCAST=is_interpreting(),
-        PRECISION=dot_precision(x.dtype, wt.dtype, low.dtype),
-        BLOCK_R=min(64, max(16, triton.next_power_of_2(R))),
-    )  # fmt: skip
+    with launch_lock:
+        _lora_expand_kernel[grid](
+            x, wt, low, rt, bias if bias is not None else x, out, seed if dropout else x,
+            M, N, K, R, m_bucket(M),
+            x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), low.stride(0), low.stride(1),
+            rt.stride(0), rt.stride(1), out.stride(0), out.stride(1),
+            signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+            HAS_BIAS=bias is not None,
+            DROPOUT=dropout,
+            UPCAST=is_interpreting(),
+            PRECISION=dot_precision(x.dtype, wt.dtype, low.dtype),
+            BLOCK_R=min(64, max(16, triton.next_power_of_2(R))),
+        )  # fmt: skip
     return out

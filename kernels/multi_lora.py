@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, fits_in_smem, is_interpreting, m_bucket, mma, tile_ids
+from ._common import dot_precision, fits_in_smem, is_interpreting, launch_lock, m_bucket, mma, tile_ids
 
 # ----------------------------------------------------------------------------------------------- configs
 
@@ -422,16 +422,17 @@ def multi_lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, meta, ranks: torch.
     def grid(cfg):
         return (meta.num_segments, triton.cdiv(meta.max_segment_len, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R) * split_k)
 
-    _multi_shrink_kernel[grid](
-        x, a_pool, xa, meta.sorted_token_ids, meta.seg_offsets, meta.seg_slots, ranks,
-        K, R, m_bucket(meta.max_segment_len),
-        x.stride(0), x.stride(1), a_pool.stride(0), a_pool.stride(1), a_pool.stride(2),
-        xa.stride(0), xa.stride(1), xa.stride(2),
-        UPCAST=is_interpreting(),
-        PRECISION=dot_precision(x.dtype, a_pool.dtype),
-        SPLIT_K=split_k,
-        BLOCK_R=BLOCK_R,
-    )  # fmt: skip
+    with launch_lock:
+        _multi_shrink_kernel[grid](
+            x, a_pool, xa, meta.sorted_token_ids, meta.seg_offsets, meta.seg_slots, ranks,
+            K, R, m_bucket(meta.max_segment_len),
+            x.stride(0), x.stride(1), a_pool.stride(0), a_pool.stride(1), a_pool.stride(2),
+            xa.stride(0), xa.stride(1), xa.stride(2),
+            UPCAST=is_interpreting(),
+            PRECISION=dot_precision(x.dtype, a_pool.dtype),
+            SPLIT_K=split_k,
+            BLOCK_R=BLOCK_R,
+        )  # fmt: skip
     return xa
 
 
@@ -447,15 +448,16 @@ def multi_lora_expand(y: torch.Tensor, xa: torch.Tensor, b_pool: torch.Tensor, m
     def grid(cfg):
         return (meta.num_segments, triton.cdiv(meta.max_segment_len, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
 
-    _multi_expand_kernel[grid](
-        xa, b_pool, y, meta.sorted_token_ids, meta.seg_offsets, meta.seg_slots, ranks, scalings,
-        scales if scales is not None else scalings,
-        N, R, m_bucket(meta.max_segment_len),
-        xa.stride(0), xa.stride(1), b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0), y.stride(1),
-        HAS_TOKEN_SCALES=scales is not None,
-        UPCAST=is_interpreting(),
-        PRECISION=dot_precision(b_pool.dtype),
-    )  # fmt: skip
+    with launch_lock:
+        _multi_expand_kernel[grid](
+            xa, b_pool, y, meta.sorted_token_ids, meta.seg_offsets, meta.seg_slots, ranks, scalings,
+            scales if scales is not None else scalings,
+            N, R, m_bucket(meta.max_segment_len),
+            xa.stride(0), xa.stride(1), b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0), y.stride(1),
+            HAS_TOKEN_SCALES=scales is not None,
+            UPCAST=is_interpreting(),
+            PRECISION=dot_precision(b_pool.dtype),
+        )  # fmt: skip
     return y
 
 
@@ -475,18 +477,19 @@ def multi_lora_fused(
     def grid(cfg):
         return (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
-    _multi_fused_kernel[grid](
-        x, wt, bias if bias is not None else x, xa, b_pool, y, meta.token_slots, ranks, scalings,
-        scales if scales is not None else scalings,
-        T, N, K, R, m_bucket(T),
-        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), xa.stride(0), xa.stride(1), xa.stride(2),
-        b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None,
-        HAS_TOKEN_SCALES=scales is not None,
-        UPCAST=is_interpreting(),
-        PRECISION=dot_precision(x.dtype, wt.dtype),
-        SPLIT_K=split_k,
-    )  # fmt: skip
+    with launch_lock:
+        _multi_fused_kernel[grid](
+            x, wt, bias if bias is not None else x, xa, b_pool, y, meta.token_slots, ranks, scalings,
+            scales if scales is not None else scalings,
+            T, N, K, R, m_bucket(T),
+            x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), xa.stride(0), xa.stride(1), xa.stride(2),
+            b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None,
+            HAS_TOKEN_SCALES=scales is not None,
+            UPCAST=is_interpreting(),
+            PRECISION=dot_precision(x.dtype, wt.dtype),
+            SPLIT_K=split_k,
+        )  # fmt: skip
     return y
 
 

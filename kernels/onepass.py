@@ -21,6 +21,7 @@ from ._common import (
     dropout_tile,
     fits_in_smem,
     is_interpreting,
+    launch_lock,
     m_bucket,
     mma,
     pow2_at_least_16,
@@ -200,18 +201,19 @@ def lora_onepass(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _lora_onepass_kernel[grid](
-        x, wt, at, bt, bias if bias is not None else x, y, xs if xs is not None else y, seed if dropout else x,
-        M, N, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), at.stride(0), at.stride(1),
-        bt.stride(0), bt.stride(1), y.stride(0), y.stride(1),
-        xs.stride(0) if xs is not None else 0, xs.stride(1) if xs is not None else 0,
-        scaling, signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        HAS_BIAS=bias is not None,
-        DROPOUT=dropout,
-        STORE_XS=xs is not None,
-        UPCAST=is_interpreting(),
-        PRECISION=dot_precision(x.dtype, wt.dtype, at.dtype),
-        R_PAD=pow2_at_least_16(R),
-    )  # fmt: skip
+    with launch_lock:
+        _lora_onepass_kernel[grid](
+            x, wt, at, bt, bias if bias is not None else x, y, xs if xs is not None else y, seed if dropout else x,
+            M, N, K, R, m_bucket(M),
+            x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), at.stride(0), at.stride(1),
+            bt.stride(0), bt.stride(1), y.stride(0), y.stride(1),
+            xs.stride(0) if xs is not None else 0, xs.stride(1) if xs is not None else 0,
+            scaling, signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+            HAS_BIAS=bias is not None,
+            DROPOUT=dropout,
+            STORE_XS=xs is not None,
+            UPCAST=is_interpreting(),
+            PRECISION=dot_precision(x.dtype, wt.dtype, at.dtype),
+            R_PAD=pow2_at_least_16(R),
+        )  # fmt: skip
     return y

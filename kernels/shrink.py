@@ -16,6 +16,7 @@ from ._common import (
     dropout_tile,
     fits_in_smem,
     is_interpreting,
+    launch_lock,
     m_bucket,
     mma,
     signed_threshold,
@@ -140,14 +141,15 @@ def lora_shrink(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
 
-    _lora_shrink_kernel[grid](
-        x, wt, out, seed if dropout else x,
-        M, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), out.stride(0), out.stride(1),
-        scale, signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        DROPOUT=dropout,
-        UPCAST=is_interpreting(),
-        PRECISION=dot_precision(x.dtype, wt.dtype),
-        BLOCK_R=BLOCK_R,
-    )  # fmt: skip
+    with launch_lock:
+        _lora_shrink_kernel[grid](
+            x, wt, out, seed if dropout else x,
+            M, K, R, m_bucket(M),
+            x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), out.stride(0), out.stride(1),
+            scale, signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+            DROPOUT=dropout,
+            UPCAST=is_interpreting(),
+            PRECISION=dot_precision(x.dtype, wt.dtype),
+            BLOCK_R=BLOCK_R,
+        )  # fmt: skip
     return out

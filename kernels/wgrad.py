@@ -19,6 +19,7 @@ from ._common import (
     dropout_tile,
     fits_in_smem,
     is_interpreting,
+    launch_lock,
     m_bucket,
     mma,
     signed_threshold,
@@ -156,16 +157,17 @@ def lora_wgrad(
     def grid(meta):
         return (triton.cdiv(Q, meta["BLOCK_Q"]), triton.cdiv(R, BLOCK_R), split)
 
-    _lora_wgrad_kernel[grid](
-        u, v, partial, seed if dropout else u,
-        M, R, Q, chunk, m_bucket(M),
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        DROPOUT=dropout,
-        UPCAST=is_interpreting(),
-        PRECISION=dot_precision(u.dtype, v.dtype),
-        BLOCK_R=BLOCK_R,
-    )  # fmt: skip
+    with launch_lock:
+        _lora_wgrad_kernel[grid](
+            u, v, partial, seed if dropout else u,
+            M, R, Q, chunk, m_bucket(M),
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+            DROPOUT=dropout,
+            UPCAST=is_interpreting(),
+            PRECISION=dot_precision(u.dtype, v.dtype),
+            BLOCK_R=BLOCK_R,
+        )  # fmt: skip
     # Summed in index order: deterministic.
     return partial[0] if split == 1 else partial.sum(0)

@@ -276,7 +276,6 @@ def test_expand_autotuning_does_not_accumulate_into_the_output(monkeypatch):
     """The segmented expand adds into ``y`` in place. On a GPU the autotuner times several configs by launching the
     kernel repeatedly on the real arguments; each launch must start from the base output (``restore_value``)."""
     import triton
-
     from fastlora.kernels import multi_lora
 
     tuner = multi_lora._multi_expand_kernel
@@ -298,3 +297,34 @@ def test_expand_autotuning_does_not_accumulate_into_the_output(monkeypatch):
         y = ops.multi_lora_linear(x, w, b, a_pool, b_pool, meta, impl="segmented", backend="triton")
     assert len(tuner.cache) == 1, "the tuner did not run: the test would prove nothing"
     assert_close(y, expected(x, w, b, a_pool, b_pool, meta), torch.float32, 32, "first (tuned) call")
+
+
+def test_concurrent_launches_from_threads_agree_with_one_thread():
+    """Serving runs forwards from several threads; Triton's autotuner keeps a call's arguments on the shared kernel
+    object, so launches go through one lock. Every thread's result equals the single-threaded one."""
+    import threading
+
+    cases = [
+        make_case(T, 24, 40, [4, 16, 8], [(t * 5 + s) % 4 - 1 for t in range(T)], torch.float32, seed=s)
+        for s, T in enumerate((5, 70, 9, 66))
+    ]
+    with torch.no_grad():
+        want = [ops.multi_lora_linear(*case) for case in cases]
+    errors = []
+
+    def worker(i):
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    got = ops.multi_lora_linear(*cases[i])
+                    assert torch.equal(got, want[i]), f"thread {i}: result differs from the single-threaded run"
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
