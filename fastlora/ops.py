@@ -376,6 +376,11 @@ def _check_multi_inputs(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_
         )
     if meta.max_rank > r_max:
         raise ValueError(f"{where}: the batch uses rank {meta.max_rank} but the pools hold ranks up to r_max={r_max}")
+    if backend == "triton" and meta.max_segment_len > kernels.MULTI_MAX_SEGMENT_TOKENS:
+        raise ValueError(
+            f"{where}: {meta.max_segment_len} tokens use one adapter in this batch; the kernels take at most "
+            f"{kernels.MULTI_MAX_SEGMENT_TOKENS} per adapter and batch: split the batch"
+        )
     if slot_ranks is not None:
         if tuple(slot_ranks.shape) != (num_slots,) or slot_ranks.dtype not in (torch.int32, torch.int64):
             raise ValueError(

@@ -409,6 +409,11 @@ def decode_splits(K: int) -> int:
     return max(1, min(8, triton.next_power_of_2(K) // 512))
 
 
+# The segmented kernels put a segment's token blocks on grid axis 1, which CUDA caps at 65535 blocks; with the smallest
+# BLOCK_M of 16 that is over a million tokens of one adapter in one batch.
+MAX_SEGMENT_TOKENS = 65535 * 16
+
+
 def multi_lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, meta, ranks: torch.Tensor, split_k: int = 1):
     """``xa [split_k, T, meta.max_rank]`` fp32: ``x[t]·A_sᵀ`` of each token with an adapter, summed over the
     ``split_k`` K slices of its row; other entries (tokens without an adapter, columns beyond a rank) are unwritten."""

@@ -328,3 +328,13 @@ def test_concurrent_launches_from_threads_agree_with_one_thread():
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors
+
+
+def test_a_segment_longer_than_the_grid_allows_is_refused():
+    """The segmented grid's token-block axis is capped by CUDA: the op says so instead of launching a bad grid."""
+    import dataclasses
+
+    x, w, b, a_pool, b_pool, meta = make_case(5, 16, 16, [4], [0, 0, 0, -1, 0], torch.float32)
+    meta = dataclasses.replace(meta, max_segment_len=ops.kernels.MULTI_MAX_SEGMENT_TOKENS + 1)
+    with pytest.raises(ValueError, match="per adapter and batch"):
+        ops.multi_lora_linear(x, w, b, a_pool, b_pool, meta, backend="triton")
