@@ -86,6 +86,20 @@ def test_linear_agreement_check_catches_wrong_math(monkeypatch):
         bench.check_agreement(case, inputs, "torch")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_dropout_path_is_checked_against_the_reference_before_timing(monkeypatch, backend, mode):
+    """At dropout > 0 every fastlora forward shape is compared with fastlora.reference under one seed; a kernel that
+    drops other elements (here: another seed) is caught."""
+    case = bench.LinearCase(M=70, K=40, N=24, r=4, dtype="fp32", dropout=0.25, mode=mode)
+    inputs = bench.make_linear_inputs(case, CPU)
+    bench.check_agreement(case, inputs, backend)
+    real = linear.lora_linear
+    monkeypatch.setattr(linear, "lora_linear", lambda *a, seed=None, **kw: real(*a, seed=seed + 1, **kw))
+    with pytest.raises(bench.BenchmarkMismatch, match="with dropout in y"):
+        linear.check_dropout_agreement(case, inputs, backend)
+
+
 def test_peft_contender_is_a_real_peft_layer_on_the_same_tensors():
     from peft.tuners.lora.layer import Linear as PeftLinear
 

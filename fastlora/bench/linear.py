@@ -30,6 +30,7 @@ from torch import nn
 
 from ..kernels import ONEPASS_MAX_RANK
 from ..ops import lora_linear
+from ..reference import lora_linear_reference
 from .common import (
     FASTLORA,
     FROZEN,
@@ -263,6 +264,47 @@ def check_agreement(case: LinearCase, inputs: LinearInputs, backend: str) -> Non
     for name, out in results.items():
         for key, want in expected.items():
             assert_close(out[key], want, tol, f"{name} != {NAIVE} in {key} for {case.label}")
+    if case.dropout > 0.0:
+        check_dropout_agreement(case, inputs, backend)
+
+
+def _forward_backward(fn: Callable[[], torch.Tensor], inputs: LinearInputs, leaves, mode: str) -> dict:
+    for t in leaves:
+        t.grad = None
+    y = fn()
+    out = {"y": y.detach()}
+    if mode == "fwd+bwd":
+        y.backward(inputs.dy.to(y.dtype))
+        out.update(dx=leaves[0].grad, dA=leaves[1].grad, dB=leaves[2].grad)
+    for t in leaves:
+        t.grad = None
+    return out
+
+
+def check_dropout_agreement(case: LinearCase, inputs: LinearInputs, backend: str) -> None:
+    """With dropout, every fastlora forward shape must match ``fastlora.reference`` (fp32, autograd) under one explicit
+    seed: the same mask is a pure function of the seed, so the dropout path is checked before it is timed too."""
+    seed = torch.tensor([20261123], dtype=torch.int64, device=inputs.x.device)
+    ref_leaves = [t.detach().float().requires_grad_() for t in inputs.leaves]
+    x, A, B = ref_leaves
+    expected = _forward_backward(
+        lambda: lora_linear_reference(x, inputs.weight.float(), inputs.bias.float(), A, B, inputs.scaling,
+                                      case.dropout, seed),
+        inputs, ref_leaves, case.mode,
+    )  # fmt: skip
+    tol = _AGREEMENT_TOL[case.torch_dtype]
+    for name in linear_contender_names(case, backend):
+        if not name.startswith(FASTLORA):
+            continue
+        impl = name.removeprefix(FASTLORA).strip() or "auto"
+        got = _forward_backward(
+            lambda impl=impl: lora_linear(inputs.x, inputs.weight, inputs.bias, inputs.lora_A, inputs.lora_B,
+                                          inputs.scaling, case.dropout, training=True, forward_impl=impl,
+                                          backend=backend, seed=seed),
+            inputs, list(inputs.leaves), case.mode,
+        )  # fmt: skip
+        for key, want in expected.items():
+            assert_close(got[key], want, tol, f"{name} != fastlora.reference with dropout in {key} for {case.label}")
 
 
 def _linear_rows(case: LinearCase, timings: dict[str, tuple[float, float, float]]) -> list[dict]:

@@ -268,7 +268,7 @@ def measure_case(case: TrainCase, device: torch.device, min_run_time: float) -> 
     batch = make_batch(case, device)
     rows, expected = [], None
     for name in CONTENDERS:
-        model = opt = None
+        model = opt = step = got = None
         try:
             model = build_model(case, name, device)
             got = reference_values(model, batch)
@@ -286,7 +286,8 @@ def measure_case(case: TrainCase, device: torch.device, min_run_time: float) -> 
         except torch.OutOfMemoryError:
             rows.append(_row(case, name, None, status="OOM"))
         finally:
-            del model, opt
+            # The step closure holds the model and the optimizer state: drop every reference before the next model.
+            model = opt = step = got = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
