@@ -27,7 +27,7 @@ static void load(void) {
     const char *override = getenv("FASTLORA_LIBCUDA");
     const char *path = override && *override ? override : "libcuda.so.1";
     /* RTLD_LOCAL keeps the driver's symbols out of the engine's namespace; the engine's own dlopen of the same
-     * library returns the same handle, so both share one driver instance. */
+     * library path returns the same handle, so both share one driver instance. */
     void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (lib == NULL && !(override && *override)) {
         lib = dlopen("libcuda.so", RTLD_NOW | RTLD_LOCAL);
@@ -51,12 +51,13 @@ static void load(void) {
     FL_RESOLVE(cuFuncSetAttribute);
     FL_RESOLVE(cuLaunchKernel);
     FL_RESOLVE(cuMemsetD32Async);
+    /* Required (CUDA 12.0+ drivers, which the cubins need anyway): context ids are never reused, so the per-context
+     * module cache cannot hand a new context the functions of a destroyed one at the same address. */
+    FL_RESOLVE(cuCtxGetId);
 #undef FL_RESOLVE
     if (!ok) {
         return;
     }
-    void *get_id = dlsym(lib, "cuCtxGetId");
-    memcpy(&driver.cuCtxGetId, &get_id, sizeof get_id);
     CUresult result = driver.cuInit(0);
     if (result != CUDA_SUCCESS) {
         char buf[256];

@@ -286,7 +286,7 @@ static fastlora_status check_ptrs(const fl_ptr_arg *ptrs, int n) {
 /* ------------------------------------------------------------------------------------------------ driver side */
 
 typedef struct fl_context {
-    unsigned long long key; /* cuCtxGetId where the driver has it (never reused), else the context's address */
+    unsigned long long key; /* cuCtxGetId: never reused, unlike the context's address */
     int arch;        /* the table architecture this device runs, 0 if none */
     int cc;          /* compute capability, e.g. 86 */
     int smem_optin;  /* largest shared memory a block may opt in to */
@@ -331,8 +331,8 @@ static fastlora_status current_context(const fl_cuda *cuda, fl_context **out) {
         return fail(FASTLORA_STATUS_CUDA_ERROR,
                     "no CUDA context is current on this thread (call cudaSetDevice / cuCtxSetCurrent first)");
     }
-    unsigned long long key = (unsigned long long)(uintptr_t)ctx;
-    if (cuda->cuCtxGetId != NULL && (result = cuda->cuCtxGetId(ctx, &key)) != CUDA_SUCCESS) {
+    unsigned long long key = 0;
+    if ((result = cuda->cuCtxGetId(ctx, &key)) != CUDA_SUCCESS) {
         return cuda_fail(cuda, result, "cuCtxGetId");
     }
     for (int i = 0; i < num_contexts; i++) {
