@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -200,34 +200,65 @@ class LoraLinear(nn.Module):
         )
 
 
+class BatchSource(Protocol):
+    """What the ``MultiLoraLinear`` layers of a model read their batch from: ``meta_for(pool, shape, device)`` is the
+    ``BatchMeta`` for a layer over ``pool`` whose input has the leading shape ``shape`` (``x.shape[:-1]``: ``[B, L]``,
+    or ``[B]`` for one position per row) on ``device``, or None when that layer is not part of the batch (it then
+    computes the base layer). Layers see different shapes within one forward (the output head of a causal LM often
+    sees one position per row), so each asks for its own; a source should cache what it builds per shape."""
+
+    def meta_for(self, pool: PoolLayer, shape: tuple[int, ...], device: torch.device) -> BatchMeta | None: ...
+
+
+class _FixedMeta:
+    """A ``BatchSource`` giving one ``BatchMeta`` to every layer, whatever its input shape (``batch_meta(meta)``)."""
+
+    __slots__ = ("meta",)
+
+    def __init__(self, meta: BatchMeta):
+        self.meta = meta
+
+    def meta_for(self, pool: PoolLayer, shape: tuple[int, ...], device: torch.device) -> BatchMeta:
+        return self.meta
+
+
 # The batch being computed, for every MultiLoraLinear of a model. A ContextVar rather than an attribute of the
 # layers: each thread (and each asyncio task) sees its own value, so concurrent forwards of one model in different
 # threads each read their own batch's metadata.
-_BATCH_META: contextvars.ContextVar[BatchMeta | None] = contextvars.ContextVar("fastlora_batch_meta", default=None)
+_BATCH: contextvars.ContextVar[BatchSource | None] = contextvars.ContextVar("fastlora_batch", default=None)
 
 
-def current_batch_meta() -> BatchMeta | None:
-    """The ``BatchMeta`` the ``MultiLoraLinear`` layers use in this thread / context (None: base model only)."""
-    return _BATCH_META.get()
+def _as_source(batch: BatchMeta | BatchSource | None) -> BatchSource | None:
+    return batch if batch is None or hasattr(batch, "meta_for") else _FixedMeta(batch)
 
 
-def set_batch_meta(meta: BatchMeta | None) -> contextvars.Token:
-    """Set the current batch for this context; returns the token for ``reset_batch_meta``."""
-    return _BATCH_META.set(meta)
+def current_batch_meta() -> BatchMeta | BatchSource | None:
+    """What the ``MultiLoraLinear`` layers compute in this thread / context: the ``BatchMeta`` given to
+    ``batch_meta`` / ``set_batch_meta``, or the ``BatchSource`` given instead (``MultiLoraModel`` sets one per call);
+    None: the base model only."""
+    source = _BATCH.get()
+    return source.meta if isinstance(source, _FixedMeta) else source
+
+
+def set_batch_meta(batch: BatchMeta | BatchSource | None) -> contextvars.Token:
+    """Set the current batch for this context (a ``BatchMeta`` for every layer, or a ``BatchSource``); returns the
+    token for ``reset_batch_meta``."""
+    return _BATCH.set(_as_source(batch))
 
 
 def reset_batch_meta(token: contextvars.Token) -> None:
-    _BATCH_META.reset(token)
+    _BATCH.reset(token)
 
 
 @contextlib.contextmanager
-def batch_meta(meta: BatchMeta | None):
-    """``with batch_meta(meta): model(...)``: the ``MultiLoraLinear`` layers compute ``meta``'s batch."""
-    token = _BATCH_META.set(meta)
+def batch_meta(batch: BatchMeta | BatchSource | None):
+    """``with batch_meta(meta): model(...)``: the ``MultiLoraLinear`` layers compute ``meta``'s batch (every layer
+    must then see all of its tokens; pass a ``BatchSource`` for layers that see fewer)."""
+    token = _BATCH.set(_as_source(batch))
     try:
-        yield meta
+        yield batch
     finally:
-        _BATCH_META.reset(token)
+        _BATCH.reset(token)
 
 
 class MultiLoraLinear(nn.Module):
@@ -237,8 +268,9 @@ class MultiLoraLinear(nn.Module):
     ``weight`` / ``bias`` are the wrapped layer's own parameters (shared, not copied; ``[out, in]``, or ``[in, out]``
     with ``fan_in_fan_out=True`` for GPT-2 ``Conv1D``). The adapter weights are not this module's: ``pool`` is the
     layer's slice of an ``AdapterPool`` (``a_pool``, ``b_pool``, per-slot ranks and scalings), written only by the
-    pool. Which slot each token uses comes from the ``BatchMeta`` current in this context (``batch_meta``,
-    set by ``MultiLoraModel`` for each forward); with none set, the layer is the plain base layer. Inference only.
+    pool. Which slot each token uses comes from the batch current in this context (``batch_meta``; a
+    ``BatchSource`` set by ``MultiLoraModel`` for each call), asked for the ``BatchMeta`` of this layer's input
+    shape; with none set, the layer is the plain base layer. Inference only.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pool: PoolLayer, fan_in_fan_out: bool = False):
@@ -269,7 +301,8 @@ class MultiLoraLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        meta = _BATCH_META.get()
+        source = _BATCH.get()
+        meta = None if source is None else source.meta_for(self.pool, tuple(x.shape[:-1]), x.device)
         if meta is None:
             weight = self.weight.t() if self.fan_in_fan_out else self.weight
             return nn.functional.linear(x, weight, self.bias)

@@ -293,3 +293,91 @@ def test_bf16_model(peft_adapters, monkeypatch, pool_dtype):
         [oracle_logits(tiny_llama, dirs["chat"], ids)[0], oracle_logits(tiny_llama, None, ids)[1]]
     ).double()
     assert_close(logits, expected, torch.bfloat16, reduce_len=4 * HIDDEN, name=f"bf16 model, {mm.pool.dtype} pool")
+
+
+# --------------------------------------------------------------------------- layers that see other token counts
+
+
+@pytest.fixture(scope="module")
+def head_adapters(tmp_path_factory):
+    """Two adapters over q_proj and the output head (``lm_head``, which sees one position per row in generate)."""
+    root = tmp_path_factory.mktemp("head_adapters")
+    targets = ["q_proj", "lm_head"]
+    return {
+        "h4": random_adapter(root / "h4", tiny_llama, r=4, lora_alpha=8, target_modules=targets, seed=5),
+        "h2": random_adapter(root / "h2", tiny_llama, r=2, lora_alpha=2, target_modules=["lm_head"], seed=6),
+    }
+
+
+def _head_model(dirs) -> MultiLoraModel:
+    mm = MultiLoraModel(tiny_llama(), ["q_proj", "lm_head"], max_adapters=2, max_rank=4)
+    for name, directory in dirs.items():
+        mm.load_adapter(name, directory)
+    return mm
+
+
+def test_lm_head_target_on_the_triton_path(head_adapters, triton_calls):
+    mm = _head_model(head_adapters)
+    assert isinstance(mm.model.lm_head, MultiLoraLinear)
+    rows = ["h4", None, "h2"]
+    ids = IDS[:3]
+    logits = mm(ids, adapter_names=rows).logits
+    assert triton_calls == [ids.numel()] * 3  # two q_proj and the head, every token of the batch
+    assert_logits_close(logits, expected_rows(tiny_llama, head_adapters, rows, ids), "lm_head targeted")
+    # The head sees one position per row, as in generate: its tokens are the rows' last positions.
+    last = mm(ids, adapter_names=rows, logits_to_keep=1).logits
+    assert last.shape == (3, 1, logits.shape[-1]) and triton_calls[3:] == [ids.numel()] * 2 + [3]
+    assert_logits_close(last[:, 0], logits[:, -1], "lm_head on the last position only")
+
+
+def test_generate_with_lm_head_targeted_matches_rows_alone(head_adapters, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    mm = _head_model(head_adapters)
+    rows = ["h2", "h4", None, "h4"]
+    ids = IDS[:4, :5]
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mixed = mm.generate(ids, adapter_names=rows, **kwargs)
+    for i, name in enumerate(rows):
+        assert torch.equal(mixed[i], mm.generate(ids[i : i + 1], adapter_names=[name], **kwargs)[0]), f"row {i}"
+    # The head's adapter alone changes the tokens (h2 adapts nothing else), so the check above tells rows apart.
+    assert not torch.equal(mixed[0], mm.generate(ids[:1], **kwargs)[0])
+    assert mm.pool.pinned == {}
+
+
+def test_generate_left_padded_rows_match_each_row_alone(peft_adapters, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    _, dirs = peft_adapters
+    mm = _wrapped(dirs)
+    lengths = [6, 3, 5, 2, 4]
+    ids = IDS.clone()
+    mask = torch.ones_like(ids)
+    for i, n in enumerate(lengths):  # left padding: the prompt is the last n positions
+        ids[i, : ids.shape[1] - n] = 0
+        mask[i, : ids.shape[1] - n] = 0
+    rows = ["math", "sql", None, "chat", "sql"]
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mixed = mm.generate(ids, attention_mask=mask, adapter_names=rows, **kwargs)
+    for i, name in enumerate(rows):
+        alone = mm.generate(ids[i : i + 1], attention_mask=mask[i : i + 1], adapter_names=[name], **kwargs)
+        assert torch.equal(mixed[i], alone[0]), f"row {i} ({name}, {lengths[i]} prompt tokens)"
+    # Rows 1 and 4 share an adapter but not a prompt length, so a row mapping off by the padding shows.
+    assert len({tuple(row[6:].tolist()) for row in mixed}) >= 3
+
+
+def test_an_assistant_model_wrapped_too_computes_its_base_model_inside_a_call(head_adapters, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    main, assistant = _head_model(head_adapters), _head_model(head_adapters)
+    assistant(IDS[:1], adapter_names=["h4"])  # resident in the assistant's pool too, in the same slot
+    seen = []
+    assistant.model.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs, out.logits)),
+                                          with_kwargs=True)  # fmt: skip
+    ids = IDS[:1, :5]
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assisted = main.generate(ids, adapter_names=["h4"], assistant_model=assistant.model, **kwargs)
+    assert torch.equal(assisted, main.generate(ids, adapter_names=["h4"], **kwargs))
+    # The assistant's prefill (no cache yet) against its base model: its own adapter's slot is the main call's.
+    call, logits = seen[0]
+    assert torch.equal(call["input_ids"], ids)
+    with torch.no_grad():
+        expected = tiny_llama()(input_ids=call["input_ids"]).logits
+    assert_logits_close(logits, expected[:, -logits.shape[1] :], "assistant prefill = base")

@@ -6,24 +6,28 @@ layer's slice of an ``AdapterPool`` (in place; module paths and the base state d
 
 1. acquires the rows' adapters from the pool (uploading the ones not resident, evicting least recently used slots
    no running batch needs) and pins them for the whole call: every forward of a ``generate`` uses the same slots;
-2. sets, for the duration of the call and in this thread's context only, which slot each row uses;
-3. before each forward of the wrapped model (the prefill and every decode step with the KV cache), a forward
-   pre-hook reads the input's ``[B, L]`` shape and builds one ``BatchMeta`` for it (cached per shape within the
-   call, so decode steps reuse it), which every ``MultiLoraLinear`` reads from a ``ContextVar``;
+2. sets, for the duration of the call and in this thread's context only, which slot each row uses (a
+   ``ContextVar`` the ``MultiLoraLinear`` layers read);
+3. in every forward of the wrapped model (the prefill and every decode step with the KV cache), each
+   ``MultiLoraLinear`` asks for the ``BatchMeta`` of its own input's ``[B, L]`` shape: it is built once per distinct
+   shape in the call and shared by every layer of that shape (decode steps reuse theirs). Layers may see fewer
+   positions than the input: the output head of a causal LM sees one per row in ``generate`` (``logits_to_keep``);
 4. releases the adapters.
 
 Rows may mix adapters of different ranks, scalings and target modules in any order. ``generate`` expansions of the
 batch (``num_return_sequences``, beam search) repeat each row's adapter to its copies, as transformers repeats rows.
 Calling the wrapped model directly, outside the wrapper, computes the base model.
 
-Limits: inference only (calls run under ``torch.no_grad``); each row uses one adapter for all its tokens; models
-that reshape activations so that a linear layer does not see the ``[B, L]`` tokens in row-major order (token
-packing, mixture-of-experts routing) are not supported and raise; ``torch.compile`` of the wrapped model is not
-supported (the hook and the context variable run in Python).
+Limits: inference only (calls run under ``torch.no_grad``); each row uses one adapter for all its tokens. A linear
+layer must see its tokens row-major, rows in the batch's order (``[B, L, ...]``, or those flattened): models that
+reorder or regroup tokens before a target layer (token packing, mixture-of-experts routing) are not supported, as
+their rows would get other rows' adapters; only a row count that is not a multiple of the call's rows is detected
+(it raises). ``torch.compile`` of the wrapped model is not supported (the context variable is read in Python).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
@@ -33,45 +37,56 @@ import torch
 from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig
-from ..layers import MultiLoraLinear, current_batch_meta, reset_batch_meta, set_batch_meta
+from ..layers import MultiLoraLinear, reset_batch_meta, set_batch_meta
 from ..model import _linear_types, _output_head_names, _set_submodule, find_targets, is_conv1d, lora_layers
 from .meta import BatchMeta
-from .pool import AdapterInfo, AdapterLease, AdapterPool
+from .pool import AdapterInfo, AdapterLease, AdapterPool, PoolLayer
 
 # PEFT's name for "no adapter" in a mixed batch (``adapter_names=[..., "__base__", ...]``), accepted as None.
 BASE = "__base__"
 
 
 class _Rows:
-    """The adapter of each row of the running call, and the ``BatchMeta`` built for each input shape."""
+    """The adapter of each row of the running call, and the ``BatchMeta`` built for each layer input shape: the
+    ``BatchSource`` (``fastlora.layers``) of a ``MultiLoraModel`` call."""
 
     def __init__(self, model: MultiLoraModel, lease: AdapterLease, row_scales: tuple[float, ...] | None):
         self.model = model
+        self.layers = model.pool.layers
         self.lease = lease
         self.row_slots = lease.row_slots
         self.row_scales = row_scales
         self.metas: dict[tuple[int, int, torch.device], BatchMeta] = {}
 
-    def meta(self, batch: int, seq_len: int, device: torch.device) -> BatchMeta:
-        key = (batch, seq_len, device)
+    def meta_for(self, pool: PoolLayer, shape: tuple[int, ...], device: torch.device) -> BatchMeta | None:
+        """The meta of a layer input ``[B', L', ...]`` (``[B']``: one position per row): ``B'`` is the call's rows,
+        each repeated ``B' / rows`` times, with ``L' · ...`` positions each."""
+        if self.layers.get(pool.name) is not pool:
+            # A layer of another pool: a second wrapped model run inside this call (an assistant model in assisted
+            # generation) computes its base model, as it would outside any call.
+            return None
+        batch = shape[0] if shape else 1
+        key = (batch, math.prod(shape[1:]), device)
         meta = self.metas.get(key)
         if meta is None:
             rows = len(self.row_slots)
             if batch % rows:
                 raise ValueError(
-                    f"MultiLoraModel: a forward of {batch} rows in a call for {rows} rows (adapter_names has one entry "
-                    "per row; generate may only repeat rows, as num_return_sequences and beam search do)"
+                    f"MultiLoraModel: layer {pool.name!r} sees {batch} rows (input {shape}) in a call for {rows} rows "
+                    "(adapter_names has one entry per row; generate may only repeat rows, as num_return_sequences and "
+                    "beam search do)"
                 )
             repeat = batch // rows  # transformers expands row i to rows i*repeat ... i*repeat + repeat - 1
             slots = [s for s in self.row_slots for _ in range(repeat)]
             scales = None if self.row_scales is None else [s for s in self.row_scales for _ in range(repeat)]
             meta = BatchMeta.from_rows(
-                slots, seq_len, self.lease.slot_ranks, self.lease.slot_scalings, row_scales=scales, device=device
+                slots, key[1], self.lease.slot_ranks, self.lease.slot_scalings, row_scales=scales, device=device
             )
             self.metas[key] = meta
         return meta
 
 
+# The running call's rows, whichever model it is for: calls do not nest, not even calls of two models.
 _ROWS: ContextVar[_Rows | None] = ContextVar("fastlora_rows", default=None)
 
 
@@ -123,7 +138,6 @@ class MultiLoraModel:
         for name, module in modules.items():
             layer = MultiLoraLinear.from_linear(module, self.pool.layers[name], fan_in_fan_out=is_conv1d(module))
             _set_submodule(model, name, layer)
-        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     # -------------------------------------------------------------------------------------------- adapters
 
@@ -190,7 +204,6 @@ class MultiLoraModel:
 
     def unwrap(self) -> nn.Module:
         """Put the model's original layers back and return it; this wrapper is unusable afterwards."""
-        self._hook.remove()
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MultiLoraLinear):
                 _set_submodule(self.model, name, module.unwrap())
@@ -212,22 +225,6 @@ class MultiLoraModel:
         scales = _row_scales(adapter_scales, batch)
         return _RowsContext(self, names, scales)
 
-    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict):
-        rows = _ROWS.get()
-        if rows is None or rows.model is not self:
-            # A plain forward of the wrapped model, or of a second wrapped model inside this call (an assistant
-            # model in assisted generation): the base model.
-            if current_batch_meta() is not None:
-                set_batch_meta(None)
-            return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        if ids is None or ids.dim() < 2:
-            raise ValueError("MultiLoraModel: the forward has neither input_ids [B, L] nor inputs_embeds [B, L, H]")
-        set_batch_meta(rows.meta(ids.shape[0], ids.shape[1], ids.device))
-        return None
-
 
 class _RowsContext:
     """Acquire the rows' adapters, make them this context's rows; undo both on exit, also after an error."""
@@ -240,7 +237,7 @@ class _RowsContext:
             raise RuntimeError("MultiLoraModel: a call is already running in this thread (calls do not nest)")
         lease = self.model.pool.acquire(self.names, timeout=self.model.acquire_timeout)
         self.rows = _Rows(self.model, lease, self.scales)
-        self.tokens = (_ROWS.set(self.rows), set_batch_meta(None))
+        self.tokens = (_ROWS.set(self.rows), set_batch_meta(self.rows))
         return self.rows
 
     def __exit__(self, *exc) -> None:
