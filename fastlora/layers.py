@@ -318,15 +318,16 @@ class MultiLoraLinear(nn.Module):
         )  # fmt: skip
 
     def unwrap(self) -> nn.Module:
-        """The wrapped base module (else an equivalent ``nn.Linear``), holding this layer's parameters."""
+        """The wrapped base module (the one given to ``from_linear``: an ``nn.Linear``, a GPT-2 ``Conv1D``, ...;
+        else an ``nn.Linear``), holding this layer's weight and bias as frozen parameters."""
         base = getattr(self, "_base_module", None)
         if base is None:
-            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                             device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
             if self.fan_in_fan_out:
                 raise ValueError("MultiLoraLinear.unwrap: no base module to restore a fan_in_fan_out layer into")
-        base.weight = self.weight
-        base.bias = self.bias
+            # On the meta device: its own parameters are replaced below, so allocating and initialising them is waste.
+            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        base.weight = _frozen_parameter(self.weight)
+        base.bias = None if self.bias is None else _frozen_parameter(self.bias)
         return base
 
     def extra_repr(self) -> str:
@@ -336,3 +337,9 @@ class MultiLoraLinear(nn.Module):
             f"fan_in_fan_out={self.fan_in_fan_out}, max_adapters={pool.a_pool.shape[0]}, "
             f"max_rank={pool.a_pool.shape[1]}, dtype={self.weight.dtype}, lora_dtype={pool.a_pool.dtype}"
         )
+
+
+def _frozen_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    # Modules hold their weights as Parameters (a plain tensor is refused by nn.Linear's __setattr__); a layer built
+    # from plain tensors hands them back wrapped, sharing storage.
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)

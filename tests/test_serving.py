@@ -19,7 +19,7 @@ from tolerances import assert_close
 
 from fastlora import kernels
 from fastlora.layers import MultiLoraLinear
-from fastlora.serving import MultiLoraModel, UnknownAdapterError
+from fastlora.serving import AdapterPool, MultiLoraModel, UnknownAdapterError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -381,3 +381,24 @@ def test_an_assistant_model_wrapped_too_computes_its_base_model_inside_a_call(he
     with torch.no_grad():
         expected = tiny_llama()(input_ids=call["input_ids"]).logits
     assert_logits_close(logits, expected[:, -logits.shape[1] :], "assistant prefill = base")
+
+
+def test_unwrap_gives_back_the_base_module_type_with_parameters():
+    pool = AdapterPool({"l": (8, 6)}, max_adapters=1, max_rank=2)
+    weight, bias = torch.randn(6, 8), torch.randn(6)
+    layer = MultiLoraLinear(weight, bias, pool.layers["l"])  # plain tensors, no base module
+    linear = layer.unwrap()
+    assert type(linear) is torch.nn.Linear
+    assert isinstance(linear.weight, torch.nn.Parameter) and isinstance(linear.bias, torch.nn.Parameter)
+    assert linear.weight.data_ptr() == weight.data_ptr() and linear.bias.data_ptr() == bias.data_ptr()
+    x = torch.randn(3, 8)
+    assert torch.equal(linear(x), torch.nn.functional.linear(x, weight, bias))
+    with pytest.raises(ValueError, match="no base module to restore a fan_in_fan_out layer into"):
+        MultiLoraLinear(weight.t(), None, pool.layers["l"], fan_in_fan_out=True).unwrap()
+    # GPT-2's Conv1D layers come back as themselves.
+    model = tiny_gpt2()
+    c_attn = model.transformer.h[0].attn.c_attn
+    mm = MultiLoraModel(model, ["c_attn", "c_fc"], max_adapters=1, max_rank=2)
+    assert isinstance(model.transformer.h[0].attn.c_attn, MultiLoraLinear)
+    assert mm.unwrap() is model and model.transformer.h[0].attn.c_attn is c_attn
+    assert type(model.transformer.h[1].mlp.c_fc).__name__ == "Conv1D"
