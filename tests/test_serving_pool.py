@@ -165,6 +165,118 @@ def test_fp16_pool_refuses_values_that_overflow_it():
     assert pool.adapters == []
 
 
+class _FakeStream:
+    """Stands in for a CUDA stream: records what it was made to wait for."""
+
+    def __init__(self):
+        self.waited = []
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+
+class _FakeEvent:
+    created = []
+
+    def __init__(self):
+        self.stream = None
+        self.created.append(self)
+
+    def record(self, stream):
+        self.stream = stream
+
+
+def test_each_slot_keeps_one_release_event_per_stream(monkeypatch):
+    streams = [_FakeStream(), _FakeStream(), _FakeStream()]
+    current = [streams[0]]
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    pool = _small_pool()
+    monkeypatch.setattr(pool, "device", torch.device("cuda"))  # the event bookkeeping, on CPU tensors
+    for i, name in enumerate("xyz"):
+        _register(pool, name, {"l0": 2}, seed=i)
+    latest = {}
+    for i in range(50):  # many requests for a resident adapter, from two streams
+        current[0] = streams[i % 2]
+        lease = pool.acquire(["x"])
+        lease.release()
+        latest[current[0]] = _FakeEvent.created[-1]
+        assert all(len(events) <= 2 for events in pool._slot_events), f"after {i + 1} releases"
+    assert {e.stream for e in latest.values()} == set(streams[:2])
+    # Evicting x uploads into its slot: the upload waits for the last release on each stream, and only for those.
+    current[0] = streams[2]
+    pool.acquire(["y"]).release()
+    streams[2].waited.clear()
+    pool.acquire(["z"]).release()
+    assert pool.resident["z"] == 0
+    released = [e for e in streams[2].waited if e.stream is not streams[2]]
+    assert sorted(map(id, released)) == sorted(map(id, latest.values()))
+
+
+def test_uploads_copy_from_the_host_without_blocking(monkeypatch):
+    pool = _small_pool()
+    _register(pool, "x", {"l0": 4, "l1": 4}, seed=0)
+    blocking = []
+    copy = torch.Tensor.copy_
+
+    def spy(dst, src, non_blocking=False):
+        if not non_blocking:
+            blocking.append((tuple(dst.shape), tuple(src.shape)))
+        return copy(dst, src, non_blocking=non_blocking)
+
+    # A blocking host-to-device copy waits for the stream's queued kernels, here under the pool's lock.
+    monkeypatch.setattr(torch.Tensor, "copy_", spy)
+    pool.acquire(["x"]).release()
+    monkeypatch.undo()
+    assert pool.resident == {"x": 0} and blocking == []
+
+
+def test_releasing_a_lease_from_two_threads_unpins_once():
+    pool = _small_pool()
+    _register(pool, "x", {"l0": 2}, seed=0)
+    other = pool.acquire(["x"])
+    lease = pool.acquire(["x"])
+    slot = lease.row_slots[0]
+    # Both threads read the lease's state before either marks it released, unless release holds the pool's lock.
+    both_read = threading.Barrier(2, timeout=0.5)
+    reads = []
+
+    class RacingLease(type(lease)):
+        @property
+        def _released(self):
+            value = self.__dict__["_flag"]
+            if len(reads) < 2:
+                reads.append(threading.current_thread().name)
+                try:
+                    both_read.wait()
+                except threading.BrokenBarrierError:  # the other thread could not read meanwhile
+                    pass
+            return value
+
+        @_released.setter
+        def _released(self, value):
+            self.__dict__["_flag"] = value
+
+    lease.__dict__["_flag"] = lease.__dict__.pop("_released")
+    lease.__class__ = RacingLease
+    threads = [threading.Thread(target=lease.release) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert lease.released and pool.pinned == {slot: 1}
+    other.release()
+    assert pool.pinned == {}
+
+
+def test_an_adapter_selecting_no_module_of_the_pool_is_refused():
+    pool = _small_pool()
+    _register(pool, "x", {"l0": 2}, seed=0)
+    with pytest.raises(ValueError, match=r"adapter 'bad'.*target_modules=\['nope'\] select no module of this pool"):
+        pool.register("bad", {}, config={"r": 2, "lora_alpha": 2, "target_modules": ["nope"]})
+    assert pool.adapters == ["x"] and pool.resident == {}
+
+
 # ------------------------------------------------------------------------------- bad adapters change nothing
 
 
@@ -400,6 +512,15 @@ def test_config_naming_a_module_outside_the_pool_without_weights(served):
     with pytest.raises(ValueError, match=r"select modules this pool does not adapt \(unknown modules\): "
                                          r"model.layers.0.self_attn.o_proj"):  # fmt: skip
         mm.load_adapter("bad", adapter_state_dict(dirs["good1"]), config)
+    _assert_same(_snapshot(mm.pool), before)
+
+
+def test_config_selecting_no_module_of_the_model_changes_nothing(served):
+    mm, dirs, _ = served
+    before = _snapshot(mm.pool)
+    for source in ({}, adapter_state_dict(dirs["good1"])):
+        with pytest.raises(ValueError, match=r"adapter 'bad'.*target_modules=\['nope'\] select no module"):
+            mm.load_adapter("bad", source, {"r": 4, "lora_alpha": 8, "target_modules": ["nope"]})
     _assert_same(_snapshot(mm.pool), before)
 
 

@@ -31,8 +31,9 @@ the modules the weights cover, as PEFT would adapt them.
 forward never sees its adapters change. ``unregister`` (and ``register(..., replace=True)``) of an adapter that a
 running batch pins takes effect at once for new batches, while the running ones keep the old weights until they
 release; its slot is freed then. On CUDA, every release records an event on the releasing thread's current stream
-and an upload into that slot first waits for those events, and a batch that uses an adapter uploaded by another
-thread waits for the upload's event: batches on different streams never race with uploads.
+and an upload into that slot first waits for those events (the latest on each stream, which completes after the
+earlier ones), and a batch that uses an adapter uploaded by another thread waits for the upload's event: batches on
+different streams never race with uploads.
 
 Limits: inference only (the pool tensors hold no gradients); one dtype for all adapters of a pool; an upload runs
 under the pool's lock, so another thread's ``acquire`` waits for it (an asynchronous copy on CUDA, short).
@@ -143,8 +144,10 @@ class AdapterLease:
         return self._released
 
     def release(self) -> None:
-        """Unpin the batch's slots (idempotent)."""
-        if not self._released:
+        """Unpin the batch's slots (idempotent, also when threads release the same lease at once)."""
+        with self.pool._cond:
+            if self._released:
+                return
             self._released = True
             self.pool._release(set(self.slots.values()))
 
@@ -212,7 +215,10 @@ class AdapterPool:
         self._lru: OrderedDict[int, None] = OrderedDict()  # occupied slots, least recently used first
         self._slot_ranks = [0] * max_adapters
         self._slot_scalings = [0.0] * max_adapters
-        self._slot_events: list[list] = [[] for _ in range(max_adapters)]  # CUDA events of releases since upload
+        # Per slot, the CUDA event of the latest release on each stream since its upload: events on one stream
+        # complete in order, so the latest stands for all earlier ones and a resident slot keeps one per stream (streams
+        # compare equal by their handle).
+        self._slot_events: list[dict[torch.cuda.Stream, torch.cuda.Event]] = [{} for _ in range(max_adapters)]
         self._versions = itertools.count(1)
         self._pin_host = self.device.type == "cuda"
 
@@ -287,7 +293,7 @@ class AdapterPool:
             raise ValueError(f"AdapterPool.register: the adapter name must be a non-empty str, got {name!r}")
         self._check_new_name(name, replace)
         config, tensors, origin = self._read(adapter, config, allow_pickle)
-        layers = self._validated(config, tensors, origin)
+        layers = self._validated(name, config, tensors, origin)
         entry = _Entry(
             name, config, layers, rank=max(w.rank for w in layers.values()),
             scaling=lora_scaling(config.r, config.lora_alpha, config.use_rslora), version=0,
@@ -349,7 +355,9 @@ class AdapterPool:
             return config, tensors, str(Path(adapter))
         raise TypeError(f"AdapterPool.register: expected a path or a state dict, got {type(adapter).__name__}")
 
-    def _validated(self, config: LoraConfig, tensors: dict[str, torch.Tensor], origin: str) -> dict[str, _LayerWeights]:
+    def _validated(
+        self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor], origin: str
+    ) -> dict[str, _LayerWeights]:
         """Per-layer weights in the pool's dtype (pinned host memory on CUDA), after every check."""
         where = f"AdapterPool.register: {origin}"
         for field, default in _UNSET_CONFIG_FIELDS.items():
@@ -375,6 +383,11 @@ class AdapterPool:
         selected = (
             set(self._select(config)) if self._select is not None else {n for n in self.layers if config.matches(n)}
         )
+        if not selected:
+            raise ValueError(
+                f"{where}: adapter {name!r}: the config's target_modules={config.target_modules!r} select no module of "
+                f"this pool (nothing to adapt); the pool adapts: {_listing(self.layers)}"
+            )
         unknown = selected - set(self.layers)
         if unknown:
             raise ValueError(
@@ -473,14 +486,15 @@ class AdapterPool:
 
     def _release(self, slots: set[int]) -> None:
         with self._cond:
-            event = None
+            stream = event = None
             if self.device.type == "cuda":
+                stream = torch.cuda.current_stream(self.device)
                 event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(self.device))
+                event.record(stream)
             for slot in slots:
                 self._pins[slot] -= 1
                 if event is not None:
-                    self._slot_events[slot].append(event)
+                    self._slot_events[slot][stream] = event
                 entry = self._slot_entry[slot]
                 if self._pins[slot] == 0 and entry is not None and entry.removed:
                     self._free(slot)
@@ -521,7 +535,7 @@ class AdapterPool:
         """Write ``entry`` into ``slot`` (unpinned and unoccupied), every layer, padding zeroed."""
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device)
-            for event in self._slot_events[slot]:
+            for event in self._slot_events[slot].values():
                 stream.wait_event(event)  # kernels of earlier batches may still read this slot
         self._slot_events[slot].clear()
         ranks, scalings = [], []
@@ -540,8 +554,10 @@ class AdapterPool:
                 layer.b_pool[slot, :, rank:].zero_()
                 ranks.append(rank)
                 scalings.append(weights.scaling)
-        self._layer_ranks[:, slot].copy_(torch.tensor(ranks, dtype=torch.int32))
-        self._layer_scalings[:, slot].copy_(torch.tensor(scalings, dtype=torch.float32))
+        # Asynchronous: a copy from pageable memory is staged at once, without waiting for the device's queue (a
+        # blocking copy would wait, under the lock, for every kernel queued on the stream).
+        self._layer_ranks[:, slot].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
+        self._layer_scalings[:, slot].copy_(torch.tensor(scalings, dtype=torch.float32), non_blocking=True)
         if self.device.type == "cuda":
             entry.ready = torch.cuda.Event()
             entry.ready.record(torch.cuda.current_stream(self.device))
