@@ -197,40 +197,49 @@ _lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out, backend) -> None:
-    tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+def _check_base_layer(
+    where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool, backend: str
+) -> tuple[int, int]:
+    """The checks every op shares: ``tensors`` (name -> tensor or None) are tensors on one device, and ``x``,
+    ``weight``, ``bias`` make a linear layer of these dtypes and shapes. Returns ``(K, N)``."""
     for name, t in tensors.items():
         if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"fastlora.lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
-        raise ValueError(f"fastlora.lora_linear: all tensors must be on one device, got {devices}")
+        raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
     allowed = _TRITON_DTYPES if backend == "triton" else _TORCH_DTYPES
     if x.dtype not in allowed:
-        raise TypeError(
-            f"fastlora.lora_linear: x.dtype must be one of {allowed} on the {backend} backend, got {x.dtype}"
-        )
+        raise TypeError(f"{where}: x.dtype must be one of {allowed} on the {backend} backend, got {x.dtype}")
     if weight.dtype != x.dtype:
-        raise TypeError(f"fastlora.lora_linear: weight.dtype ({weight.dtype}) must equal x.dtype ({x.dtype})")
+        raise TypeError(f"{where}: weight.dtype ({weight.dtype}) must equal x.dtype ({x.dtype})")
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"fastlora.lora_linear: bias.dtype must be x.dtype ({x.dtype}) or float32, got {bias.dtype}")
+        raise TypeError(f"{where}: bias.dtype must be x.dtype ({x.dtype}) or float32, got {bias.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{where}: x must have shape [..., K] with K >= 1, got {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}")
+    K = x.shape[-1]
+    N, K_w = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    if K_w != K:
+        layout = "[K, N] (fan_in_fan_out=True)" if fan_in_fan_out else "[N, K]"
+        raise ValueError(
+            f"{where}: weight {tuple(weight.shape)} read as {layout} has K={K_w}, but x has K={K} "
+            f"(x.shape={tuple(x.shape)})"
+        )
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"{where}: bias must be [N] = [{N}], got {tuple(bias.shape)}")
+    return K, N
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out, backend) -> None:
+    tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    K, N = _check_base_layer("fastlora.lora_linear", tensors, x, weight, bias, fan_in_fan_out, backend)
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"fastlora.lora_linear: lora_A.dtype ({lora_A.dtype}) and lora_B.dtype ({lora_B.dtype}) differ")
     if lora_A.dtype not in (x.dtype, torch.float32):
         raise TypeError(
             f"fastlora.lora_linear: lora_A/lora_B dtype must be float32 or x.dtype ({x.dtype}), got {lora_A.dtype}"
-        )
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"fastlora.lora_linear: x must have shape [..., K] with K >= 1, got {tuple(x.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"fastlora.lora_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
-    K = x.shape[-1]
-    N, K_w = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
-    layout = "[K, N] (fan_in_fan_out=True)" if fan_in_fan_out else "[N, K]"
-    if K_w != K:
-        raise ValueError(
-            f"fastlora.lora_linear: weight {tuple(weight.shape)} read as {layout} has K={K_w}, "
-            f"but x has K={K} (x.shape={tuple(x.shape)})"
         )
     if lora_A.dim() != 2 or lora_A.shape[0] < 1:
         raise ValueError(f"fastlora.lora_linear: lora_A must be [r, K] with rank r >= 1, got {tuple(lora_A.shape)}")
@@ -242,8 +251,6 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out, ba
             f"fastlora.lora_linear: lora_B must be [N, r] = [{N}, {r}] to match weight and lora_A, "
             f"got {tuple(lora_B.shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"fastlora.lora_linear: bias must be [N] = [{N}], got {tuple(bias.shape)}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"fastlora.lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
 
@@ -320,41 +327,18 @@ MULTI_FUSED_MAX_TOKENS = 64
 
 def _check_multi_inputs(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_scalings, fan_in_fan_out, backend):
     where = "fastlora.multi_lora_linear"
-    tensors = {"x": x, "weight": weight, "bias": bias, "a_pool": a_pool, "b_pool": b_pool,
-               "slot_ranks": slot_ranks, "slot_scalings": slot_scalings}  # fmt: skip
-    for name, t in tensors.items():
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
     for field in ("token_slots", "sorted_token_ids", "seg_offsets", "seg_slots", "num_tokens", "max_rank"):
         if not hasattr(meta, field):
             raise TypeError(f"{where}: meta must be a fastlora.serving.BatchMeta, got {type(meta).__name__}")
-    tensors.update({"meta.token_slots": meta.token_slots, "meta.sorted_token_ids": meta.sorted_token_ids,
-                    "meta.slot_ranks": meta.slot_ranks, "meta.token_scales": meta.token_scales})  # fmt: skip
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"{where}: all tensors (and the batch metadata) must be on one device, got {devices}")
-    allowed = _TRITON_DTYPES if backend == "triton" else _TORCH_DTYPES
-    if x.dtype not in allowed:
-        raise TypeError(f"{where}: x.dtype must be one of {allowed} on the {backend} backend, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{where}: weight.dtype ({weight.dtype}) must equal x.dtype ({x.dtype})")
-    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"{where}: bias.dtype must be x.dtype ({x.dtype}) or float32, got {bias.dtype}")
+    tensors = {"x": x, "weight": weight, "bias": bias, "a_pool": a_pool, "b_pool": b_pool,
+               "slot_ranks": slot_ranks, "slot_scalings": slot_scalings, "meta.token_slots": meta.token_slots,
+               "meta.sorted_token_ids": meta.sorted_token_ids, "meta.slot_ranks": meta.slot_ranks,
+               "meta.token_scales": meta.token_scales}  # fmt: skip
+    K, N = _check_base_layer(where, tensors, x, weight, bias, fan_in_fan_out, backend)
     if a_pool.dtype != b_pool.dtype:
         raise TypeError(f"{where}: a_pool.dtype ({a_pool.dtype}) and b_pool.dtype ({b_pool.dtype}) differ")
     if a_pool.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{where}: the pools' dtype must be float32 or x.dtype ({x.dtype}), got {a_pool.dtype}")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{where}: x must have shape [..., K] with K >= 1, got {tuple(x.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}")
-    K = x.shape[-1]
-    N, K_w = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
-    if K_w != K:
-        layout = "[K, N] (fan_in_fan_out=True)" if fan_in_fan_out else "[N, K]"
-        raise ValueError(f"{where}: weight {tuple(weight.shape)} read as {layout} has K={K_w}, but x has K={K}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"{where}: bias must be [N] = [{N}], got {tuple(bias.shape)}")
     if a_pool.dim() != 3 or a_pool.shape[2] != K:
         raise ValueError(f"{where}: a_pool must be [num_slots, r_max, K={K}], got {tuple(a_pool.shape)}")
     num_slots, r_max = a_pool.shape[:2]
