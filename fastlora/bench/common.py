@@ -287,3 +287,10 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_plot(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` and free it (pyplot keeps every open figure alive)."""
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path

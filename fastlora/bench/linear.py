@@ -44,6 +44,7 @@ from .common import (
     plot_title,
     progress,
     pyplot,
+    save_plot,
     time_ms,
 )
 
@@ -404,10 +405,7 @@ def linear_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
     fig.suptitle(plot_title("fastlora vs PEFT lora.Linear", rows), fontsize=11)
     fig.tight_layout()
-    path = out_dir / PLOT
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_plot(fig, out_dir / PLOT)]
 
 
 SUITE = Suite("linear", linear_suite, linear_markdown, linear_plots, (PLOT,))

@@ -51,6 +51,7 @@ from .common import (
     peak_memory_bytes,
     progress,
     pyplot,
+    save_plot,
 )
 from .linear import LinearCase, LinearInputs, make_linear_inputs, peft_lora_linear
 
@@ -282,10 +283,7 @@ def memory_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         fig.text(0.5, 0.005, "fastlora on its torch backend: its peak step is the reference's (M·K temporaries for "
                  "dropout), not the kernels'", ha="center", fontsize=7, style="italic")  # fmt: skip
     fig.tight_layout(rect=(0, 0.02, 1, 1))  # room for the note at the bottom
-    path = out_dir / PLOT
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_plot(fig, out_dir / PLOT)]
 
 
 SUITE = Suite("memory", memory_suite, memory_markdown, memory_plots, (PLOT,))

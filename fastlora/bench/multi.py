@@ -62,6 +62,7 @@ from .common import (
     plot_title,
     progress,
     pyplot,
+    save_plot,
     time_ms,
 )
 from .train import _default_dtype
@@ -776,10 +777,7 @@ def _layer_plot(rows: list[dict], out_dir: Path) -> Path | None:
     axes[1][0].set_ylabel("speedup over PEFT mixed batch (×)")
     fig.suptitle(plot_title("fastlora multi_lora_linear", rows), fontsize=11)
     fig.tight_layout()
-    path = out_dir / PLOT_LAYER
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, out_dir / PLOT_LAYER)
 
 
 def _model_plot(rows: list[dict], out_dir: Path) -> Path | None:
@@ -820,10 +818,7 @@ def _model_plot(rows: list[dict], out_dir: Path) -> Path | None:
         axes[1].legend(fontsize=7)
     fig.suptitle(plot_title("many adapters, Llama-style models", rows), fontsize=11)
     fig.tight_layout()
-    path = out_dir / PLOT_MODEL
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, out_dir / PLOT_MODEL)
 
 
 def multi_plots(rows: list[dict], out_dir: Path) -> list[Path]:

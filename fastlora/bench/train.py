@@ -45,6 +45,7 @@ from .common import (
     plot_title,
     progress,
     pyplot,
+    save_plot,
     time_ms,
 )
 
@@ -356,10 +357,7 @@ def train_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     fig.suptitle(plot_title("one training step, Llama-style models", rows), fontsize=11)
     fig.tight_layout()
-    path = out_dir / PLOT
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_plot(fig, out_dir / PLOT)]
 
 
 SUITE = Suite("train", train_suite, train_markdown, train_plots, (PLOT,))
