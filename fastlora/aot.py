@@ -65,21 +65,29 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
-ARCHS = (80, 90)
+from .gpu_compile import (
+    ARCHS,
+    ELEM_BYTES,
+    Site,
+    compile_kernel,
+    config_name,
+    kernel_signature,
+    map_in_workers,
+    resources,
+)
+from .kernels import GPU_KERNELS, SMEM_LIMIT, GpuKernel
+
 DTYPES = ("fp16", "bf16")
 # C enum values of ``fastlora_dtype`` in include/fastlora_kernels.h.
 DTYPE_ENUM = {"fp16": 0, "bf16": 1, "fp32": 2}
 # Grid rules of the C launchers (``fl_grid`` in csrc/kernel_table.h).
 GRIDS = {"tiles_mn": 0, "rows_by_rank": 1, "wgrad": 2, "segments_by_rank": 3, "segments_by_cols": 4}
 _PTX_TYPES = {"*": ".u64", "i32": ".u32", "fp32": ".f32"}
-_ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +96,7 @@ class Variant:
 
     op: str  # the C dispatcher's name for the kernel family: onepass, shrink, expand, wgrad
     site: str  # the call it serves: fwd, fwd_nobias, bwd, dA, dB, reduce
-    kernel: str  # static_check.KernelSpec name
+    kernel: str  # a ``fastlora.kernels.GPU_KERNELS`` name
     pointers: dict[str, str]  # pointer argument -> role (act, lora, fp32, i64)
     unit_strides: tuple[str, ...]  # compiled as constexpr 1
     free_ints: tuple[str, ...]  # int arguments equal to the rank: no divisibility assumed
@@ -186,37 +194,33 @@ def jobs(archs=ARCHS, dtypes=DTYPES, ops=None) -> list[Job]:
     return out
 
 
-def _spec(variant: Variant):
-    from . import static_check
-
-    for spec in static_check.kernel_specs():
-        if spec.name == variant.kernel:
-            return spec
-    raise LookupError(f"fastlora.aot declares {variant.kernel!r}, which static_check.kernel_specs() no longer has")
+def _kernel(variant: Variant) -> GpuKernel:
+    for kernel in GPU_KERNELS:
+        if kernel.name == variant.kernel:
+            return kernel
+    raise LookupError(f"fastlora.aot declares {variant.kernel!r}, which fastlora.kernels.GPU_KERNELS no longer has")
 
 
 def compile_signature(variant: Variant, dtype: str):
-    """``(spec, config, signature, constexprs, attrs, div16 argument names)`` for one compile.
+    """``(kernel, config, signature, constexprs, attrs, div16 argument names)`` for one compile.
 
-    Built by the static check's ``_signature`` (the same unit strides and divisibility the JIT would assume), then
-    the rank-valued integers lose their divisibility: a rank need not be a multiple of 16.
+    Built as the static check builds it (``gpu_compile.kernel_signature``: the same unit strides and divisibility the
+    JIT would assume), then the rank-valued integers lose their divisibility: a rank need not be a multiple of 16.
     """
-    from . import static_check
-
-    spec = _spec(variant)
-    config = spec.configs[variant.config]
+    kernel = _kernel(variant)
+    config = kernel.configs[variant.config]
     constexprs = {"PRECISION": variant.precision, **variant.constexprs}
-    if not spec.config_ok(config, _ELEM_BYTES[dtype], _ELEM_BYTES[dtype], **({"R_PAD": 0} | constexprs)):
+    if not kernel.config_ok(config, ELEM_BYTES[dtype], ELEM_BYTES[dtype], **({"R_PAD": 0} | constexprs)):
         raise ValueError(f"{variant.op}/{variant.site}: config {config} is one the Python launcher prunes for {dtype}")
-    site = static_check.Site(variant.site, variant.pointers, variant.unit_strides, constexprs)
+    site = Site(variant.site, variant.pointers, variant.unit_strides, constexprs)
     lora = "fp32" if dtype == "fp32" else dtype
-    signature, constexprs, attrs = static_check._signature(spec, site, dtype, lora, config)
-    names = spec.fn.arg_names
+    signature, constexprs, attrs = kernel_signature(kernel.fn, site, dtype, lora, config)
+    names = kernel.fn.arg_names
     for index, name in enumerate(names):
         if name in variant.free_ints:
             attrs.pop((index,), None)
     div16 = [names[i] for (i,) in attrs if not signature[names[i]].startswith("*")]
-    return spec, config, signature, constexprs, attrs, div16
+    return kernel, config, signature, constexprs, attrs, div16
 
 
 def ptx_entry_params(ptx: str) -> tuple[str, list[str]]:
@@ -229,30 +233,22 @@ def ptx_entry_params(ptx: str) -> tuple[str, list[str]]:
 
 def _compile(job: Job) -> dict:
     """Compile one job in a worker process; returns the table row, the cubin and the PTX parameter list."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from . import static_check
-
-    variant = VARIANTS[job.variant]
-    spec, config, signature, constexprs, attrs, div16 = compile_signature(variant, job.dtype)
-    source = ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32), options=options)
     from triton.backends.nvidia.compiler import get_ptxas
 
+    variant = VARIANTS[job.variant]
+    kernel, config, signature, constexprs, attrs, div16 = compile_signature(variant, job.dtype)
+    compiled = compile_kernel(kernel.fn, signature, constexprs, attrs, config, job.arch)
     md = compiled.metadata
-    registers, spills = static_check._resources(compiled.asm["cubin"])
+    registers, spills = resources(compiled.asm["cubin"])
     entry, ptx_params = ptx_entry_params(compiled.asm["ptx"])
-    params = [name for name in spec.fn.arg_names if signature[name] != "constexpr"]
+    params = [name for name in kernel.fn.arg_names if signature[name] != "constexpr"]
     return {
         "op": variant.op,
         "site": variant.site,
-        "kernel": spec.name,
+        "kernel": kernel.name,
         "arch": job.arch,
         "dtype": job.dtype,
-        "config": static_check._config_name(config),
+        "config": config_name(config),
         "blocks": {k: v for k, v in config.kwargs.items() if k.startswith(("BLOCK", "GROUP"))}
         | {k: v for k, v in variant.constexprs.items() if k in ("BLOCK_R", "R_PAD")},
         "rank_tile": variant.rank_tile,
@@ -279,8 +275,6 @@ def _compile(job: Job) -> dict:
 
 def check_row(row: dict) -> None:
     """The launch ABI the C library will use must be the one the PTX declares; raise if not."""
-    from .kernels._common import SMEM_LIMIT
-
     where = f"{row['name']} ({row['op']}/{row['site']}, {row['dtype']}, sm_{row['arch']})"
     if row["spills"] or row["shared"] > SMEM_LIMIT[row["arch"]]:
         raise RuntimeError(f"{where} spills {row['spills']} B or needs {row['shared']} B of shared memory")
@@ -315,21 +309,8 @@ def _worker_env(ptxas: str) -> dict[str, str]:
 
 
 def build(archs=ARCHS, dtypes=DTYPES, ops=None, workers: int = 2, ptxas: str = "cuda12") -> list[dict]:
-    """Compile every job in spawned workers with ``TRITON_INTERPRET`` unset (as ``static_check`` does)."""
-    todo = jobs(archs, dtypes, ops)
-    changes = _worker_env(ptxas)
-    saved = {name: os.environ.get(name) for name in [*changes, "TRITON_INTERPRET"]}
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.update(changes)
-    try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows = list(pool.map(_compile, todo))
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    """Compile every job in spawned workers with ``TRITON_INTERPRET`` unset (``gpu_compile.map_in_workers``)."""
+    rows = map_in_workers(_compile, jobs(archs, dtypes, ops), workers, env=_worker_env(ptxas))
     for row in rows:
         row["scratch_params"] = len(row["ptx_params"]) - len(row["params"])
         check_row(row)
@@ -337,9 +318,7 @@ def build(archs=ARCHS, dtypes=DTYPES, ops=None, workers: int = 2, ptxas: str = "
 
 
 def _kernel_arg_names() -> dict[str, list[str]]:
-    from . import static_check
-
-    return {spec.name: list(spec.fn.arg_names) for spec in static_check.kernel_specs()}
+    return {kernel.name: list(kernel.fn.arg_names) for kernel in GPU_KERNELS}
 
 
 def _c_bytes(data: bytes) -> str:

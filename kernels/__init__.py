@@ -1,14 +1,35 @@
-"""fastlora's Triton kernels and their launchers. No autograd and no ``nn`` here: see ``fastlora.ops``."""
+"""fastlora's Triton kernels and their launchers. No autograd and no ``nn`` here: see ``fastlora.ops``.
 
+``GPU_KERNELS`` lists every kernel with its GPU configs and its launcher's pruning rule, for the tools that compile
+them for NVIDIA targets without a GPU (``fastlora.static_check``, ``fastlora.aot``); ``SMEM_LIMIT`` is the shared
+memory a block may use per architecture; ``is_interpreting`` tells whether the kernels run in Triton's interpreter.
+"""
+
+from . import expand, multi_lora, onepass, shrink, wgrad
+from ._common import SMEM_LIMIT, GpuKernel, is_interpreting
 from .expand import lora_expand
 from .multi_lora import MAX_SEGMENT_TOKENS as MULTI_MAX_SEGMENT_TOKENS
-from .multi_lora import multi_lora_expand, multi_lora_fused, multi_lora_linear_triton, multi_lora_shrink
+from .multi_lora import decode_splits as multi_decode_splits
+from .multi_lora import multi_lora_expand, multi_lora_fused, multi_lora_shrink
 from .onepass import MAX_RANK as ONEPASS_MAX_RANK
 from .onepass import lora_onepass
 from .shrink import lora_shrink
 from .wgrad import lora_wgrad
 
+GPU_KERNELS: tuple[GpuKernel, ...] = (
+    shrink.GPU_KERNEL,
+    expand.GPU_KERNEL,
+    onepass.GPU_KERNEL,
+    wgrad.GPU_KERNEL,
+    multi_lora.SHRINK_GPU_KERNEL,
+    multi_lora.EXPAND_GPU_KERNEL,
+    multi_lora.FUSED_GPU_KERNEL,
+)
+
 __all__ = [
+    "GPU_KERNELS",
+    "GpuKernel",
+    "is_interpreting",
     "lora_expand",
     "lora_onepass",
     "lora_shrink",
@@ -16,7 +37,8 @@ __all__ = [
     "MULTI_MAX_SEGMENT_TOKENS",
     "multi_lora_expand",
     "multi_lora_fused",
-    "multi_lora_linear_triton",
+    "multi_decode_splits",
     "multi_lora_shrink",
     "ONEPASS_MAX_RANK",
+    "SMEM_LIMIT",
 ]

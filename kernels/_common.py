@@ -1,27 +1,25 @@
-"""Helpers shared by every fastlora kernel: dropout from Philox, the tensor-core dot, launch settings.
+"""Helpers shared by every fastlora kernel: dropout from Philox, the tensor-core dot, tile loads and stores, the base
+GEMM's main loop and epilogue, tile sizes, config pruning, launch settings.
 
 Dropout mask. The keep decision for element ``(row, col)`` of an ``[M, K]`` activation is a pure function of
 ``(seed, row, col)``: Philox4x32-10 with key ``(seed_lo, seed_hi)`` and counter ``(col, row, 0, 0)``, first
 output word compared as an unsigned integer with ``threshold = floor(p * 2**32)``. The forward and the
 backward regenerate the same mask from the saved seed, so nothing of size ``M·K`` is stored, and
-``fastlora.reference.dropout_mask`` reproduces it bit for bit in PyTorch. The Philox rounds are written out
-here rather than taken from ``tl.randint`` so that the mask does not change with the Triton version.
+``fastlora.reference.dropout_mask`` reproduces it bit for bit in PyTorch from the same constants (``philox.py``). The
+Philox rounds are written out here rather than taken from ``tl.randint`` so that the mask does not change with the
+Triton version.
 """
 
+import dataclasses
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-# Philox4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
-PHILOX_ROUND_A = 0xD2511F53
-PHILOX_ROUND_B = 0xCD9E8D57
-PHILOX_KEY_A = 0x9E3779B9
-PHILOX_KEY_B = 0xBB67AE85
-PHILOX_ROUNDS = 10
-
+from .philox import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS
 
 # ``triton.jit`` reads TRITON_INTERPRET when a kernel is defined, so the mode is fixed when this module loads.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -61,6 +59,12 @@ def pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def rank_tile(R: int) -> int:
+    """The tile over a rank ``R``: the padded rank up to 64, then 64-wide tiles (a grid axis or a loop covers the
+    rest), so no rank is compiled in and a rank-8 adapter does not pay for a 64-wide tile."""
+    return min(64, pow2_at_least_16(R))
+
+
 def check_interpretable(*tensors: torch.Tensor) -> None:
     """Refuse CPU tensors when the interpreter is off: Triton would fail with an obscure driver error."""
     for t in tensors:
@@ -81,15 +85,15 @@ def _philox_word(seed, row, col):
     c1 = row.to(tl.uint32)
     c2 = c0 * 0
     c3 = c0 * 0
-    for _ in tl.static_range(10):
+    for _ in tl.static_range(PHILOX_ROUNDS):
         _c0 = c0
         _c2 = c2
-        c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
-        c1 = _c2 * 0xCD9E8D57
-        c3 = _c0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
+        c0 = tl.umulhi(_c2, PHILOX_ROUND_B) ^ c1 ^ k0
+        c2 = tl.umulhi(_c0, PHILOX_ROUND_A) ^ c3 ^ k1
+        c1 = _c2 * PHILOX_ROUND_B
+        c3 = _c0 * PHILOX_ROUND_A
+        k0 = k0 + PHILOX_KEY_A
+        k1 = k1 + PHILOX_KEY_B
     return c0
 
 
@@ -121,6 +125,66 @@ def mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def load_tile(ptr, rows, cols, stride_row, stride_col, mask_rows, mask_cols):
+    """The ``[len(rows), len(cols)]`` tile at ``ptr + rows·stride_row + cols·stride_col``, zero where either mask is
+    off. Indices that can pass 2**31 elements must come as int64."""
+    return tl.load(
+        ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+        mask=mask_rows[:, None] & mask_cols[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def store_tile(ptr, tile, rows, cols, stride_row, stride_col, mask_rows, mask_cols):
+    """Store ``tile``, rounded to ``ptr``'s dtype, at ``ptr + rows·stride_row + cols·stride_col`` where both masks
+    are on."""
+    ptrs = ptr + rows[:, None] * stride_row + cols[None, :] * stride_col
+    tl.store(ptrs, tile.to(ptr.dtype.element_ty), mask=mask_rows[:, None] & mask_cols[None, :])
+
+
+@triton.jit
+def base_gemm(
+    acc,  # [BLOCK_M, BLOCK_N] fp32
+    x_ptr,  # [M, K]
+    wt_ptr,  # [K, N]  (a view of W0, either layout)
+    rows,  # [BLOCK_M] int64 row indices of x
+    cols,  # [BLOCK_N] column indices of wt
+    mask_rows,
+    mask_cols,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``acc + x[rows, :] @ wt[:, cols]``: the base GEMM's main loop over ``K``, software-pipelined by the compiler
+    (``num_stages``) once inlined into the kernel."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = load_tile(x_ptr, rows, offs_k, stride_xm, stride_xk, mask_rows, mask_k)
+        # W0 has N·K elements, which can pass 2**31: its offsets are int64.
+        w = load_tile(wt_ptr, offs_k.to(tl.int64), cols.to(tl.int64), stride_wk, stride_wn, mask_k, mask_cols)
+        acc = mma(acc, x, w, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
+def store_with_bias(
+    out_ptr, acc, bias_ptr, rows, cols, stride_row, stride_col, mask_rows, mask_cols, HAS_BIAS: tl.constexpr
+):
+    """The GEMM epilogue: ``out[rows, cols] = acc + bias[cols]`` (``bias`` read only with ``HAS_BIAS``), added in
+    fp32 and rounded once to ``out``'s dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask_cols, other=0.0).to(tl.float32)[None, :]
+    store_tile(out_ptr, acc, rows, cols, stride_row, stride_col, mask_rows, mask_cols)
+
+
+@triton.jit
 def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Program id -> (pid_m, pid_n), walking ``GROUP_M`` row tiles per column so neighbours share L2."""
     pid = tl.program_id(0)
@@ -140,6 +204,11 @@ def m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), 16384)
 
 
+# Largest shared memory a block may use: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB. Configs are pruned
+# against the smaller so every shipped config runs on both.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+
+
 def fits_in_smem(config: triton.Config, bytes_per_stage: int, arch: int = 80) -> bool:
     """Whether the software pipeline's operand tiles (``bytes_per_stage`` per stage) fit the shared memory of
     ``arch`` with room for the epilogue. Pruning against sm_80 keeps every shipped config valid on both."""
@@ -155,6 +224,28 @@ def dropout_fits(config: triton.Config, rows: int, cols: int) -> bool:
     return rows * cols <= MAX_DROPOUT_ELEMS_PER_THREAD * 32 * config.num_warps
 
 
-# Largest shared memory a block may use: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB. Configs are pruned
-# against the smaller so every shipped config runs on both.
-SMEM_LIMIT = {80: 166912, 90: 232448}
+def config_pruner(config_ok: Callable[..., bool], act_arg: str, lora_arg: str):
+    """The ``early_config_prune`` of an autotuned kernel: the configs that ``config_ok(config, act_bytes, lora_bytes,
+    **constexprs)`` keeps for a launch, with the element sizes read from the pointer arguments ``act_arg`` and
+    ``lora_arg``.
+
+    When no config fits, the list's first one is kept, as Triton needs one (the one-pass list puts first the config
+    that fits every rank with fp32 operands). For the dtypes the ops accept the case does not arise: the static check
+    compiles each kernel at its widest call site with fp32 operands and finds a config that fits at every one.
+    """
+
+    def prune(configs, nargs, **kwargs):
+        sizes = nargs[act_arg].element_size(), nargs[lora_arg].element_size()
+        return [c for c in configs if config_ok(c, *sizes, **kwargs)] or configs[:1]
+
+    return prune
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuKernel:
+    """An autotuned kernel as the static check and the AOT build compile it for GPUs, without launching it."""
+
+    name: str  # its launcher's name
+    fn: object  # the ``@triton.jit`` function under the autotuner
+    configs: list[triton.Config]  # every config the launcher may run on a GPU
+    config_ok: Callable[..., bool]  # (config, act_bytes, lora_bytes, **constexprs) -> whether the pruning keeps it

@@ -16,20 +16,27 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    GpuKernel,
+    base_gemm,
+    config_pruner,
     dot_precision,
     dropout_fits,
     dropout_tile,
     fits_in_smem,
     is_interpreting,
     launch_lock,
+    load_tile,
     m_bucket,
     mma,
+    rank_tile,
     signed_threshold,
+    store_with_bias,
     tile_ids,
 )
 
 
-def _expand_gpu_configs():
+def gpu_configs() -> list[triton.Config]:
+    """Every config the autotuner may pick on a GPU; the interpreter runs a single config of its own."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
@@ -46,7 +53,7 @@ def _expand_gpu_configs():
 def _expand_configs():
     if is_interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    return _expand_gpu_configs()
+    return gpu_configs()
 
 
 def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, DROPOUT: bool, **_) -> bool:
@@ -57,16 +64,10 @@ def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, DROPOUT: b
     return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_N"])
 
 
-def _prune(configs, nargs, **kwargs):
-    sizes = nargs["x_ptr"].element_size(), nargs["l_ptr"].element_size()
-    keep = [c for c in configs if config_ok(c, *sizes, **kwargs)]
-    return keep or configs[-1:]
-
-
 @triton.autotune(
     configs=_expand_configs(),
     key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": config_pruner(config_ok, "x_ptr", "l_ptr")},
 )
 @triton.jit
 def _lora_expand_kernel(
@@ -114,7 +115,7 @@ def _lora_expand_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    rows_m = offs_m.to(tl.int64)[:, None]
+    rows_m = offs_m.to(tl.int64)
 
     # The low-rank term first, a short reduction over R: with dropout, its mask is generated while the
     # accumulator is the only other live tile, which keeps the Philox rounds out of the spill zone. One
@@ -123,35 +124,17 @@ def _lora_expand_kernel(
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        lt = tl.load(
-            l_ptr + rows_m * stride_lm + offs_r[None, :] * stride_lr, mask=mask_m[:, None] & mask_r[None, :], other=0.0
-        )
-        rt = tl.load(
-            rt_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
-            mask=mask_r[:, None] & mask_n[None, :],
-            other=0.0,
-        )
+        lt = load_tile(l_ptr, rows_m, offs_r, stride_lm, stride_lr, mask_m, mask_r)
+        rt = load_tile(rt_ptr, offs_r, offs_n, stride_rr, stride_rn, mask_r, mask_n)
         acc = mma(acc, lt, rt, UPCAST, PRECISION)
     if DROPOUT:
         acc = dropout_tile(acc, tl.load(seed_ptr), offs_m, offs_n, threshold, keep_scale)
 
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + rows_m * stride_xm + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )
-        w = tl.load(
-            wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        acc = mma(acc, x, w, UPCAST, PRECISION)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows_m * stride_om + offs_n[None, :] * stride_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    acc = base_gemm(
+        acc, x_ptr, wt_ptr, rows_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
+        UPCAST, PRECISION, BLOCK_K,
+    )  # fmt: skip
+    store_with_bias(out_ptr, acc, bias_ptr, rows_m, offs_n, stride_om, stride_on, mask_m, mask_n, HAS_BIAS)
 
 
 def lora_expand(
@@ -188,6 +171,10 @@ def lora_expand(
             DROPOUT=dropout,
             UPCAST=is_interpreting(),
             PRECISION=dot_precision(x.dtype, wt.dtype, low.dtype),
-            BLOCK_R=min(64, max(16, triton.next_power_of_2(R))),
+            BLOCK_R=rank_tile(R),
         )  # fmt: skip
     return out
+
+
+# What the static check and the AOT build compile for GPUs.
+GPU_KERNEL = GpuKernel("lora_expand", _lora_expand_kernel.fn, gpu_configs(), config_ok)

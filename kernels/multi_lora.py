@@ -2,7 +2,7 @@
 
 ``c[t] = scaling[s]·token_scale[t]``; ``A_s = a_pool[s, :rank_s]`` (``a_pool [num_slots, r_max, K]``) and
 ``B_s = b_pool[s, :, :rank_s]`` (``b_pool [num_slots, N, r_max]``). Which slot each token uses, and the tokens grouped
-by slot, come from ``fastlora.serving.BatchMeta``. Three kernels, in the spirit of punica's SGMV/BGMV and S-LoRA:
+by slot, come from ``fastlora.ops.BatchMeta``. Three kernels, in the spirit of punica's SGMV/BGMV and S-LoRA:
 
 - **segmented shrink** ``xa[t] = x[t]·A_sᵀ``: grid ``(segment, token block, rank block × K split)``. A segment holds
   the tokens of one slot (gathered through ``sorted_token_ids``), so every program runs one tensor-core GEMM tile
@@ -35,8 +35,9 @@ the floor is 1.25× the base GEMM and everything else must hide under those byte
   ``B_s`` rows once per N tile (``N·rank`` elements per token in total), and writes ``y`` once. The segmented path
   would instead write ``y`` from cuBLAS and then read and write it again in the expand, and launch one more kernel.
 
-Above ``fastlora.ops.MULTI_FUSED_MAX_TOKENS`` tokens the base GEMM is compute bound, so cuBLAS does it and the
-segmented kernels add the low-rank terms with tensor-core tiles per adapter segment.
+Above ``fastlora.ops.MULTI_FUSED_MAX_TOKENS`` tokens the base GEMM is compute bound, so cuBLAS does it (the op in
+``fastlora.ops`` chooses the path) and the segmented kernels add the low-rank terms with tensor-core tiles per adapter
+segment.
 
 Limits: inference only (no backward). Ranks are read at run time from ``slot_ranks`` and clamped to ``R`` (the batch's
 largest rank): a layer whose rank exceeds ``meta.max_rank`` breaks the caller's contract and is truncated, never read
@@ -47,12 +48,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, fits_in_smem, is_interpreting, launch_lock, m_bucket, mma, tile_ids
+from ._common import (
+    GpuKernel,
+    base_gemm,
+    config_pruner,
+    dot_precision,
+    fits_in_smem,
+    is_interpreting,
+    launch_lock,
+    load_tile,
+    m_bucket,
+    mma,
+    rank_tile,
+    store_tile,
+    store_with_bias,
+    tile_ids,
+)
 
 # ----------------------------------------------------------------------------------------------- configs
 
 
-def _shrink_gpu_configs():
+def shrink_gpu_configs() -> list[triton.Config]:
+    """Every config the autotuner may pick on a GPU; the interpreter runs a single config of its own."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bk, w, s in [(16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 8, 3)]
@@ -62,10 +79,11 @@ def _shrink_gpu_configs():
 def _shrink_configs():
     if is_interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    return _shrink_gpu_configs()
+    return shrink_gpu_configs()
 
 
-def _expand_gpu_configs():
+def expand_gpu_configs() -> list[triton.Config]:
+    """Every config the autotuner may pick on a GPU; the interpreter runs a single config of its own."""
     # BLOCK_R = 16, the smallest tensor-core K: the rank loop then stops within 15 columns of each slot's rank.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": 16}, num_warps=w, num_stages=s)
@@ -76,10 +94,11 @@ def _expand_gpu_configs():
 def _expand_configs():
     if is_interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_R": 16}, num_warps=4, num_stages=1)]
-    return _expand_gpu_configs()
+    return expand_gpu_configs()
 
 
-def _fused_gpu_configs():
+def fused_gpu_configs() -> list[triton.Config]:
+    """Every config the autotuner may pick on a GPU; the interpreter runs a single config of its own."""
     # EPI_R sets the epilogue's 3-D gather [BLOCK_M, BLOCK_N, EPI_R] to 64 values per thread: the main loop's tiles
     # are dead by then, so this is the register room left next to the accumulator.
     return [
@@ -105,7 +124,7 @@ def _fused_configs():
                 {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "EPI_R": 8, "GROUP_M": 4}, num_warps=4, num_stages=1
             )
         ]
-    return _fused_gpu_configs()
+    return fused_gpu_configs()
 
 
 def shrink_config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, **_) -> bool:
@@ -126,22 +145,13 @@ def fused_config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, **_)
     return fits_in_smem(config, kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"]) * act_bytes)
 
 
-def _pruner(config_ok, act_arg, lora_arg):
-    def prune(configs, nargs, **kwargs):
-        sizes = nargs[act_arg].element_size(), nargs[lora_arg].element_size()
-        keep = [c for c in configs if config_ok(c, *sizes, **kwargs)]
-        return keep or configs[:1]
-
-    return prune
-
-
 # ----------------------------------------------------------------------------------------------- kernels
 
 
 @triton.autotune(
     configs=_shrink_configs(),
     key=["M_BUCKET", "K", "BLOCK_R", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _pruner(shrink_config_ok, "x_ptr", "a_ptr")},
+    prune_configs_by={"early_config_prune": config_pruner(shrink_config_ok, "x_ptr", "a_ptr")},
 )
 @triton.jit
 def _multi_shrink_kernel(
@@ -194,7 +204,8 @@ def _multi_shrink_kernel(
     tok = tl.load(sorted_ids_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
-    x_rows = x_ptr + tok[:, None] * stride_xm
+    # The slot's rank columns of A are the same at every K step: computed once, they cost fewer registers than a
+    # ``load_tile`` that rebuilds them.
     a_cols = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per_split
@@ -204,18 +215,17 @@ def _multi_shrink_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = load_tile(x_ptr, tok, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         a = tl.load(a_cols + offs_k[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = mma(acc, x, a, UPCAST, PRECISION)
 
-    out = xa_ptr + pid_k * stride_os + tok[:, None] * stride_om + offs_r[None, :] * stride_or
-    tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
+    store_tile(xa_ptr + pid_k * stride_os, acc, tok, offs_r, stride_om, stride_or, mask_m, mask_r)
 
 
 @triton.autotune(
     configs=_expand_configs(),
     key=["M_BUCKET", "N", "R"],
-    prune_configs_by={"early_config_prune": _pruner(expand_config_ok, "y_ptr", "b_ptr")},
+    prune_configs_by={"early_config_prune": config_pruner(expand_config_ok, "y_ptr", "b_ptr")},
     # The kernel adds into y: every timed launch of the tuner would add the LoRA term again.
     restore_value=["y_ptr"],
 )
@@ -272,31 +282,27 @@ def _multi_expand_kernel(
     scale = tl.load(scalings_ptr + slot) + tl.zeros((BLOCK_M,), dtype=tl.float32)
     if HAS_TOKEN_SCALES:
         scale *= tl.load(token_scales_ptr + tok, mask=mask_m, other=0.0)
+    # The slot's columns of B are the same at every step of the rank loop: computed once, they cost fewer registers
+    # than a ``load_tile`` that rebuilds them.
     b_cols = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
-        xa = tl.load(
-            xa_ptr + tok[:, None] * stride_om + offs_r[None, :] * stride_or,
-            mask=mask_m[:, None] & mask_r[None, :],
-            other=0.0,
-        )
+        xa = load_tile(xa_ptr, tok, offs_r, stride_om, stride_or, mask_m, mask_r)
         xs = (xa * scale[:, None]).to(b_ptr.dtype.element_ty)
         b = tl.load(b_cols + offs_r[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc = mma(acc, xs, b, UPCAST, PRECISION)
 
-    y = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    mask = mask_m[:, None] & mask_n[None, :]
-    acc += tl.load(y, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    acc += load_tile(y_ptr, tok, offs_n, stride_ym, stride_yn, mask_m, mask_n).to(tl.float32)
+    store_tile(y_ptr, acc, tok, offs_n, stride_ym, stride_yn, mask_m, mask_n)
 
 
 @triton.autotune(
     configs=_fused_configs(),
     key=["M_BUCKET", "N", "K", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _pruner(fused_config_ok, "x_ptr", "b_ptr")},
+    prune_configs_by={"early_config_prune": config_pruner(fused_config_ok, "x_ptr", "b_ptr")},
 )
 @triton.jit
 def _multi_fused_kernel(
@@ -350,20 +356,10 @@ def _multi_fused_kernel(
     rows_m = offs_m.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        acc = mma(acc, x, w, UPCAST, PRECISION)
+    acc = base_gemm(
+        acc, x_ptr, wt_ptr, rows_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
+        UPCAST, PRECISION, BLOCK_K,
+    )  # fmt: skip
 
     # Epilogue: each row's own adapter. Rows without one have rank 0, so every load below is masked off for them.
     slots = tl.load(token_slots_ptr + offs_m, mask=mask_m, other=-1)
@@ -389,18 +385,14 @@ def _multi_fused_kernel(
         lora += tl.sum(xs[:, None, :] * b.to(tl.float32), axis=2)
     acc += lora
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + rows_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_with_bias(y_ptr, acc, bias_ptr, rows_m, offs_n, stride_ym, stride_yn, mask_m, mask_n, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def shrink_block_r(R: int) -> int:
-    """Rank tile of the shrink: the padded rank up to 64, then 64-wide tiles."""
-    return min(64, max(16, triton.next_power_of_2(R)))
+# The segmented shrink's rank tile: the one every kernel uses.
+shrink_block_r = rank_tile
 
 
 def decode_splits(K: int) -> int:
@@ -414,23 +406,34 @@ def decode_splits(K: int) -> int:
 MAX_SEGMENT_TOKENS = 65535 * 16
 
 
-def multi_lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, meta, ranks: torch.Tensor, split_k: int = 1):
-    """``xa [split_k, T, meta.max_rank]`` fp32: ``x[t]·A_sᵀ`` of each token with an adapter, summed over the
-    ``split_k`` K slices of its row; other entries (tokens without an adapter, columns beyond a rank) are unwritten."""
+# Every launcher takes the batch's layout as the same eight trailing arguments, in this order (what
+# ``fastlora.ops.BatchMeta.kernel_args()`` returns), and reads the ones it needs:
+#   token_slots [T] int32 (-1 = no adapter), sorted_token_ids [T_active] int32 (tokens grouped by slot),
+#   seg_offsets [S + 1] int32, seg_slots [S] int32, token_scales [T] fp32 or None,
+#   num_segments, max_segment_len, max_rank (host integers: they size the grids, so no launch reads the device).
+
+
+def multi_lora_shrink(
+    x: torch.Tensor, a_pool: torch.Tensor, ranks: torch.Tensor,
+    token_slots, sorted_token_ids, seg_offsets, seg_slots, token_scales, num_segments, max_segment_len, max_rank,
+    split_k: int = 1,
+) -> torch.Tensor:  # fmt: skip
+    """``xa [split_k, T, max_rank]`` fp32: ``x[t]·A_sᵀ`` of each token with an adapter, summed over the ``split_k`` K
+    slices of its row; other entries (tokens without an adapter, columns beyond a rank) are unwritten."""
     T, K = x.shape
-    R = meta.max_rank
+    R = max_rank
     xa = torch.empty((split_k, T, R), device=x.device, dtype=torch.float32)
-    if meta.num_segments == 0 or R == 0:
+    if num_segments == 0 or R == 0:
         return xa
-    BLOCK_R = shrink_block_r(R)
+    BLOCK_R = rank_tile(R)
 
     def grid(cfg):
-        return (meta.num_segments, triton.cdiv(meta.max_segment_len, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R) * split_k)
+        return (num_segments, triton.cdiv(max_segment_len, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R) * split_k)
 
     with launch_lock:
         _multi_shrink_kernel[grid](
-            x, a_pool, xa, meta.sorted_token_ids, meta.seg_offsets, meta.seg_slots, ranks,
-            K, R, m_bucket(meta.max_segment_len),
+            x, a_pool, xa, sorted_token_ids, seg_offsets, seg_slots, ranks,
+            K, R, m_bucket(max_segment_len),
             x.stride(0), x.stride(1), a_pool.stride(0), a_pool.stride(1), a_pool.stride(2),
             xa.stride(0), xa.stride(1), xa.stride(2),
             UPCAST=is_interpreting(),
@@ -441,25 +444,27 @@ def multi_lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, meta, ranks: torch.
     return xa
 
 
-def multi_lora_expand(y: torch.Tensor, xa: torch.Tensor, b_pool: torch.Tensor, meta, ranks, scalings) -> torch.Tensor:
+def multi_lora_expand(
+    y: torch.Tensor, xa: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor,
+    token_slots, sorted_token_ids, seg_offsets, seg_slots, token_scales, num_segments, max_segment_len, max_rank,
+) -> torch.Tensor:  # fmt: skip
     """``y[t] += round(c[t]·xa[t])·B_sᵀ`` in place for every token with an adapter; ``xa [T, R]`` fp32 from
     ``multi_lora_shrink`` (one K split)."""
     T, N = y.shape
     R = xa.shape[1]
-    if meta.num_segments == 0 or R == 0 or N == 0:
+    if num_segments == 0 or R == 0 or N == 0:
         return y
-    scales = meta.token_scales
 
     def grid(cfg):
-        return (meta.num_segments, triton.cdiv(meta.max_segment_len, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+        return (num_segments, triton.cdiv(max_segment_len, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
 
     with launch_lock:
         _multi_expand_kernel[grid](
-            xa, b_pool, y, meta.sorted_token_ids, meta.seg_offsets, meta.seg_slots, ranks, scalings,
-            scales if scales is not None else scalings,
-            N, R, m_bucket(meta.max_segment_len),
+            xa, b_pool, y, sorted_token_ids, seg_offsets, seg_slots, ranks, scalings,
+            token_scales if token_scales is not None else scalings,
+            N, R, m_bucket(max_segment_len),
             xa.stride(0), xa.stride(1), b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0), y.stride(1),
-            HAS_TOKEN_SCALES=scales is not None,
+            HAS_TOKEN_SCALES=token_scales is not None,
             UPCAST=is_interpreting(),
             PRECISION=dot_precision(b_pool.dtype),
         )  # fmt: skip
@@ -467,8 +472,10 @@ def multi_lora_expand(y: torch.Tensor, xa: torch.Tensor, b_pool: torch.Tensor, m
 
 
 def multi_lora_fused(
-    x: torch.Tensor, wt: torch.Tensor, bias, xa: torch.Tensor, b_pool: torch.Tensor, meta, ranks, scalings
-) -> torch.Tensor:
+    x: torch.Tensor, wt: torch.Tensor, bias, xa: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    token_slots, sorted_token_ids, seg_offsets, seg_slots, token_scales, num_segments, max_segment_len, max_rank,
+) -> torch.Tensor:  # fmt: skip
     """``x @ wt + bias`` plus every token's own expand ``round(c[t]·Σ_split xa[:, t])·B_sᵀ``, written once; ``xa``
     is ``multi_lora_shrink``'s output (any number of K splits)."""
     T, K = x.shape
@@ -477,20 +484,19 @@ def multi_lora_fused(
     if T == 0 or N == 0:
         return y
     split_k, _, R = xa.shape
-    scales = meta.token_scales
 
     def grid(cfg):
         return (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
     with launch_lock:
         _multi_fused_kernel[grid](
-            x, wt, bias if bias is not None else x, xa, b_pool, y, meta.token_slots, ranks, scalings,
-            scales if scales is not None else scalings,
+            x, wt, bias if bias is not None else x, xa, b_pool, y, token_slots, ranks, scalings,
+            token_scales if token_scales is not None else scalings,
             T, N, K, R, m_bucket(T),
             x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), xa.stride(0), xa.stride(1), xa.stride(2),
             b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None,
-            HAS_TOKEN_SCALES=scales is not None,
+            HAS_TOKEN_SCALES=token_scales is not None,
             UPCAST=is_interpreting(),
             PRECISION=dot_precision(x.dtype, wt.dtype),
             SPLIT_K=split_k,
@@ -498,30 +504,7 @@ def multi_lora_fused(
     return y
 
 
-def _base_gemm(x: torch.Tensor, wt: torch.Tensor, bias) -> torch.Tensor:
-    """``x @ wt + bias`` by the vendor GEMM, in ``x.dtype`` (an fp32 bias is added after the GEMM's rounding)."""
-    if bias is None:
-        return x @ wt
-    if bias.dtype == x.dtype:
-        return torch.addmm(bias, x, wt)
-    y = x @ wt
-    y += bias
-    return y
-
-
-def multi_lora_linear_triton(
-    x: torch.Tensor, wt: torch.Tensor, bias, a_pool: torch.Tensor, b_pool: torch.Tensor, meta, ranks, scalings,
-    impl: str,
-) -> torch.Tensor:  # fmt: skip
-    """The whole layer for ``x [T, K]`` and ``wt [K, N]`` (either layout of W0): ``impl`` is ``"fused"`` (decode:
-    shrink with K splits, then the fused GEMM) or ``"segmented"`` (cuBLAS base GEMM, segmented shrink and expand)."""
-    has_lora = meta.num_segments > 0 and meta.max_rank > 0
-    if impl == "fused":
-        split_k = decode_splits(x.shape[1]) if has_lora else 1
-        xa = multi_lora_shrink(x, a_pool, meta, ranks, split_k)
-        return multi_lora_fused(x, wt, bias, xa, b_pool, meta, ranks, scalings)
-    y = _base_gemm(x, wt, bias)
-    if has_lora and y.numel():
-        xa = multi_lora_shrink(x, a_pool, meta, ranks)
-        multi_lora_expand(y, xa[0], b_pool, meta, ranks, scalings)
-    return y
+# What the static check and the AOT build compile for GPUs.
+SHRINK_GPU_KERNEL = GpuKernel("multi_lora_shrink", _multi_shrink_kernel.fn, shrink_gpu_configs(), shrink_config_ok)
+EXPAND_GPU_KERNEL = GpuKernel("multi_lora_expand", _multi_expand_kernel.fn, expand_gpu_configs(), expand_config_ok)
+FUSED_GPU_KERNEL = GpuKernel("multi_lora_fused", _multi_fused_kernel.fn, fused_gpu_configs(), fused_config_ok)

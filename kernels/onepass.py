@@ -16,23 +16,29 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    GpuKernel,
+    config_pruner,
     dot_precision,
     dropout_fits,
     dropout_tile,
     fits_in_smem,
     is_interpreting,
     launch_lock,
+    load_tile,
     m_bucket,
     mma,
     pow2_at_least_16,
     signed_threshold,
+    store_tile,
+    store_with_bias,
     tile_ids,
 )
 
 MAX_RANK = 128
 
 
-def _onepass_gpu_configs():
+def gpu_configs() -> list[triton.Config]:
+    """Every config the autotuner may pick on a GPU; the interpreter runs a single config of its own."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
@@ -50,7 +56,7 @@ def _onepass_gpu_configs():
 def _onepass_configs():
     if is_interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    return _onepass_gpu_configs()
+    return gpu_configs()
 
 
 def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, R_PAD: int, DROPOUT: bool, **_) -> bool:
@@ -62,16 +68,10 @@ def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, R_PAD: int
     return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"] + R_PAD)
 
 
-def _prune(configs, nargs, **kwargs):
-    sizes = nargs["x_ptr"].element_size(), nargs["at_ptr"].element_size()
-    keep = [c for c in configs if config_ok(c, *sizes, **kwargs)]
-    return keep or configs[:1]
-
-
 @triton.autotune(
     configs=_onepass_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": config_pruner(config_ok, "x_ptr", "at_ptr")},
 )
 @triton.jit
 def _lora_onepass_kernel(
@@ -126,7 +126,7 @@ def _lora_onepass_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask_r = offs_r < R
-    rows_m = offs_m.to(tl.int64)[:, None]
+    rows_m = offs_m.to(tl.int64)
     if DROPOUT:
         seed = tl.load(seed_ptr)
 
@@ -135,19 +135,10 @@ def _lora_onepass_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + rows_m * stride_xm + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )
-        w = tl.load(
-            wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            at_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-            mask=mask_k[:, None] & mask_r[None, :],
-            other=0.0,
-        )
+        x = load_tile(x_ptr, rows_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
+        # W0 has N·K elements, which can pass 2**31: its offsets are int64.
+        w = load_tile(wt_ptr, offs_k.to(tl.int64), offs_n.to(tl.int64), stride_wk, stride_wn, mask_k, mask_n)
+        a = load_tile(at_ptr, offs_k, offs_r, stride_ak, stride_ar, mask_k, mask_r)
         acc = mma(acc, x, w, UPCAST, PRECISION)
         if DROPOUT:
             xd = dropout_tile(x, seed, offs_m, offs_k, threshold, keep_scale).to(a.dtype)
@@ -155,22 +146,14 @@ def _lora_onepass_kernel(
         else:
             xa = mma(xa, x, a, UPCAST, PRECISION)
 
-    b = tl.load(
-        bt_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-        mask=mask_r[:, None] & mask_n[None, :],
-        other=0.0,
-    )
+    b = load_tile(bt_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
     xs = (xa * scaling).to(bt_ptr.dtype.element_ty)
     if STORE_XS:
         # Every column tile holds the same xs; the first one writes it.
         if pid_n == 0:
-            xs_out = xs_ptr + rows_m * stride_sm + offs_r[None, :] * stride_sr
-            tl.store(xs_out, xs, mask=mask_m[:, None] & mask_r[None, :])
+            store_tile(xs_ptr, xs, rows_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
     acc = mma(acc, xs, b, UPCAST, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + rows_m * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_with_bias(y_ptr, acc, bias_ptr, rows_m, offs_n, stride_ym, stride_yn, mask_m, mask_n, HAS_BIAS)
 
 
 def lora_onepass(
@@ -217,3 +200,7 @@ def lora_onepass(
             R_PAD=pow2_at_least_16(R),
         )  # fmt: skip
     return y
+
+
+# What the static check and the AOT build compile for GPUs.
+GPU_KERNEL = GpuKernel("lora_onepass", _lora_onepass_kernel.fn, gpu_configs(), config_ok)

@@ -11,19 +11,25 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    GpuKernel,
+    config_pruner,
     dot_precision,
     dropout_fits,
     dropout_tile,
     fits_in_smem,
     is_interpreting,
     launch_lock,
+    load_tile,
     m_bucket,
     mma,
+    rank_tile,
     signed_threshold,
+    store_tile,
 )
 
 
-def _shrink_gpu_configs():
+def gpu_configs() -> list[triton.Config]:
+    """Every config the autotuner may pick on a GPU; the interpreter runs a single config of its own."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bk, w, s in [(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
@@ -33,7 +39,7 @@ def _shrink_gpu_configs():
 def _shrink_configs():
     if is_interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    return _shrink_gpu_configs()
+    return gpu_configs()
 
 
 def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, DROPOUT: bool, **_) -> bool:
@@ -44,16 +50,10 @@ def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: i
     return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"])
 
 
-def _prune(configs, nargs, **kwargs):
-    sizes = nargs["x_ptr"].element_size(), nargs["wt_ptr"].element_size()
-    keep = [c for c in configs if config_ok(c, *sizes, **kwargs)]
-    return keep or configs[-1:]
-
-
 @triton.autotune(
     configs=_shrink_configs(),
     key=["M_BUCKET", "K", "BLOCK_R", "DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": config_pruner(config_ok, "x_ptr", "wt_ptr")},
 )
 @triton.jit
 def _lora_shrink_kernel(
@@ -92,7 +92,7 @@ def _lora_shrink_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_r = offs_r < R
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    rows_m = offs_m.to(tl.int64)
     if DROPOUT:
         seed = tl.load(seed_ptr)
 
@@ -100,24 +100,13 @@ def _lora_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(
-            wt_ptr + offs_k[:, None] * stride_wk + offs_r[None, :] * stride_wr,
-            mask=mask_k[:, None] & mask_r[None, :],
-            other=0.0,
-        )
+        x = load_tile(x_ptr, rows_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
+        w = load_tile(wt_ptr, offs_k, offs_r, stride_wk, stride_wr, mask_k, mask_r)
         if DROPOUT:
             x = dropout_tile(x, seed, offs_m, offs_k, threshold, keep_scale).to(w.dtype)
         acc = mma(acc, x, w, UPCAST, PRECISION)
 
-    acc = acc * scale
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-
-
-def block_r(R: int) -> int:
-    """Rank tile: the padded rank up to 64, then 64-wide column tiles."""
-    return min(64, max(16, triton.next_power_of_2(R)))
+    store_tile(out_ptr, acc * scale, rows_m, offs_r, stride_om, stride_or, mask_m, mask_r)
 
 
 def lora_shrink(
@@ -136,7 +125,7 @@ def lora_shrink(
     if M == 0:
         return out
     dropout = dropout_p > 0.0
-    BLOCK_R = block_r(R)
+    BLOCK_R = rank_tile(R)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
@@ -153,3 +142,7 @@ def lora_shrink(
             BLOCK_R=BLOCK_R,
         )  # fmt: skip
     return out
+
+
+# What the static check and the AOT build compile for GPUs.
+GPU_KERNEL = GpuKernel("lora_shrink", _lora_shrink_kernel.fn, gpu_configs(), config_ok)

@@ -14,15 +14,20 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    GpuKernel,
+    config_pruner,
     dot_precision,
     dropout_fits,
     dropout_tile,
     fits_in_smem,
     is_interpreting,
     launch_lock,
+    load_tile,
     m_bucket,
     mma,
+    rank_tile,
     signed_threshold,
+    store_tile,
 )
 
 # A split chunk is a multiple of the largest BLOCK_M, so every program but the last sees whole tiles.
@@ -30,7 +35,8 @@ CHUNK_ALIGN = 128
 TARGET_PROGRAMS = 256
 
 
-def _wgrad_gpu_configs():
+def gpu_configs() -> list[triton.Config]:
+    """Every config the autotuner may pick on a GPU; the interpreter runs a single config of its own."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_Q": bq}, num_warps=w, num_stages=s)
         for bm, bq, w, s in [(64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (32, 256, 8, 3)]
@@ -40,7 +46,7 @@ def _wgrad_gpu_configs():
 def _wgrad_configs():
     if is_interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_Q": 64}, num_warps=4, num_stages=1)]
-    return _wgrad_gpu_configs()
+    return gpu_configs()
 
 
 def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, DROPOUT: bool, **_) -> bool:
@@ -51,16 +57,10 @@ def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: i
     return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_Q"])
 
 
-def _prune(configs, nargs, **kwargs):
-    sizes = nargs["v_ptr"].element_size(), nargs["u_ptr"].element_size()
-    keep = [c for c in configs if config_ok(c, *sizes, **kwargs)]
-    return keep or configs[:1]
-
-
 @triton.autotune(
     configs=_wgrad_configs(),
     key=["M_BUCKET", "Q", "BLOCK_R", "DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": config_pruner(config_ok, "v_ptr", "u_ptr")},
 )
 @triton.jit
 def _lora_wgrad_kernel(
@@ -111,22 +111,13 @@ def _lora_wgrad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
         rows = offs_m.to(tl.int64)
-        ut = tl.load(
-            u_ptr + offs_r[:, None] * stride_ur + rows[None, :] * stride_um,
-            mask=mask_r[:, None] & mask_m[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_ptr + rows[:, None] * stride_vm + offs_q[None, :] * stride_vq,
-            mask=mask_m[:, None] & mask_q[None, :],
-            other=0.0,
-        )
+        ut = load_tile(u_ptr, offs_r, rows, stride_ur, stride_um, mask_r, mask_m)
+        v = load_tile(v_ptr, rows, offs_q, stride_vm, stride_vq, mask_m, mask_q)
         if DROPOUT:
             v = dropout_tile(v, seed, offs_m, offs_q, threshold, keep_scale).to(ut.dtype)
         acc = mma(acc, ut, v, UPCAST, PRECISION)
 
-    out = out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_q[None, :] * stride_oq
-    tl.store(out, acc, mask=mask_r[:, None] & mask_q[None, :])
+    store_tile(out_ptr + pid_s * stride_os, acc, offs_r, offs_q, stride_or, stride_oq, mask_r, mask_q)
 
 
 def split_count(M: int, R: int, Q: int) -> tuple[int, int]:
@@ -152,7 +143,7 @@ def lora_wgrad(
     split, chunk = split_count(M, R, Q)
     partial = torch.empty((split, R, Q), device=u.device, dtype=torch.float32)
     dropout = dropout_p > 0.0
-    BLOCK_R = min(64, max(16, triton.next_power_of_2(R)))
+    BLOCK_R = rank_tile(R)
 
     def grid(meta):
         return (triton.cdiv(Q, meta["BLOCK_Q"]), triton.cdiv(R, BLOCK_R), split)
@@ -171,3 +162,7 @@ def lora_wgrad(
         )  # fmt: skip
     # Summed in index order: deterministic.
     return partial[0] if split == 1 else partial.sum(0)
+
+
+# What the static check and the AOT build compile for GPUs.
+GPU_KERNEL = GpuKernel("lora_wgrad", _lora_wgrad_kernel.fn, gpu_configs(), config_ok)

@@ -35,7 +35,7 @@ _SPILLING = """
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastlora.static_check import _resources
+from fastlora.gpu_compile import resources
 
 @triton.jit
 def spilling_kernel(x_ptr, BLOCK: tl.constexpr):
@@ -47,7 +47,7 @@ def spilling_kernel(x_ptr, BLOCK: tl.constexpr):
 
 src = ASTSource(fn=spilling_kernel, signature={"x_ptr": "*fp32", "BLOCK": "constexpr"}, constexprs={"BLOCK": 128})
 compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": 1})
-print(*_resources(compiled.asm["cubin"]))
+print(*resources(compiled.asm["cubin"]))
 """
 
 
