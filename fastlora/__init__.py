@@ -1,24 +1,21 @@
 """fastlora: LoRA layers whose forward and backward are fused Triton kernels."""
 
-from .config import LoraConfig
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import LoraConfig, lora_scaling
 from .io import load_adapter, save_adapter
-from .layers import LoraLinear, MultiLoraLinear, lora_scaling
-from .model import (
-    apply_lora,
-    disable_adapters,
-    freeze_bottom_layers,
-    llrd_param_groups,
-    merge_and_reinit,
-    merge_and_unload,
-    print_trainable_parameters,
-    unload,
-)
+from .layers import LoraLinear
+from .model import apply_lora, disable_adapters, merge_and_unload, print_trainable_parameters, unload
 from .ops import lora_linear, multi_lora_linear
 from .peft_compat import patch_peft, unpatch_peft
+from .recipes import freeze_bottom_layers, llrd_param_groups, merge_and_reinit
 from .reference import lora_linear_reference
-from .serving import MultiLoraModel
+from .serving import MultiLoraLinear, MultiLoraModel
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("fastlora")  # pyproject.toml holds the one version
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "LoraConfig",

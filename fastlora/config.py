@@ -3,11 +3,13 @@
 A config saved by PEFT (``adapter_config.json``) loads into a ``LoraConfig`` and a ``LoraConfig`` saves as one that
 PEFT reads. Fields this library cannot honour exactly (DoRA, PiSSA/OLoRA/LoftQ initialisation, LoRA biases,
 parameter targeting, ...) raise ``NotImplementedError`` naming the field: never a silent change of the math.
+``lora_scaling`` is the ``alpha / r`` (or ``alpha / sqrt(r)``) every layer multiplies its update by.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -30,6 +32,11 @@ _UNSUPPORTED_DEFAULTS = {
 }  # fmt: skip
 # Of those, the ones a user is most likely to pass to ``LoraConfig`` directly are fields, so they fail by name.
 _UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "target_parameters", "layer_replication")
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rank-stabilised LoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 @dataclasses.dataclass
@@ -98,6 +105,15 @@ class LoraConfig:
 
     # ------------------------------------------------------------------------------------------------ matching
 
+    @property
+    def all_linear(self) -> bool:
+        """``target_modules="all-linear"``: every linear layer but the model's output head."""
+        return isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
+
+    def saves_module(self, name: str) -> bool:
+        """Whether the module called ``name`` is one of ``modules_to_save`` (its name ends with an entry)."""
+        return any(names_module(key, name) for key in self.modules_to_save or ())
+
     def is_excluded(self, name: str) -> bool:
         if self.exclude_modules:
             if isinstance(self.exclude_modules, str):
@@ -112,7 +128,7 @@ class LoraConfig:
         if self.is_excluded(name):
             return False
         if isinstance(self.target_modules, str):
-            if self.target_modules.lower() == ALL_LINEAR:
+            if self.all_linear:
                 return True
             return re.fullmatch(self.target_modules, name) is not None
         if name in self.target_modules:
@@ -133,6 +149,15 @@ class LoraConfig:
 
     def alpha_for(self, name: str) -> float:
         return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, name), self.lora_alpha)
+
+    def scaling_for(self, name: str) -> float:
+        """The scaling of the layer called ``name``: ``lora_scaling`` of its rank and alpha."""
+        return lora_scaling(self.rank_for(name), self.alpha_for(name), self.use_rslora)
+
+    @property
+    def scaling(self) -> float:
+        """The scaling of a layer no pattern singles out."""
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
     # ------------------------------------------------------------------------------------------------ PEFT files
 
@@ -184,6 +209,11 @@ class LoraConfig:
         if unknown:
             raise NotImplementedError(f"LoraConfig: unknown PEFT options (not implemented here): {', '.join(unknown)}")
         return cls(**kwargs)
+
+
+def names_module(key: str, name: str) -> bool:
+    """PEFT's ``modules_to_save`` rule: ``key`` names the module ``name`` when the name ends with it."""
+    return re.match(rf"(^|.*\.){key}$", name) is not None
 
 
 def _pattern_key(patterns: Iterable[str], name: str) -> str | None:

@@ -11,7 +11,8 @@ A directory holds ``adapter_config.json`` (the PEFT ``LoraConfig``) and ``adapte
 - ``modules_to_save``: ``base_model.model.<module>.<name>`` for every entry of that module's state dict.
 
 Loading validates everything (files, config, every key and shape) before the model changes, so a bad adapter
-raises and leaves the model exactly as it was. ``read_adapter`` gives a file's config and tensors without a model. Limits: one adapter per model; the duplicate
+raises and leaves the model exactly as it was. Reading the files themselves is ``fastlora.peft_format``'s
+(``read_adapter`` gives a file's config and tensors without a model). Limits: one adapter per model; the duplicate
 ``original_module.*`` / ``modules_to_save.*`` biases PEFT writes when ``bias="all"`` meets ``modules_to_save`` are
 read (and the base copies ignored) but never written; embedding layers PEFT saves after a vocabulary resize are
 unexpected keys (skipped with a warning under ``strict=False``).
@@ -29,32 +30,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
-from .layers import LoraLinear, lora_scaling
-from .model import (
-    _linear_types,
-    _modules_to_save,
-    _output_head_names,
-    apply_lora,
-    find_targets,
-    is_conv1d,
-    lora_layers,
-)
+from .config import LoraConfig
+from .layers import LoraLinear
+from .model import adapted_modules, apply_lora, find_targets, is_conv1d, lora_layers, modules_to_save
+from .peft_format import CONFIG_NAME, PREFIX, SAFETENSORS_NAME, listing, read_adapter, read_adapter_file
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-# A LoRA key as PEFT writes it, or with the adapter name still in it (``lora_A.default.weight``), as some tools do.
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
-# ``bias="all"`` with ``modules_to_save`` makes PEFT also save the wrapper's own biases: the copy being trained
-# (``<module>.modules_to_save.bias``) and the frozen original (``<module>.original_module.bias``).
-_WRAPPED_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>modules_to_save|original_module)\.(?P<rest>.+)$")
-
+__all__ = ["load_adapter", "read_adapter", "save_adapter"]
 
 # ------------------------------------------------------------------------------------------------------------ save
 
@@ -120,8 +104,8 @@ def _config_for_layers(model: nn.Module, config: LoraConfig, layers: dict[str, L
     if selected != set(layers):
         raise ValueError(
             "save_adapter: the config does not describe the model's LoRA layers (PEFT would adapt other modules); "
-            f"LoRA layers it misses: {_listing(set(layers) - selected) or 'none'}; modules it targets without LoRA: "
-            f"{_listing(selected - set(layers)) or 'none'}"
+            f"LoRA layers it misses: {listing(set(layers) - selected) or 'none'}; modules it targets without LoRA: "
+            f"{listing(selected - set(layers)) or 'none'}"
         )
     rank_pattern, alpha_pattern = {}, {}
     for name, layer in layers.items():
@@ -173,16 +157,6 @@ def _fsync(path: str) -> None:
 # ------------------------------------------------------------------------------------------------------------ load
 
 
-def read_adapter(
-    path_or_dir: str | os.PathLike, *, config: LoraConfig | None = None, allow_pickle: bool = False
-) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a PEFT-format adapter, checked as files but not against any model. Tensor keys are
-    module-relative, in PEFT's saved form (``model.layers.0.self_attn.q_proj.lora_A.weight``), whatever prefix or
-    adapter-name infix the file used. Arguments as for ``load_adapter``."""
-    adapter = _read_adapter(Path(path_or_dir), config, allow_pickle)
-    return adapter.config, {key: tensor for key, (_, tensor) in adapter.tensors.items()}
-
-
 def load_adapter(
     model: nn.Module,
     path_or_dir: str | os.PathLike,
@@ -204,7 +178,7 @@ def load_adapter(
     keys, with a warning; shapes must match either way. Every check runs before the model changes: on any error it is
     left exactly as it was.
     """
-    adapter = _read_adapter(Path(path_or_dir), config, allow_pickle)
+    adapter = read_adapter_file(path_or_dir, config=config, allow_pickle=allow_pickle)
     config, weights_path, source = adapter.config, adapter.weights_path, adapter.tensors
 
     layers = dict(lora_layers(model))
@@ -226,8 +200,8 @@ def load_adapter(
                 f"load_adapter: {weights_path}: {file_key!r} has shape {tuple(tensor.shape)}, the model expects "
                 f"{shape} (for {name!r})"
             )
-    missing = _listing(set(expected) - set(source))
-    unexpected = _listing(source[k][0] for k in set(source) - set(expected))
+    missing = listing(set(expected) - set(source))
+    unexpected = listing(source[k][0] for k in set(source) - set(expected))
     if strict and (missing or unexpected):
         raise ValueError(
             f"load_adapter: {weights_path} does not fit the model: missing keys: {missing or 'none'}; unexpected "
@@ -246,99 +220,6 @@ def load_adapter(
         for key in common:
             tensors[expected[key][0]].copy_(source[key][1])
     return model
-
-
-@dataclasses.dataclass
-class _Adapter:
-    config: LoraConfig
-    config_origin: str  # for error messages: the config file, or "the given config"
-    weights_path: Path
-    tensors: dict[str, tuple[str, torch.Tensor]]  # normalised key -> (key in the file, tensor)
-
-
-def _read_adapter(path: Path, config: LoraConfig | None, allow_pickle: bool) -> _Adapter:
-    if config is not None and not isinstance(config, LoraConfig):
-        raise TypeError(f"load_adapter: config must be a fastlora.LoraConfig, got {type(config).__name__}")
-    weights_path, config_path = _adapter_files(path, allow_pickle, need_config=config is None)
-    origin = "the given config" if config is not None else str(config_path)
-    config = config if config is not None else _read_config(config_path)
-    return _Adapter(config, origin, weights_path, _normalized(_read_weights(weights_path), weights_path))
-
-
-def _adapter_files(path: Path, allow_pickle: bool, need_config: bool) -> tuple[Path, Path]:
-    if path.is_dir():
-        directory = path
-        weights = path / SAFETENSORS_NAME
-        if not weights.is_file():
-            pickled = path / PICKLE_NAME
-            if not pickled.is_file():
-                raise FileNotFoundError(f"load_adapter: no {SAFETENSORS_NAME} (nor {PICKLE_NAME}) in {path}")
-            weights = pickled
-    elif path.is_file():
-        directory, weights = path.parent, path
-    else:
-        raise FileNotFoundError(f"load_adapter: {path} does not exist")
-    if weights.suffix != ".safetensors" and not allow_pickle:
-        raise ValueError(
-            f"load_adapter: {weights} is a pickle file; unpickling can run arbitrary code, so it is refused. Convert "
-            "it to safetensors, or pass allow_pickle=True to read it (with torch.load(weights_only=True))"
-        )
-    config_path = directory / CONFIG_NAME
-    if need_config and not config_path.is_file():
-        raise FileNotFoundError(f"load_adapter: {config_path} not found (or pass config=fastlora.LoraConfig(...))")
-    return weights, config_path
-
-
-def _read_config(path: Path) -> LoraConfig:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"load_adapter: {path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"load_adapter: {path} does not hold a JSON object")
-    try:
-        return LoraConfig.from_peft_dict(data)
-    except (ValueError, TypeError, NotImplementedError) as e:
-        raise type(e)(f"load_adapter: {path}: {e}") from e
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path, device="cpu")
-        except SafetensorError as e:
-            raise ValueError(f"load_adapter: {path} is not a readable safetensors file (truncated?): {e}") from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types for corrupt files and refused objects
-        raise ValueError(f"load_adapter: {path} could not be read with torch.load(weights_only=True): {e}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"load_adapter: {path} does not hold a dict of tensors")
-    return state
-
-
-def _normalized(state: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[str, torch.Tensor]]:
-    """File keys in PEFT's saved form without ``base_model.model.``: ``{key: (key in the file, tensor)}``.
-
-    Also accepted: keys without the prefix (adapters saved by transformers' PEFT integration), the adapter name
-    left in (``lora_A.default.weight``), and PEFT's ``modules_to_save`` wrapper entries."""
-    out: dict[str, tuple[str, torch.Tensor]] = {}
-    for file_key, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise ValueError(f"load_adapter: {path}: {file_key!r} is {tensor.dtype}, not floating point")
-        key = file_key.removeprefix(PREFIX)
-        if match := _LORA_KEY.match(key):
-            key = f"{match['module']}.{match['which']}.weight"
-        elif match := _WRAPPED_KEY.match(key):
-            if match["kind"] == "original_module":
-                continue  # the frozen base copy, identical to the model's own module
-            key = f"{match['module']}.{match['rest']}"
-        if key in out:
-            if not torch.equal(out[key][1], tensor):
-                raise ValueError(f"load_adapter: {path}: {out[key][0]!r} and {file_key!r} disagree")
-            continue
-        out[key] = (file_key, tensor)
-    return out
 
 
 def _expected_for_plain_model(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -365,15 +246,14 @@ def _expected_for_lora_model(
     if selected != set(layers):
         raise ValueError(
             f"target_modules={config.target_modules!r} does not match the model's LoRA layers: it selects "
-            f"{_listing(selected - set(layers)) or 'nothing'} without LoRA, and not "
-            f"{_listing(set(layers) - selected) or 'nothing'} with LoRA (unload the model's adapter to load another)"
+            f"{listing(selected - set(layers)) or 'nothing'} without LoRA, and not "
+            f"{listing(set(layers) - selected) or 'nothing'} with LoRA (unload the model's adapter to load another)"
         )
     expected = {}
     for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"layer {name!r} is merged; unmerge it before loading new weights")
-        r = config.rank_for(name)
-        scaling = lora_scaling(r, config.alpha_for(name), config.use_rslora)
+        r, scaling = config.rank_for(name), config.scaling_for(name)
         if r != layer.r or not math.isclose(scaling, layer.scaling, rel_tol=1e-6):
             raise ValueError(
                 f"layer {name!r} has r={layer.r}, scaling={layer.scaling:g}; the adapter's config "
@@ -390,15 +270,12 @@ def _expected_for_lora_model(
 
 def _config_targets(model: nn.Module, config: LoraConfig) -> set[str]:
     """The modules ``config`` adapts in ``model``, counting those that already hold LoRA."""
-    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
-    head = _output_head_names(model) if all_linear else set()
-    linear = (*_linear_types(), LoraLinear)
-    return {n for n, m in model.named_modules() if n and n not in head and isinstance(m, linear) and config.matches(n)}
+    return set(adapted_modules(model, config))
 
 
 def _extra_entries(model: nn.Module, config: LoraConfig, targets: set[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Biases and ``modules_to_save`` tensors PEFT saves with this config: ``{saved key: (state-dict name, shape)}``."""
-    saved = _modules_to_save(model, config)
+    saved = modules_to_save(model, config)
     entries = {}
     state = model.state_dict(keep_vars=True)
     if config.bias != "none":
@@ -419,9 +296,3 @@ def _extra_entries(model: nn.Module, config: LoraConfig, targets: set[str]) -> d
 
 def _within(name: str, ancestor: str) -> bool:
     return name == ancestor or name.startswith(f"{ancestor}.")
-
-
-def _listing(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")

@@ -1,5 +1,8 @@
 """Whole-model transforms: put ``LoraLinear`` into a model by a filtered module swap, freeze what LoRA training
-freezes, and take it out again (merged or not). Helpers for layer-wise training recipes live here too.
+freezes, and take it out again (merged or not). Training recipes built on them live in ``fastlora.recipes``.
+
+``adapted_modules(model, config)`` is the one answer to "which modules does this config adapt in this model", with
+PEFT's semantics; ``apply_lora``, ``load_adapter`` / ``save_adapter`` and ``MultiLoraModel`` all ask it.
 
 The swap keeps every module path, so the base model's ``state_dict`` keys are unchanged and only ``.lora_A`` /
 ``.lora_B`` entries are added. It is all-or-nothing: targets are resolved and validated before the first module
@@ -9,14 +12,13 @@ is replaced.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
-from .layers import LoraLinear
+from .config import LoraConfig, names_module
+from .layers import AdaptedLinear, LoraLinear
 
 
 def _conv1d_class() -> type | None:
@@ -44,6 +46,27 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if m is head} if head is not None else set()
 
 
+def adapted_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``config`` adapts in ``model``, with PEFT's semantics: the linear layers (``nn.Linear``,
+    transformers ``Conv1D``, or a linear layer fastlora has already wrapped) whose names ``config`` matches; with
+    ``target_modules="all-linear"``, every linear layer but the output head. A module ``config`` names that is not a
+    linear layer raises ``NotImplementedError`` (as PEFT refuses it), unless ``"all-linear"`` matched it."""
+    linear = (*_linear_types(), AdaptedLinear)
+    excluded = _output_head_names(model) if config.all_linear else set()
+    targets = []
+    for name, module in model.named_modules():
+        if not name or name in excluded or not config.matches(name):
+            continue
+        if isinstance(module, linear):
+            targets.append(name)
+        elif not config.all_linear:
+            raise NotImplementedError(
+                f"target module {name!r} is a {type(module).__name__}; fastlora adapts nn.Linear and transformers "
+                "Conv1D layers only"
+            )
+    return targets
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     """``(name, layer)`` for every ``LoraLinear`` in ``model``."""
     for name, module in model.named_modules():
@@ -52,26 +75,17 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules ``config`` adapts, with PEFT's semantics; raises if one is of an unsupported type or
-    if nothing matches (listing the linear modules that exist)."""
-    linear_types = _linear_types()
-    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
-    excluded = _output_head_names(model) if all_linear else set()
-    targets = []
-    for name, module in model.named_modules():
-        if not name or name in excluded or not config.matches(name):
-            continue
-        if isinstance(module, LoraLinear):
+    """``adapted_modules`` for ``apply_lora``: raises if one of them already has LoRA, or if nothing matches (listing
+    the linear modules that exist)."""
+    try:
+        targets = adapted_modules(model, config)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"apply_lora: {e}") from e
+    for name in targets:
+        if isinstance(model.get_submodule(name), AdaptedLinear):
             raise ValueError(f"apply_lora: module {name!r} already has LoRA; unload it first")
-        if isinstance(module, linear_types):
-            targets.append(name)
-        elif not all_linear:
-            raise NotImplementedError(
-                f"apply_lora: target module {name!r} is a {type(module).__name__}; fastlora adapts nn.Linear and "
-                "transformers Conv1D layers only"
-            )
     if not targets:
-        available = sorted(n for n, m in model.named_modules() if isinstance(m, linear_types))
+        available = sorted(n for n, m in model.named_modules() if isinstance(m, _linear_types()))
         raise ValueError(
             f"apply_lora: target_modules={config.target_modules!r} matched no module. Linear modules in this "
             f"model: {available}"
@@ -79,7 +93,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return targets
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -95,7 +109,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         raise TypeError(f"apply_lora: config must be a fastlora.LoraConfig, got {type(config).__name__}")
     if getattr(model, "fastlora_config", None) is not None or any(True for _ in lora_layers(model)):
         raise ValueError("apply_lora: the model already has LoRA layers; unload them first")
-    modules_to_save = _modules_to_save(model, config)
+    saved_modules = modules_to_save(model, config)
     replacements = {}
     requires_grad = {param: param.requires_grad for param in model.parameters()}
     try:
@@ -118,7 +132,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in replacements.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
         if config.bias == "lora_only" and layer.bias is not None:
             layer.bias.requires_grad_(True)
         layer.lora_A.requires_grad_(True)
@@ -127,17 +141,19 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         for name, param in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
                 param.requires_grad_(True)
-    for module in modules_to_save.values():
+    for module in saved_modules.values():
         for param in module.parameters():
             param.requires_grad_(True)
     model.fastlora_config = config
     return model
 
 
-def _modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+def modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    """``{name: module}`` of the modules ``config.modules_to_save`` names (trained fully and saved with the adapter);
+    raises if an entry names no module of the model."""
     names = config.modules_to_save or []
-    found = {n: m for n, m in model.named_modules() if n and any(re.match(rf"(^|.*\.){k}$", n) for k in names)}
-    missing = [k for k in names if not any(re.match(rf"(^|.*\.){k}$", n) for n in found)]
+    found = {n: m for n, m in model.named_modules() if n and config.saves_module(n)}
+    missing = [k for k in names if not any(names_module(k, n) for n in found)]
     if missing:
         raise ValueError(f"apply_lora: modules_to_save names modules the model lacks: {missing}")
     return found
@@ -153,7 +169,7 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def _take_out(model: nn.Module, merge: bool) -> nn.Module:
     for name, layer in list(lora_layers(model)):
-        _set_submodule(model, name, layer.unwrap(merge=merge))
+        set_submodule(model, name, layer.unwrap(merge=merge))
     if hasattr(model, "fastlora_config"):
         del model.fastlora_config
     return model
@@ -166,8 +182,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model):
         if layer.merged:
             continue
-        merged = (layer._weight_nk().float() + layer.delta_weight()).to(layer.weight.dtype)
-        if not torch.isfinite(merged).all():
+        if not torch.isfinite(layer.merged_weight()).all():
             raise ValueError(f"merge_and_unload: merging {name!r} would put non-finite values in its weight")
     return _take_out(model, merge=True)
 
@@ -193,78 +208,3 @@ def disable_adapters(model: nn.Module):
             layer.disabled = False
         for layer in merged:
             layer.merge()
-
-
-# ----------------------------------------------------------------------------------------------- training helpers
-
-
-def transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer blocks: the longest ``nn.ModuleList`` of identical module types."""
-    best = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
-        raise ValueError("transformer_layers: found no nn.ModuleList of repeated blocks in this model")
-    return best
-
-
-def freeze_bottom_layers(model: nn.Module, n: int) -> list[str]:
-    """Freeze every parameter (LoRA included) of the first ``n`` transformer blocks; returns their names."""
-    blocks = transformer_layers(model)
-    if not 0 <= n <= len(blocks):
-        raise ValueError(f"freeze_bottom_layers: n must be in [0, {len(blocks)}], got {n}")
-    frozen = []
-    block_ids = {id(b): i for i, b in enumerate(blocks)}
-    for name, module in model.named_modules():
-        if block_ids.get(id(module), n) < n:
-            for pname, param in module.named_parameters():
-                param.requires_grad_(False)
-                frozen.append(f"{name}.{pname}")
-    return frozen
-
-
-def llrd_param_groups(model: nn.Module, base_lr: float, decay: float) -> list[dict]:
-    """Optimizer parameter groups with layer-wise learning-rate decay: block ``l`` of ``L`` gets
-    ``base_lr · decay^(L-1-l)``; trainable parameters before the blocks (embeddings) get ``base_lr · decay^L``, and
-    those after them (final norm, head) ``base_lr``. Only trainable parameters are included."""
-    if not 0.0 < decay <= 1.0:
-        raise ValueError(f"llrd_param_groups: decay must be in (0, 1], got {decay}")
-    blocks = transformer_layers(model)
-    L = len(blocks)
-    owner = {}
-    for index, block in enumerate(blocks):
-        for param in block.parameters():
-            owner[id(param)] = index
-    first_block_param = next(iter(blocks[0].parameters()), None)
-    groups: dict[str, dict] = {}
-    seen_blocks = False
-    for param in model.parameters():
-        if param is first_block_param:
-            seen_blocks = True
-        if not param.requires_grad:
-            continue
-        if id(param) in owner:
-            index = owner[id(param)]
-            key, lr = f"layer.{index}", base_lr * decay ** (L - 1 - index)
-        elif seen_blocks:
-            key, lr = "head", base_lr
-        else:
-            key, lr = "embeddings", base_lr * decay**L
-        groups.setdefault(key, {"name": key, "lr": lr, "params": []})["params"].append(param)
-    return list(groups.values())
-
-
-@torch.no_grad()
-def merge_and_reinit(model: nn.Module) -> int:
-    """A Chain-of-LoRA step: merge each adapter into its base weight, then re-initialise A and B (as at creation)
-    to keep training a fresh adapter on the updated base. With the default init (B = 0) the model's function is
-    unchanged. Reset the optimizer state of the LoRA parameters afterwards. Returns the number of layers."""
-    layers = [layer for _, layer in lora_layers(model)]
-    for layer in layers:
-        if not layer.merged:
-            layer.merge()
-        layer.merged = False  # the delta now belongs to the base weight
-        layer.reset_lora_parameters(layer.init_lora_weights)
-    return len(layers)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .ops import _TORCH_DTYPES, _TRITON_DTYPES, lora_linear, resolve_backend
+from .ops import TORCH_DTYPES, TRITON_DTYPES, lora_linear, resolve_backend
 
 # Keyword arguments PEFT itself passes to a LoRA layer's forward; with the value None they change nothing.
 _PEFT_CALL_KWARGS = ("adapter_names", "alora_offsets")
@@ -165,11 +165,11 @@ def _tensor_issue(x: torch.Tensor, weight, bias, lora_A, lora_B, cast_input: boo
         return f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) dtypes differ"
     if torch.is_autocast_enabled(x.device.type):
         # The op casts x, W0 and b to the autocast dtype as nn.Linear does; only those dtypes may take part.
-        if any(t.dtype not in _TRITON_DTYPES for t in tensors):
-            return f"under autocast, dtypes must be among {_TRITON_DTYPES}"
+        if any(t.dtype not in TRITON_DTYPES for t in tensors):
+            return f"under autocast, dtypes must be among {TRITON_DTYPES}"
         return None
     backend = resolve_backend(x.device)
-    allowed = _TRITON_DTYPES if backend == "triton" else _TORCH_DTYPES
+    allowed = TRITON_DTYPES if backend == "triton" else TORCH_DTYPES
     if x.dtype not in allowed:
         return f"input dtype {x.dtype} is not among those of fastlora's {backend} backend {allowed}"
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from multi_lora_cases import expected, make_case
 from tolerances import assert_close
 from torch import nn
 
@@ -55,8 +56,6 @@ def test_compile_fullgraph_with_dropout(device):
 @pytest.mark.parametrize("impl", ["fused", "segmented"])
 def test_compile_fullgraph_multi_lora_linear(impl, device):
     """The multi-adapter op is one custom op: a compiled function over a batch's metadata traces without breaks."""
-    from test_multi_lora_linear import expected, make_case
-
     from fastlora import multi_lora_linear
 
     torch._dynamo.reset()

@@ -17,7 +17,8 @@ from torch import nn
 
 import fastlora
 from fastlora.layers import LoraLinear
-from fastlora.model import freeze_bottom_layers, llrd_param_groups, lora_layers, merge_and_reinit, transformer_layers
+from fastlora.model import lora_layers
+from fastlora.recipes import freeze_bottom_layers, llrd_param_groups, merge_and_reinit, transformer_layers
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

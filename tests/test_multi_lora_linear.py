@@ -4,47 +4,11 @@ both kernel paths (fused decode, segmented), odd shapes, both weight layouts, an
 
 import pytest
 import torch
+from multi_lora_cases import expected, make_case
 from tolerances import assert_close
 
-from fastlora import ops
-from fastlora.reference import multi_lora_linear_reference
+from fastlora import kernels, ops
 from fastlora.serving import BatchMeta
-
-
-def make_case(T, K, N, ranks, token_slots, dtype, lora_dtype=None, *, r_max=None, token_scales=False,
-              fan_in_fan_out=False, bias=True, pad=float("nan"), device="cpu", seed=0):  # fmt: skip
-    """Inputs with outputs O(1). ``ranks[s]`` is slot ``s``'s rank (0 = empty); pool entries beyond a slot's rank hold
-    ``pad`` (NaN by default), which no output may see."""
-    lora_dtype = lora_dtype or dtype
-    g = torch.Generator().manual_seed(seed)
-    r_max = r_max or max(max(ranks), 1)
-
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-
-    x = rand(T, K).to(dtype).to(device)
-    weight = rand(*((K, N) if fan_in_fan_out else (N, K)), scale=K**-0.5).to(dtype).to(device)
-    b = rand(N).to(dtype).to(device) if bias else None
-    a_pool = torch.full((len(ranks), r_max, K), pad, dtype=torch.float64)
-    b_pool = torch.full((len(ranks), N, r_max), pad, dtype=torch.float64)
-    for s, r in enumerate(ranks):
-        a_pool[s, :r] = rand(r, K, scale=K**-0.5)
-        b_pool[s, :, :r] = rand(N, r, scale=r**-0.5 if r else 1.0)
-    scalings = [0.5 + 0.25 * s for s in range(len(ranks))]
-    scales = (0.5 + torch.rand(T, generator=g)).tolist() if token_scales else None
-    meta = BatchMeta.build(token_slots, ranks, scalings, scales, device=device)
-    return x, weight, b, a_pool.to(lora_dtype).to(device), b_pool.to(lora_dtype).to(device), meta
-
-
-def expected(x, weight, bias, a_pool, b_pool, meta, slot_ranks=None, slot_scalings=None, fan_in_fan_out=False):
-    """The reference in fp64."""
-    ranks = meta.slot_ranks if slot_ranks is None else slot_ranks
-    scalings = meta.slot_scalings if slot_scalings is None else slot_scalings
-    scales = None if meta.token_scales is None else meta.token_scales.double()
-    return multi_lora_linear_reference(
-        x.double(), weight.double(), None if bias is None else bias.double(), a_pool.double(), b_pool.double(),
-        meta.token_slots, ranks, scalings.double(), scales, fan_in_fan_out=fan_in_fan_out,
-    )  # fmt: skip
 
 
 def test_reference_matches_a_per_token_loop():
@@ -177,15 +141,13 @@ def test_input_layouts(impl):
 def test_decode_shrink_k_splits():
     """The decode shrink's K splits (partial sums added by the fused kernel in a fixed order) give the same layer; a
     rank of 80 spans two 64-wide rank blocks of the shrink."""
-    from fastlora import kernels
-
     ranks = [16, 8, 1, 80]
     slots = [3, 1, -1, 0, 2, 3, 0]
     x, w, b, a_pool, b_pool, meta = make_case(len(slots), 100, 21, ranks, slots, torch.float32, token_scales=True)
     want = expected(x, w, b, a_pool, b_pool, meta)
     for split_k in (1, 2, 4):
-        xa = kernels.multi_lora_shrink(x, a_pool, meta, meta.slot_ranks, split_k)
-        y = kernels.multi_lora_fused(x, w.t(), b, xa, b_pool, meta, meta.slot_ranks, meta.slot_scalings)
+        xa = kernels.multi_lora_shrink(x, a_pool, meta.slot_ranks, *meta.kernel_args(), split_k=split_k)
+        y = kernels.multi_lora_fused(x, w.t(), b, xa, b_pool, meta.slot_ranks, meta.slot_scalings, *meta.kernel_args())
         assert_close(y, want, torch.float32, 100 + 80, f"y split_k={split_k}")
 
 
@@ -335,6 +297,6 @@ def test_a_segment_longer_than_the_grid_allows_is_refused():
     import dataclasses
 
     x, w, b, a_pool, b_pool, meta = make_case(5, 16, 16, [4], [0, 0, 0, -1, 0], torch.float32)
-    meta = dataclasses.replace(meta, max_segment_len=ops.kernels.MULTI_MAX_SEGMENT_TOKENS + 1)
+    meta = dataclasses.replace(meta, max_segment_len=kernels.MULTI_MAX_SEGMENT_TOKENS + 1)
     with pytest.raises(ValueError, match="per adapter and batch"):
         ops.multi_lora_linear(x, w, b, a_pool, b_pool, meta, backend="triton")

@@ -13,13 +13,12 @@ import threading
 
 import pytest
 import torch
-from test_serving_helpers import IDS, TARGETS, assert_logits_close, expected_rows, oracle_logits, random_adapter
+from serving_helpers import IDS, TARGETS, assert_logits_close, expected_rows, oracle_logits, random_adapter
 from tiny_models import HIDDEN, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
-from fastlora import kernels
-from fastlora.layers import MultiLoraLinear
-from fastlora.serving import AdapterPool, MultiLoraModel, UnknownAdapterError
+from fastlora.ops import multi as multi_op
+from fastlora.serving import AdapterPool, MultiLoraLinear, MultiLoraModel, UnknownAdapterError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -59,13 +58,13 @@ def triton_calls(monkeypatch) -> list:
     """Runs the Triton kernels (interpreted on CPU) and records each multi-adapter kernel launch."""
     monkeypatch.setenv("FASTLORA_BACKEND", "auto")
     calls = []
-    real = kernels.multi_lora_linear_triton
+    real = multi_op.multi_lora_triton
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "multi_lora_linear_triton", spy)
+    monkeypatch.setattr(multi_op, "multi_lora_triton", spy)
     return calls
 
 

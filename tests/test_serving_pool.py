@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_serving_helpers import (
+from serving_helpers import (
     IDS,
     adapter_state_dict,
     assert_logits_close,
@@ -25,7 +25,7 @@ from test_serving_helpers import (
 from tiny_models import tiny_llama
 
 import fastlora
-from fastlora import kernels
+from fastlora.ops import multi as multi_op
 from fastlora.serving import AdapterPool, MultiLoraModel, UnknownAdapterError
 
 pytest.importorskip("transformers")
@@ -633,13 +633,13 @@ def test_concurrent_stress_on_the_triton_path(thread_dirs, monkeypatch):
         # Triton's interpreter is not thread-safe (it patches triton.language while a kernel runs), so interpreted
         # launches take turns; the pool's loads, unloads and evictions still interleave with the forwards.
         lock = threading.Lock()
-        launch = kernels.multi_lora_linear_triton
+        launch = multi_op.multi_lora_triton
 
         def one_at_a_time(*args, **kwargs):
             with lock:
                 return launch(*args, **kwargs)
 
-        monkeypatch.setattr(kernels, "multi_lora_linear_triton", one_at_a_time)
+        monkeypatch.setattr(multi_op, "multi_lora_triton", one_at_a_time)
     seen = _concurrent_run(thread_dirs, iterations=30, backend="auto", monkeypatch=monkeypatch)
     assert seen["x1"] + seen["x2"] > 0
 

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ALL_LINEAR, LoraConfig
-from ..layers import MultiLoraLinear, reset_batch_meta, set_batch_meta
-from ..model import _linear_types, _output_head_names, _set_submodule, find_targets, is_conv1d, lora_layers
-from .meta import BatchMeta
+from ..config import LoraConfig
+from ..model import adapted_modules, find_targets, is_conv1d, lora_layers, set_submodule
+from ..ops import BatchMeta
+from .linear import MultiLoraLinear, reset_batch_meta, set_batch_meta
 from .pool import AdapterInfo, AdapterLease, AdapterPool, PoolLayer
 
 # PEFT's name for "no adapter" in a mixed batch (``adapter_names=[..., "__base__", ...]``), accepted as None.
@@ -48,7 +48,7 @@ BASE = "__base__"
 
 class _Rows:
     """The adapter of each row of the running call, and the ``BatchMeta`` built for each layer input shape: the
-    ``BatchSource`` (``fastlora.layers``) of a ``MultiLoraModel`` call."""
+    ``BatchSource`` (``fastlora.serving.linear``) of a ``MultiLoraModel`` call."""
 
     def __init__(self, model: MultiLoraModel, lease: AdapterLease, row_scales: tuple[float, ...] | None):
         self.model = model
@@ -125,9 +125,6 @@ class MultiLoraModel:
         for name, module in modules.items():
             out_features, in_features = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape
             shapes[name] = (in_features, out_features)
-        # The model's linear layers, as a PEFT config would see them (before the swap hides their type).
-        self._linear = [n for n, m in model.named_modules() if n and isinstance(m, _linear_types())]
-        self._heads = _output_head_names(model)
         self.model = model
         self.target_modules = target_modules
         self.acquire_timeout = acquire_timeout
@@ -137,7 +134,7 @@ class MultiLoraModel:
         )  # fmt: skip
         for name, module in modules.items():
             layer = MultiLoraLinear.from_linear(module, self.pool.layers[name], fan_in_fan_out=is_conv1d(module))
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
 
     # -------------------------------------------------------------------------------------------- adapters
 
@@ -206,7 +203,7 @@ class MultiLoraModel:
         """Put the model's original layers back and return it; this wrapper is unusable afterwards."""
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MultiLoraLinear):
-                _set_submodule(self.model, name, module.unwrap())
+                set_submodule(self.model, name, module.unwrap())
         return self.model
 
     def __repr__(self) -> str:
@@ -214,11 +211,10 @@ class MultiLoraModel:
 
     # ------------------------------------------------------------------------------------------------ internals
 
-    def _selected(self, config: LoraConfig) -> set[str]:
-        """The modules PEFT would adapt in the model for ``config`` (its linear layers, less the head for
-        ``"all-linear"``)."""
-        all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
-        return {n for n in self._linear if not (all_linear and n in self._heads) and config.matches(n)}
+    def _selected(self, config: LoraConfig) -> list[str]:
+        """The modules PEFT would adapt in the model for ``config`` (its ``MultiLoraLinear`` layers count as the
+        linear layers they wrap)."""
+        return adapted_modules(self.model, config)
 
     def _rows(self, adapter_names, adapter_scales, batch: int):
         names = _row_names(adapter_names, batch)

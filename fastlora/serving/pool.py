@@ -18,14 +18,8 @@ recently used slot that no running batch pins. The batch's slots stay pinned (re
 released; a batch asking for more distinct adapters than ``max_adapters`` is an error, and a batch that fits but finds
 too many slots pinned by other batches waits for them (``timeout`` to bound the wait).
 
-**Validation.** Everything is checked before the pool changes, so a bad adapter raises and leaves the pool, its
-slots and every registered adapter exactly as they were: the file (``fastlora.io.read_adapter``'s errors for
-missing, corrupt or pickled files and bad configs), unsupported config fields (``bias`` other than ``"none"``,
-``modules_to_save``: per-adapter base-layer changes a shared base model cannot serve), every key (a LoRA ``A`` / ``B``
-pair per module; a module the pool does not adapt is named in the error), every shape against the layer's ``K`` and
-``N``, each layer's rank against the config's ``rank_for`` and against ``max_rank``, floating dtypes, and finite values
-(after the cast to the pool's dtype, so an fp32 value that overflows fp16 is caught). The config must select exactly
-the modules the weights cover, as PEFT would adapt them.
+**Validation.** ``register`` checks the adapter completely before the pool changes (``fastlora.serving.validation``):
+a bad adapter raises and leaves the pool, its slots and every registered adapter exactly as they were.
 
 **Threads.** One lock guards the pool's state. Weights are written into a slot only while no batch pins it: a running
 forward never sees its adapters change. ``unregister`` (and ``register(..., replace=True)``) of an adapter that a
@@ -43,22 +37,17 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import LoraConfig
-from ..io import _LORA_KEY, PREFIX, read_adapter
-from ..layers import lora_scaling
-
-AdapterSource = str | os.PathLike | Mapping[str, torch.Tensor]
-_UNSET_CONFIG_FIELDS = {"bias": "none", "modules_to_save": None}
+from ..peft_format import listing
+from .validation import AdapterSource, LayerWeights, read_adapter_source, validate_adapter
 
 
 class UnknownAdapterError(KeyError):
@@ -81,26 +70,15 @@ class PoolLayer:
     slot_scalings: torch.Tensor  # [max_adapters] float32
 
 
-@dataclasses.dataclass(frozen=True)
-class _LayerWeights:
-    lora_A: torch.Tensor  # [r, K], host, the pool's dtype
-    lora_B: torch.Tensor  # [N, r]
-    scaling: float
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
-
-
 @dataclasses.dataclass(eq=False)
 class _Entry:
     """A registered adapter. ``slot`` is where it is resident (None: CPU tier only)."""
 
     name: str
     config: LoraConfig
-    layers: dict[str, _LayerWeights]
+    layers: dict[str, LayerWeights]
     rank: int  # the largest rank over its layers: the slot's model-wide rank
-    scaling: float  # lora_scaling(config.r, config.lora_alpha): the slot's default scaling
+    scaling: float  # config.scaling: the slot's default scaling
     version: int  # increases with every registration, so a replaced adapter is told apart from its successor
     slot: int | None = None
     removed: bool = False  # unregistered (or replaced) while pinned: its slot is freed at the last release
@@ -194,7 +172,8 @@ class AdapterPool:
         self.max_rank = max_rank
         self.device = torch.device(device)
         self.dtype = dtype
-        self._select = select
+        self._select = select or (lambda config: [name for name in layers if config.matches(name)])
+        self._shapes = {name: tuple(shape) for name, shape in layers.items()}
         # Every layer's per-slot ranks and scalings are rows of one [layers, slots] tensor, so an upload sets a slot's
         # column for all layers with one copy instead of two small writes per layer.
         self._layer_ranks = torch.zeros(len(layers), max_adapters, device=self.device, dtype=torch.int32)
@@ -282,7 +261,7 @@ class AdapterPool:
         """Validate an adapter and add it to the CPU tier under ``name``; it is uploaded on first use.
 
         ``adapter``: a PEFT-format directory (``adapter_config.json`` + ``adapter_model.safetensors``) or weights
-        file, read with ``fastlora.io.read_adapter`` (``config`` then overrides the file's config); or a state dict
+        file, read with ``fastlora.peft_format.read_adapter`` (``config`` then overrides the file's config); or a state dict
         with PEFT's keys (``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``; module-relative keys and
         the adapter-name infix ``lora_A.<name>.weight`` are accepted too) together with ``config``: a
         ``LoraConfig``, or a dict of PEFT config fields (``{"r": 8, "lora_alpha": 16}``; ``target_modules`` defaults
@@ -292,12 +271,14 @@ class AdapterPool:
         if not isinstance(name, str) or not name:
             raise ValueError(f"AdapterPool.register: the adapter name must be a non-empty str, got {name!r}")
         self._check_new_name(name, replace)
-        config, tensors, origin = self._read(adapter, config, allow_pickle)
-        layers = self._validated(name, config, tensors, origin)
-        entry = _Entry(
-            name, config, layers, rank=max(w.rank for w in layers.values()),
-            scaling=lora_scaling(config.r, config.lora_alpha, config.use_rslora), version=0,
+        config, tensors, origin = read_adapter_source(adapter, config, allow_pickle)
+        layers = validate_adapter(
+            name, config, tensors, origin, shapes=self._shapes, select=self._select, max_rank=self.max_rank,
+            dtype=self.dtype, pin=self._pin_host,
         )  # fmt: skip
+        entry = _Entry(
+            name, config, layers, rank=max(w.rank for w in layers.values()), scaling=config.scaling, version=0
+        )
         with self._cond:
             self._check_new_name(name, replace)
             entry.version = next(self._versions)
@@ -324,117 +305,6 @@ class AdapterPool:
                     f"AdapterPool: an adapter named {name!r} is already registered (unload it first, or pass "
                     "replace=True)"
                 )
-
-    def _read(self, adapter, config, allow_pickle) -> tuple[LoraConfig, dict[str, torch.Tensor], str]:
-        if isinstance(adapter, Mapping):
-            tensors = {}
-            for key, tensor in adapter.items():
-                if not isinstance(tensor, torch.Tensor):
-                    raise ValueError(f"AdapterPool.register: state dict entry {key!r} is not a tensor")
-                module_key = key.removeprefix(PREFIX)
-                if match := _LORA_KEY.match(module_key):
-                    module_key = f"{match['module']}.{match['which']}.weight"
-                if module_key in tensors:
-                    raise ValueError(f"AdapterPool.register: state dict has two entries for {module_key!r}")
-                tensors[module_key] = tensor
-            if config is None:
-                raise ValueError(
-                    "AdapterPool.register: a state dict needs config= (a fastlora.LoraConfig, or PEFT config fields "
-                    "such as {'r': 8, 'lora_alpha': 16}) for its scaling"
-                )
-            if not isinstance(config, LoraConfig):
-                fields = dict(config)
-                if fields.get("target_modules") is None:
-                    fields["target_modules"] = sorted({k.rsplit(".", 2)[0] for k in tensors if _LORA_KEY.match(k)})
-                config = LoraConfig.from_peft_dict(fields)
-            return config, tensors, "the state dict"
-        if isinstance(adapter, (str, os.PathLike)):
-            if config is not None and not isinstance(config, LoraConfig):
-                config = LoraConfig.from_peft_dict(dict(config))
-            config, tensors = read_adapter(adapter, config=config, allow_pickle=allow_pickle)
-            return config, tensors, str(Path(adapter))
-        raise TypeError(f"AdapterPool.register: expected a path or a state dict, got {type(adapter).__name__}")
-
-    def _validated(
-        self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor], origin: str
-    ) -> dict[str, _LayerWeights]:
-        """Per-layer weights in the pool's dtype (pinned host memory on CUDA), after every check."""
-        where = f"AdapterPool.register: {origin}"
-        for field, default in _UNSET_CONFIG_FIELDS.items():
-            if getattr(config, field) not in (default, None, []):
-                raise NotImplementedError(
-                    f"{where}: {field}={getattr(config, field)!r} changes the base model per adapter, which a shared "
-                    f"base model cannot serve (only {field}={default!r} is supported)"
-                )
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            match = _LORA_KEY.match(key)
-            if match is None:
-                raise ValueError(
-                    f"{where}: {key!r} is not a LoRA weight (lora_A / lora_B); only LoRA weights are served"
-                )
-            module = match["module"]
-            if module not in self.layers:
-                raise ValueError(
-                    f"{where}: module {module!r} is not adapted by this pool (unknown module); the pool adapts: "
-                    f"{_listing(self.layers)}"
-                )
-            pairs.setdefault(module, {})[match["which"]] = tensor
-        selected = (
-            set(self._select(config)) if self._select is not None else {n for n in self.layers if config.matches(n)}
-        )
-        if not selected:
-            raise ValueError(
-                f"{where}: adapter {name!r}: the config's target_modules={config.target_modules!r} select no module of "
-                f"this pool (nothing to adapt); the pool adapts: {_listing(self.layers)}"
-            )
-        unknown = selected - set(self.layers)
-        if unknown:
-            raise ValueError(
-                f"{where}: the config's target_modules={config.target_modules!r} select modules this pool does not "
-                f"adapt (unknown modules): {_listing(unknown)}; the pool adapts: {_listing(self.layers)}"
-            )
-        if set(pairs) != selected:
-            raise ValueError(
-                f"{where}: the weights do not match the config's target_modules={config.target_modules!r}: modules "
-                f"selected without weights: {_listing(selected - set(pairs)) or 'none'}; weights of modules it does "
-                f"not select: {_listing(set(pairs) - selected) or 'none'}"
-            )
-        layers = {}
-        for module in sorted(pairs):
-            pair = pairs[module]
-            for which in ("lora_A", "lora_B"):
-                if which not in pair:
-                    raise ValueError(f"{where}: {module}.{which}.weight is missing")
-            layer = self.layers[module]
-            a, b = pair["lora_A"], pair["lora_B"]
-            for which, t in (("lora_A", a), ("lora_B", b)):
-                if not t.is_floating_point():
-                    raise ValueError(f"{where}: {module}.{which}.weight is {t.dtype}, not floating point")
-                if t.dim() != 2:
-                    raise ValueError(f"{where}: {module}.{which}.weight must be 2-D, got shape {tuple(t.shape)}")
-            r = a.shape[0]
-            if a.shape[1] != layer.in_features or b.shape != (layer.out_features, r):
-                raise ValueError(
-                    f"{where}: {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the layer "
-                    f"(expected [r, {layer.in_features}] and [{layer.out_features}, r])"
-                )
-            if r < 1 or r > self.max_rank:
-                raise ValueError(f"{where}: {module} has rank {r}, over the pool's max_rank={self.max_rank}")
-            if r != config.rank_for(module):
-                raise ValueError(
-                    f"{where}: {module} has rank {r} but the config gives it r={config.rank_for(module)} (its scaling "
-                    "depends on it; fix r / rank_pattern)"
-                )
-            a, b = a.detach().to("cpu", self.dtype), b.detach().to("cpu", self.dtype)
-            for which, t in (("lora_A", a), ("lora_B", b)):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"{where}: {module}.{which}.weight has non-finite values (in {self.dtype})")
-            a, b = a.contiguous(), b.contiguous()
-            if self._pin_host:
-                a, b = a.pin_memory(), b.pin_memory()
-            layers[module] = _LayerWeights(a, b, lora_scaling(r, config.alpha_for(module), config.use_rslora))
-        return layers
 
     # ------------------------------------------------------------------------------------------------- batches
 
@@ -506,7 +376,7 @@ class AdapterPool:
         entry = self._entries.get(name)
         if entry is None:
             raise UnknownAdapterError(
-                f"AdapterPool: no adapter named {name!r} is registered (registered: {_listing(self._entries) or 'none'})"
+                f"AdapterPool: no adapter named {name!r} is registered (registered: {listing(self._entries) or 'none'})"
             )
         return entry
 
@@ -566,9 +436,3 @@ class AdapterPool:
         self._slot_ranks[slot] = entry.rank
         self._slot_scalings[slot] = entry.scaling
         self._lru[slot] = None
-
-
-def _listing(names, limit: int = 8) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -24,8 +24,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+
+
+class KernelArgs(NamedTuple):
+    """The batch as the multi-adapter kernels read it: the trailing arguments of every launcher of
+    ``fastlora.kernels.multi_lora``, in this order, and of the ``fastlora::multi_lora_linear`` op."""
+
+    token_slots: torch.Tensor  # [T] int32, -1 = no adapter
+    sorted_token_ids: torch.Tensor  # [T_active] int32
+    seg_offsets: torch.Tensor  # [S + 1] int32
+    seg_slots: torch.Tensor  # [S] int32
+    token_scales: torch.Tensor | None  # [T] float32
+    num_segments: int
+    max_segment_len: int
+    max_rank: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +136,14 @@ class BatchMeta:
         if row_scales is not None:
             token_scales = torch.as_tensor(list(row_scales), dtype=torch.float32).repeat_interleave(seq_len)
         return cls.build(token_slots, slot_ranks, slot_scalings, token_scales, device=device)
+
+    def kernel_args(self) -> KernelArgs:
+        """What the kernels read of this batch, as the trailing arguments of their launchers (``*meta.kernel_args()``).
+        The per-slot ranks and scalings are not among them: each layer passes its own (``multi_lora_linear``)."""
+        return KernelArgs(
+            self.token_slots, self.sorted_token_ids, self.seg_offsets, self.seg_slots, self.token_scales,
+            self.num_segments, self.max_segment_len, self.max_rank,
+        )  # fmt: skip
 
     @property
     def has_lora_tokens(self) -> bool:

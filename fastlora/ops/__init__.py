@@ -1,0 +1,30 @@
+"""The ops: validation, backend dispatch, ``torch.library`` registration and autograd, one file per op.
+
+- ``lora_linear`` (``fastlora.ops.linear``): one adapter, forward and backward, for training;
+- ``multi_lora_linear`` (``fastlora.ops.multi``): every token with the adapter of its own pool slot, for serving;
+  ``BatchMeta`` (``fastlora.ops.meta``) describes which slot each token of a batch uses;
+- ``fastlora.ops.common``: the backend choice (``resolve_backend``), the dtypes each backend takes, the base-layer
+  checks both ops share.
+"""
+
+from .common import BACKENDS, TORCH_DTYPES, TRITON_DTYPES, resolve_backend
+from .linear import FORWARD_IMPLS, ONEPASS_MAX_TOKENS, choose_forward_impl, draw_seed, lora_linear
+from .meta import BatchMeta
+from .multi import MULTI_FUSED_MAX_TOKENS, MULTI_IMPLS, choose_multi_impl, multi_lora_linear
+
+__all__ = [
+    "BACKENDS",
+    "FORWARD_IMPLS",
+    "MULTI_FUSED_MAX_TOKENS",
+    "MULTI_IMPLS",
+    "ONEPASS_MAX_TOKENS",
+    "TORCH_DTYPES",
+    "TRITON_DTYPES",
+    "BatchMeta",
+    "choose_forward_impl",
+    "choose_multi_impl",
+    "draw_seed",
+    "lora_linear",
+    "multi_lora_linear",
+    "resolve_backend",
+]
