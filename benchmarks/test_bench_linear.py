@@ -5,6 +5,7 @@
 import functools
 
 import pytest
+from bench_params import contender_params
 
 from fastlora import bench
 
@@ -23,12 +24,7 @@ def contenders(case: bench.LinearCase) -> dict:
 
 
 @pytest.mark.parametrize(
-    "case, name",
-    [
-        pytest.param(case, name, id=f"{case.label}-{name.replace(' ', '_')}")
-        for case in CASES
-        for name in bench.linear_contender_names(case, BACKEND)
-    ],
+    "case, name", contender_params(CASES, lambda case: bench.linear_contender_names(case, BACKEND))
 )
 def test_linear(benchmark, case, name):
     benchmark.group = case.label

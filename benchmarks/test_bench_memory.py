@@ -5,6 +5,7 @@ training step (forward + backward) and records what autograd saves for the backw
 import functools
 
 import pytest
+from bench_params import contender_params
 
 from fastlora import bench
 from fastlora.bench import memory
@@ -23,14 +24,7 @@ def modules(case: bench.MemoryCase) -> tuple[bench.LinearInputs, dict]:
     return inputs, memory.memory_modules(inputs, case.dropout)
 
 
-@pytest.mark.parametrize(
-    "case, name",
-    [
-        pytest.param(case, name, id=f"{case.label}-{name.replace(' ', '_')}")
-        for case in CASES
-        for name in memory.CONTENDERS
-    ],
-)
+@pytest.mark.parametrize("case, name", contender_params(CASES, lambda case: memory.CONTENDERS))
 def test_memory(benchmark, case, name):
     inputs, mods = modules(case)
     module = mods[name]

@@ -6,9 +6,10 @@
 import functools
 
 import pytest
+from bench_params import contender_params
 
 from fastlora import bench
-from fastlora.bench import multi
+from fastlora.bench import multi_batch, multi_layer, multi_model
 
 DEVICE = bench.bench_device()
 BACKEND = bench.bench_backend(DEVICE)
@@ -18,31 +19,27 @@ MODEL_CASES = bench.model_cases(DEVICE, quick=True)
 
 @pytest.fixture(autouse=True, scope="module")
 def _threads():
-    """As ``fastlora bench`` runs the suite: on CPU, one torch thread (see ``multi.cpu_threads``)."""
-    with multi.cpu_threads(DEVICE, 1):
+    """As ``fastlora bench`` runs the suite: on CPU, one torch thread (see ``multi_batch.cpu_threads``)."""
+    with multi_batch.cpu_threads(DEVICE, 1):
         yield
 
 
 @functools.cache
 def layer_contenders(case: bench.MultiCase) -> dict:
     """The case's inputs and contenders, built and checked against PEFT's mixed batch once for all contenders."""
-    contenders = multi.layer_contenders(case, multi.make_multi_inputs(case, DEVICE), BACKEND)
-    multi.check_layer_agreement(case, contenders)
+    contenders = multi_layer.layer_contenders(case, multi_layer.make_multi_inputs(case, DEVICE), BACKEND)
+    multi_layer.check_layer_agreement(case, contenders)
     return contenders
 
 
 @functools.cache
 def peft_logits(case: bench.MultiModelCase):
     with bench.forced_backend(BACKEND):
-        return multi.peft_reference(case, DEVICE, multi.make_ids(case, DEVICE))
-
-
-def _param(case, name):
-    return pytest.param(case, name, id=f"{case.label}-{name.replace(' ', '_')}")
+        return multi_model.peft_reference(case, DEVICE, multi_model.make_ids(case, DEVICE))
 
 
 @pytest.mark.parametrize(
-    "case, name", [_param(case, name) for case in LAYER_CASES for name in multi.layer_contender_names(case, BACKEND)]
+    "case, name", contender_params(LAYER_CASES, lambda case: multi_layer.layer_contender_names(case, BACKEND))
 )
 def test_multi_layer(benchmark, case, name):
     benchmark.group = f"multi-{case.label}"
@@ -50,16 +47,15 @@ def test_multi_layer(benchmark, case, name):
     benchmark(bench.synchronized(layer_contenders(case)[name], DEVICE))
 
 
-@pytest.mark.parametrize(
-    "case, name", [_param(case, name) for case in MODEL_CASES for name in multi.model_contender_names(case)]
-)
+@pytest.mark.parametrize("case, name", contender_params(MODEL_CASES, multi_model.model_contender_names))
 def test_multi_model(benchmark, case, name):
-    ids = multi.make_ids(case, DEVICE)
+    ids = multi_model.make_ids(case, DEVICE)
     with bench.forced_backend(BACKEND):
-        model = multi.build_model(case, name, DEVICE)
-        if name == multi.MULTI_MODEL:
-            multi.check_model_agreement(case, multi.forward_logits(model, case, name, ids), peft_logits(case))
+        model = multi_model.build_model(case, name, DEVICE)
+        if name == multi_model.MULTI_MODEL:
+            logits = multi_model.forward_logits(model, case, name, ids)
+            multi_model.check_model_agreement(case, logits, peft_logits(case))
     benchmark.group = f"multi-{case.label}"
     benchmark.extra_info.update(backend=BACKEND, tokens=case.tokens, registered=case.registered)
-    step = bench.with_backend(multi.model_step(model, case, name, ids), BACKEND)
+    step = bench.with_backend(multi_model.model_step(model, case, name, ids), BACKEND)
     benchmark(bench.synchronized(step, DEVICE))

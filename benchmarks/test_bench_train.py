@@ -5,6 +5,7 @@ train`` writes the tables."""
 import functools
 
 import pytest
+from bench_params import contender_params
 
 from fastlora import bench
 from fastlora.bench import train
@@ -21,14 +22,7 @@ def peft_reference(case: bench.TrainCase) -> dict:
         return train.reference_values(model, train.make_batch(case, DEVICE))
 
 
-@pytest.mark.parametrize(
-    "case, name",
-    [
-        pytest.param(case, name, id=f"{case.label}-{name.replace(' ', '_')}")
-        for case in CASES
-        for name in train.CONTENDERS
-    ],
-)
+@pytest.mark.parametrize("case, name", contender_params(CASES, lambda case: train.CONTENDERS))
 def test_train(benchmark, case, name):
     batch = train.make_batch(case, DEVICE)
     with bench.forced_backend(BACKEND):

@@ -6,16 +6,35 @@
 ``D`` is inverted dropout whose mask is a pure function of ``(seed, row, col)`` (see ``dropout_mask``): the same
 bits as the Triton kernels, so every backend drops the same elements for the same seed, and the backward
 regenerates the mask instead of storing it.
+
+``tolerance`` is the one tolerance table: how far a kernel's result may be from this reference computed in fp64, for
+the tests and for the benchmarks' agreement checks.
 """
+
+import math
 
 import torch
 
+from .kernels.philox import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS
+
 _MASK32 = 0xFFFFFFFF
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
 _MASK_BLOCK_ELEMENTS = 1 << 16
+
+
+# Units of relative error allowed, per activation dtype (eps: fp32 1.2e-7, fp16 9.8e-4, bf16 7.8e-3): a few rounding
+# steps of the dtype. Errors are measured relative to the largest magnitude of the expected tensor: outputs and
+# gradients of a linear layer are sums whose rounding error scales with their size, not with each element.
+RELATIVE_TOLERANCE = {
+    torch.float32: 2e-6,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3.2e-2,
+}
+
+
+def tolerance(dtype: torch.dtype, reduce_len: int = 1) -> float:
+    """Relative tolerance for a result of ``dtype`` computed with fp32 accumulation over ``reduce_len`` terms: the
+    table's entry times the growth of fp32 accumulation error with the reduction length."""
+    return RELATIVE_TOLERANCE[dtype] * max(1.0, math.sqrt(reduce_len) / 4)
 
 
 def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,12 +56,12 @@ def philox_word(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tens
     )
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
-    for _ in range(10):
-        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
+    for _ in range(PHILOX_ROUNDS.value):
+        hi_b, lo_b = _mul32(PHILOX_ROUND_B.value, c2)
+        hi_a, lo_a = _mul32(PHILOX_ROUND_A.value, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+        k0 = (k0 + PHILOX_KEY_A.value) & _MASK32
+        k1 = (k1 + PHILOX_KEY_B.value) & _MASK32
     return c0
 
 

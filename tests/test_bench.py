@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastlora import bench
-from fastlora.bench import linear, memory, multi, train
+from fastlora.bench import linear, memory, multi_batch, multi_layer, multi_model, train
 
 CPU = torch.device("cpu")
 
@@ -149,7 +149,7 @@ def test_gpu_train_sizes_fit_the_device(monkeypatch, gib):
     monkeypatch.setattr(train, "device_memory", lambda device: gib * 2**30)
     cases = {(c.size, c.dropout): c for c in train.train_cases(torch.device("cuda"))}
     assert cases
-    for size in train._GPU_SIZES:
+    for size in train.GPU_SIZES:
         for p in (0.0, 0.1):
             full = train.TrainCase(*size, 16, "bf16", p)
             case = cases.get((full.size, p))
@@ -165,9 +165,9 @@ def test_gpu_train_sizes_fit_the_device(monkeypatch, gib):
 
 
 def test_multi_layer_inputs_spread_adapters_over_the_pool_and_mix_ranks():
-    case = bench.MultiCase(T=48, K=32, N=24, adapters=4, ranks=multi.MIXED, slots=16, dtype="fp32")
-    inputs = multi.make_multi_inputs(case, CPU)
-    mix = multi.parse_ranks(case.ranks)
+    case = bench.MultiCase(T=48, K=32, N=24, adapters=4, ranks=multi_batch.MIXED, slots=16, dtype="fp32")
+    inputs = multi_layer.make_multi_inputs(case, CPU)
+    mix = multi_batch.parse_ranks(case.ranks)
     assert inputs.batch_slots == [0, 4, 8, 12]
     assert [inputs.slot_ranks[s] for s in inputs.batch_slots] == list(mix)  # every rank of the mix in the batch
     counts = {s: inputs.token_slots.count(s) for s in inputs.batch_slots}
@@ -183,8 +183,8 @@ def test_multi_peft_layer_holds_the_batch_adapters():
     from peft.tuners.lora.layer import Linear as PeftLinear
 
     case = bench.MultiCase(T=8, K=16, N=12, adapters=3, ranks="2,4", slots=6, dtype="fp32")
-    inputs = multi.make_multi_inputs(case, CPU)
-    layer, names = multi.peft_mixed_linear(inputs)
+    inputs = multi_layer.make_multi_inputs(case, CPU)
+    layer, names = multi_layer.peft_mixed_linear(inputs)
     assert type(layer) is PeftLinear and not layer.training
     assert names == [f"slot{s}" for s in inputs.token_slots]
     assert set(layer.lora_A) == {f"slot{s}" for s in inputs.batch_slots}
@@ -197,31 +197,32 @@ def test_multi_peft_layer_holds_the_batch_adapters():
 
 
 def test_multi_layer_agreement_check_catches_a_wrong_slot(monkeypatch):
-    case = bench.MultiCase(T=16, K=32, N=16, adapters=4, ranks=multi.MIXED, slots=8, dtype="fp32")
-    inputs = multi.make_multi_inputs(case, CPU)
-    contenders = multi.layer_contenders(case, inputs, "torch")
-    multi.check_layer_agreement(case, contenders)  # the real contenders agree
-    base, peft = contenders[multi.BASE_ONLY](), contenders[multi.PEFT_MIXED]()
+    case = bench.MultiCase(T=16, K=32, N=16, adapters=4, ranks=multi_batch.MIXED, slots=8, dtype="fp32")
+    inputs = multi_layer.make_multi_inputs(case, CPU)
+    contenders = multi_layer.layer_contenders(case, inputs, "torch")
+    multi_layer.check_layer_agreement(case, contenders)  # the real contenders agree
+    base, peft = contenders[multi_layer.BASE_ONLY](), contenders[multi_batch.PEFT_MIXED]()
     assert (peft - base).abs().max() > 0.1 * base.abs().max()  # the adapters matter: the check has teeth
-    real = multi.multi_lora_linear
+    real = multi_layer.multi_lora_linear
 
     def shifted(x, w, b, a_pool, b_pool, meta, **kw):  # every token reads the next slot's adapter
         return real(x, w, b, a_pool.roll(1, 0), b_pool.roll(1, 0), meta, **kw)
 
-    monkeypatch.setattr(multi, "multi_lora_linear", shifted)
+    monkeypatch.setattr(multi_layer, "multi_lora_linear", shifted)
     with pytest.raises(bench.BenchmarkMismatch, match="fastlora multi_lora_linear != PEFT mixed batch"):
-        multi.check_layer_agreement(case, multi.layer_contenders(case, inputs, "torch"))
+        multi_layer.check_layer_agreement(case, multi_layer.layer_contenders(case, inputs, "torch"))
 
 
 def test_multi_model_adapters_and_rows():
-    case = next(c for c in multi.cpu_model_cases(quick=True) if c.ranks == multi.MIXED)
-    names = multi.batch_adapters(case)
+    case = next(c for c in multi_model.cpu_model_cases(quick=True) if c.ranks == multi_batch.MIXED)
+    names = multi_model.batch_adapters(case)
     assert len(names) == case.adapters == len(set(names))
-    assert [multi.adapter_rank(case, n) for n in names] == list(multi.parse_ranks(case.ranks))[: case.adapters]
-    rows = multi.row_adapters(case)
+    mix = multi_batch.parse_ranks(case.ranks)
+    assert [multi_model.adapter_rank(case, n) for n in names] == list(mix)[: case.adapters]
+    rows = multi_model.row_adapters(case)
     assert len(rows) == case.batch and set(rows) == set(names)
     wide = dataclasses.replace(case, registered=64, sweep="registered")
-    spread = [int(n.removeprefix("adapter")) for n in multi.batch_adapters(wide)]
+    spread = [int(n.removeprefix("adapter")) for n in multi_model.batch_adapters(wide)]
     assert spread == sorted(spread) and spread[-1] >= wide.registered // 2  # over the whole pool, not its first slots
     with pytest.raises(ValueError, match="distinct adapters need as many rows"):
         dataclasses.replace(case, adapters=case.batch + 1, registered=case.batch + 1)
@@ -230,19 +231,20 @@ def test_multi_model_adapters_and_rows():
 
 
 def test_multi_model_matches_peft_and_the_check_compares_them():
-    case = next(c for c in multi.cpu_model_cases(quick=True) if c.sweep == "registered")
-    ids = multi.make_ids(case, CPU)
+    case = next(c for c in multi_model.cpu_model_cases(quick=True) if c.sweep == "registered")
+    ids = multi_model.make_ids(case, CPU)
     with bench.forced_backend("torch"):
-        want = multi.peft_reference(case, CPU, ids)
-        mm = multi.build_model(case, multi.MULTI_MODEL, CPU)
-        got = multi.forward_logits(mm, case, multi.MULTI_MODEL, ids)
-        base = multi.forward_logits(multi.build_model(case, multi.BASE_MODEL, CPU), case, multi.BASE_MODEL, ids)
-    assert sorted(mm.pool.resident) == sorted(multi.adapter_names(case))  # every registered adapter in a slot
+        want = multi_model.peft_reference(case, CPU, ids)
+        mm = multi_model.build_model(case, multi_model.MULTI_MODEL, CPU)
+        got = multi_model.forward_logits(mm, case, multi_model.MULTI_MODEL, ids)
+        base_model = multi_model.build_model(case, multi_model.BASE_MODEL, CPU)
+        base = multi_model.forward_logits(base_model, case, multi_model.BASE_MODEL, ids)
+    assert sorted(mm.pool.resident) == sorted(multi_model.adapter_names(case))  # every registered adapter in a slot
     assert mm.pool.max_adapters == case.registered and not mm.pool.pinned
-    multi.check_model_agreement(case, got, want)
+    multi_model.check_model_agreement(case, got, want)
     assert (want - base).abs().max() > 1e-3  # the adapters change the logits
     with pytest.raises(bench.BenchmarkMismatch, match="in logits"):
-        multi.check_model_agreement(case, base, want)
+        multi_model.check_model_agreement(case, base, want)
 
 
 def test_multi_registered_spread_is_relative_to_the_fewest():
@@ -253,25 +255,25 @@ def test_multi_registered_spread_is_relative_to_the_fewest():
 
     rows = [row(64, 90.0), row(8, 100.0), row(512, 96.0), row(8, 50.0, batch=8), row(32, 55.0, batch=8)]
     other = {"level": "model", "sweep": "contenders", "tokens_per_s": 1.0}
-    multi.add_registered_spread([*rows, other])
+    multi_model.add_registered_spread([*rows, other])
     assert [r["throughput_vs_fewest_registered"] for r in rows] == [0.9, 1.0, 0.96, 1.0, 1.1]
     assert "throughput_vs_fewest_registered" not in other
 
 
 def test_multi_gpu_cases_cover_the_issue_sizes():
-    layer = multi.gpu_layer_cases()
+    layer = multi_layer.gpu_layer_cases()
     assert {(c.K, c.N, c.dtype) for c in layer} == {(4096, 4096, "bf16")}
     main = [c for c in layer if c.slots == 128]
     decode = {(c.T, c.adapters, c.ranks) for c in main if c.phase == "decode"}
-    for T, D, ranks in itertools.product((32, 64, 128, 256), (1, 8, 32, 128), (multi.UNIFORM, multi.MIXED)):
+    for T, D, ranks in itertools.product((32, 64, 128, 256), (1, 8, 32, 128), (multi_batch.UNIFORM, multi_batch.MIXED)):
         assert ((T, D, ranks) in decode) == (D <= T)
     assert {(c.adapters, c.ranks) for c in main if c.T == 4096} == set(
-        itertools.product((1, 8, 32, 128), (multi.UNIFORM, multi.MIXED))
+        itertools.product((1, 8, 32, 128), (multi_batch.UNIFORM, multi_batch.MIXED))
     )
     assert {c.slots for c in layer} == {8, 32, 128, 512}
-    target = multi.MultiCase(32, 4096, 4096, 32, multi.UNIFORM, 128, "bf16")
-    assert target in layer and target in multi.gpu_layer_cases(quick=True)
-    sweep = [c for c in multi.gpu_model_cases() if c.sweep == "registered"]
+    target = multi_layer.MultiCase(32, 4096, 4096, 32, multi_batch.UNIFORM, 128, "bf16")
+    assert target in layer and target in multi_layer.gpu_layer_cases(quick=True)
+    sweep = [c for c in multi_model.gpu_model_cases() if c.sweep == "registered"]
     assert {c.registered for c in sweep} == {8, 32, 128, 512}
     assert len({dataclasses.replace(c, registered=512) for c in sweep}) == 1  # only the number registered changes
-    assert {c.mode for c in multi.gpu_model_cases() if c.sweep == "contenders"} == set(multi.MODES)
+    assert {c.mode for c in multi_model.gpu_model_cases() if c.sweep == "contenders"} == set(multi_model.MODES)

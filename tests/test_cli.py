@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 
 from fastlora import bench
-from fastlora.bench import memory, multi, train
+from fastlora.bench import memory, multi_batch, multi_layer, multi_model, train
 from fastlora.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,12 +49,12 @@ def _expected_rows() -> dict[str, set]:
         "multi": {
             ("layer", *dataclasses.astuple(case), name)
             for case in bench.layer_cases(device, quick=True)
-            for name in multi.layer_contender_names(case, backend)
+            for name in multi_layer.layer_contender_names(case, backend)
         }
         | {
             ("model", *dataclasses.astuple(case), name)
             for case in bench.model_cases(device, quick=True)
-            for name in multi.model_contender_names(case)
+            for name in multi_model.model_contender_names(case)
         },
     }
 
@@ -101,13 +101,13 @@ def test_bench_quick_all_writes_every_suites_rows(quick_all):
         assert row["tokens_per_s"] > 0, row
         if row["level"] == "layer" or row["sweep"] == "contenders":
             assert row["ratio_to_base"] > 0 and row["speedup_over_peft"] > 0, row
-            base = multi.BASE_ONLY if row["level"] == "layer" else multi.BASE_MODEL
+            base = multi_layer.BASE_ONLY if row["level"] == "layer" else multi_model.BASE_MODEL
             assert (row["ratio_to_base"] == 1.0) == (row["contender"] == base), row
     sweep = [r for r in multi_rows if r["level"] == "model" and r["sweep"] == "registered"]
     assert len({r["registered"] for r in sweep}) >= 2  # a sweep, not a point
     fewest = min(r["registered"] for r in sweep)
     for row in sweep:
-        assert row["contender"] == multi.MULTI_MODEL and row["throughput_vs_fewest_registered"] > 0, row
+        assert row["contender"] == multi_model.MULTI_MODEL and row["throughput_vs_fewest_registered"] > 0, row
         assert (row["throughput_vs_fewest_registered"] == 1.0) == (row["registered"] == fewest), row
     assert str(out / "results.json") in stdout
 
@@ -121,8 +121,9 @@ def test_bench_markdown_has_every_table(quick_all):
                 "### registered adapters")  # fmt: skip
     for heading in headings:
         assert f"\n{heading}\n" in markdown
-    names = (bench.FROZEN, bench.NAIVE, bench.PEFT, bench.FASTLORA, bench.PATCHED, train.APPLY_LORA, multi.BASE_ONLY,
-             multi.PEFT_MIXED, multi.MULTI, multi.BASE_MODEL, multi.MULTI_MODEL)  # fmt: skip
+    names = (bench.FROZEN, bench.NAIVE, bench.PEFT, bench.FASTLORA, bench.PATCHED, train.APPLY_LORA,
+             multi_layer.BASE_ONLY, multi_batch.PEFT_MIXED, multi_layer.MULTI, multi_model.BASE_MODEL,
+             multi_model.MULTI_MODEL)  # fmt: skip
     for name in names:
         assert name in markdown
     for header in ("speedup over PEFT", "fastlora TFLOP/s", "fastlora / frozen", "saved for backward", "tokens/s",

@@ -1,25 +1,8 @@
-"""The one tolerance table: how far a result may be from the fp64 reference, per dtype.
-
-Errors are measured relative to the largest magnitude of the expected tensor (outputs and gradients of a
-linear layer are sums whose rounding error scales with their size, not with each element). The table holds a
-few units of the dtype's rounding step, times the growth of fp32 accumulation error with the reduction length.
-"""
-
-import math
+"""The tests' comparison against the fp64 reference, with the one tolerance table (``fastlora.reference.tolerance``)."""
 
 import torch
 
-# Units of relative error allowed, per activation dtype (eps: fp32 1.2e-7, fp16 9.8e-4, bf16 7.8e-3).
-RELATIVE = {
-    torch.float32: 2e-6,
-    torch.float16: 4e-3,
-    torch.bfloat16: 3.2e-2,
-}
-
-
-def tolerance(dtype: torch.dtype, reduce_len: int = 1) -> float:
-    """Relative tolerance for a result of ``dtype`` computed with fp32 accumulation over ``reduce_len`` terms."""
-    return RELATIVE[dtype] * max(1.0, math.sqrt(reduce_len) / 4)
+from fastlora.reference import tolerance
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, reduce_len: int = 1, name: str = ""):

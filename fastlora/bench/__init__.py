@@ -1,14 +1,21 @@
 """Benchmark suites: fastlora side by side with a frozen ``nn.Linear`` (the floor), naive PyTorch LoRA and HF PEFT.
 
-Suites (``SUITES``; each a ``Suite`` of ``fastlora.bench.common``, one module each):
+Suites (``SUITES``; each a ``Suite`` of ``fastlora.bench.common``, in a module of its own, ``multi`` in one per
+level):
 
 - ``linear``: one LoRA layer, forward and forward+backward, timed (``fastlora.bench.linear``);
 - ``memory``: bytes saved for backward per adapted module and peak memory of its training step
   (``fastlora.bench.memory``);
 - ``train``: one optimizer step of a Llama-style model: tokens per second and peak memory (``fastlora.bench.train``);
-- ``multi``: many adapters in one batch (serving): ``multi_lora_linear`` and ``MultiLoraModel`` against a base-only
-  forward and PEFT's mixed batch, by distinct adapters, tokens, rank mix and adapters registered
-  (``fastlora.bench.multi``).
+- ``multi``: many adapters in one batch (serving) against a base-only forward and PEFT's mixed batch, by distinct
+  adapters, tokens, rank mix and adapters registered, at two levels: ``multi_lora_linear`` over one projection
+  (``fastlora.bench.multi_layer``) and ``MultiLoraModel`` over a whole model (``fastlora.bench.multi_model``); what
+  the levels share about mixed batches is in ``fastlora.bench.multi_batch``. ``--suite multi`` runs both levels as one
+  suite: its rows carry ``level`` (``layer`` or ``model``), and results.md has one ``## multi`` section with each
+  level's tables (``common.multilevel_suite``).
+
+The whole-model suites (``train`` and the model level of ``multi``) share their Llama-style shapes and model building
+(``fastlora.bench.llama``).
 
 A suite runs as ``run(device, quick, progress_bar) -> rows`` and draws its own tables and plots; a row is a flat dict
 (suite, contender, the case's fields, ``shape``, ``dtype``, measurements, environment) so that tables and plots are
@@ -16,17 +23,19 @@ drawn from rows, never from live measurements. ``run`` picks the cases for the d
 case in the same process on the same inputs, after checking that they compute the same thing, and writes
 ``results.json``, ``results.md`` and PNG plots (``fastlora.bench.report``). The CPU suites run the torch backend on
 small shapes: their timings say nothing about kernel speed, they prove the suites run; bytes saved for backward are
-counted exactly on any device.
+counted exactly on any device. Contenders that compute the same thing are checked against each other before they are
+timed, with the one tolerance table of ``fastlora.reference`` (``common.assert_close``).
 
-A new suite is a module with a ``SUITE`` record, added to the tuple that builds ``SUITES``: ``fastlora bench --suite``
-and ``all`` pick it up from there.
+A new suite is a module with a ``SUITE`` record (or, measured at several levels, a module per level with a ``LEVEL``
+record, joined by ``multilevel_suite``), added to the tuple that builds ``SUITES``: ``fastlora bench --suite`` and
+``all`` pick it up from there.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import linear, memory, multi, train
+from . import linear, memory, multi_layer, multi_model, report, train
 from .common import (
     CPU_DISCLAIMER,
     DTYPES,
@@ -44,6 +53,7 @@ from .common import (
     device_slug,
     environment,
     forced_backend,
+    multilevel_suite,
     peak_memory_bytes,
     synchronized,
     time_ms,
@@ -62,13 +72,13 @@ from .linear import (
     peft_lora_linear,
 )
 from .memory import MemoryCase, SavedTensors, memory_cases, saved_for_backward
-from .multi import MultiCase, MultiModelCase, layer_cases, model_cases
+from .multi_layer import MultiCase, layer_cases
+from .multi_model import MultiModelCase, model_cases
 from .report import Written, read_rows
-from .report import format_markdown as _format_markdown
-from .report import write_results as _write_results
 from .train import TrainCase, train_cases
 
-SUITES: dict[str, Suite] = {suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE, multi.SUITE)}
+MULTI_SUITE = multilevel_suite("multi", (multi_layer.LEVEL, multi_model.LEVEL))
+SUITES: dict[str, Suite] = {suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE, MULTI_SUITE)}
 
 __all__ = [
     "CPU_DISCLAIMER", "DTYPES", "FASTLORA", "FROZEN", "MODES", "NAIVE", "PATCHED", "PEFT", "QUANTILES", "SUITES",
@@ -90,13 +100,13 @@ def suite_names(suite: str) -> list[str]:
 
 def format_markdown(rows: list[dict]) -> str:
     """results.md for ``rows``: the device, the CPU disclaimer when it applies, a section of tables per suite."""
-    return _format_markdown(rows, SUITES)
+    return report.format_markdown(rows, SUITES)
 
 
 def write_results(rows: list[dict], out_dir: str | Path, merge: bool = True) -> Written:
     """Write results.json, results.md and the plots into ``out_dir``, keeping other suites' rows already there
     (see ``fastlora.bench.report``)."""
-    return _write_results(rows, out_dir, SUITES, merge=merge)
+    return report.write_results(rows, out_dir, SUITES, merge=merge)
 
 
 def _require_packages() -> None:

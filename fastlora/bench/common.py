@@ -1,33 +1,40 @@
 """What every suite shares: the device and its environment, timing, peak memory, progress, and the ``Suite`` record.
 
 Timing: on CUDA, ``triton.testing.do_bench`` (25 ms of warm-up, repetitions for about 100 ms and at least 10, L2
-flushed before each by writing a 256 MB buffer, CUDA events around each call); on CPU, ``torch.utils.benchmark.Timer.blocked_autorange``
-after one warm-up call. Both give the median and the 20% / 80% quantiles in milliseconds.
+flushed before each by writing a 256 MB buffer, CUDA events around each call); on CPU,
+``torch.utils.benchmark.Timer.blocked_autorange`` after one warm-up call. Both give the median and the 20% / 80%
+quantiles in milliseconds.
 
 Peak memory of a step: the most bytes allocated at once during the call, above what was allocated when it started.
 On CUDA, ``torch.cuda.max_memory_allocated`` (the caching allocator's own count). On CPU, torch keeps no such
 statistic, so the allocator's events recorded by ``torch.profiler`` (``profile_memory=True``: every allocation and
 free with its size, in order) are summed and their running maximum taken. Both count tensors as allocated, without
 the caching allocator's rounding or reserve.
+
+Agreement: before contenders are timed side by side, ``assert_close`` checks that they compute the same thing, with
+the one tolerance table of ``fastlora.reference`` (relative to the largest magnitude of the expected result, grown
+with the length of the sums that make it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import platform
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 import triton
 
-from .. import __version__
 from ..ops import resolve_backend
+from ..reference import tolerance
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_DISCLAIMER = (
@@ -89,7 +96,7 @@ def environment(device: torch.device | None = None, quick: bool = False) -> dict
         "device_type": device.type,
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "fastlora": __version__,
+        "fastlora": version("fastlora"),
         "cuda": torch.version.cuda,
         "backend": bench_backend(device),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -136,6 +143,35 @@ def with_backend(fn: Callable[[], object], backend: str) -> Callable[[], object]
             return fn()
 
     return call
+
+
+def without_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` run under ``torch.no_grad``: an inference call, timed as a server makes it."""
+
+    def call() -> torch.Tensor:
+        with torch.no_grad():
+            return fn()
+
+    return call
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules with ``dtype`` parameters: a model is built in its dtype, never in fp32 and then cast."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def free_memory(device: torch.device) -> None:
+    """Let go of what the last case or contender left behind before the next one is built (suites keep one model in
+    memory at a time)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -219,16 +255,44 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """A benchmark suite as the runner sees it. ``run(device, quick, progress_bar)`` returns rows (flat dicts: ``suite``,
-    ``contender``, the case's fields, ``shape``, ``dtype``, measurements); ``markdown(rows)`` returns the lines of
-    its section of results.md (its tables); ``plots(rows, out_dir)`` writes its PNGs and returns their paths.
-    ``plot_names`` are the file names ``plots`` may write, so that a rerun can remove stale ones."""
+    """A benchmark suite as the runner sees it. ``run(device, quick, progress_bar)`` returns rows (flat dicts:
+    ``suite``, ``contender``, the case's fields, ``shape``, ``dtype``, measurements); ``markdown(rows)`` returns the
+    lines of its section of results.md (its tables); ``plots(rows, out_dir)`` writes its PNGs and returns their
+    paths. ``plot_names`` are the file names ``plots`` may write, so that a rerun can remove stale ones."""
 
     name: str
     run: Callable[..., list[dict]]
     markdown: Callable[[list[dict]], list[str]]
     plots: Callable[[list[dict], Path], list[Path]]
     plot_names: tuple[str, ...]
+
+
+def multilevel_suite(name: str, levels: tuple[Suite, ...]) -> Suite:
+    """One suite measured at several levels (each a ``Suite`` named for its level): its rows are the levels' in turn,
+    each marked with ``suite`` = ``name`` and ``level`` = the level's name, so that results.json and results.md show
+    one suite; its tables and plots are each level's, drawn from that level's rows."""
+
+    def of(level: Suite, rows: list[dict]) -> list[dict]:
+        return [row for row in rows if row["level"] == level.name]
+
+    def run(device: torch.device, quick: bool = False, progress_bar: bool = False) -> list[dict]:
+        return [
+            {"suite": name, "level": level.name, **row}
+            for level in levels
+            for row in level.run(device, quick, progress_bar)
+        ]
+
+    def markdown(rows: list[dict]) -> list[str]:
+        lines: list[str] = []
+        for level in levels:
+            if own := of(level, rows):
+                lines += [*([""] if lines else []), *level.markdown(own)]
+        return lines
+
+    def plots(rows: list[dict], out_dir: Path) -> list[Path]:
+        return [path for level in levels if (own := of(level, rows)) for path in level.plots(own, out_dir)]
+
+    return Suite(name, run, markdown, plots, tuple(plot for level in levels for plot in level.plot_names))
 
 
 def progress(items: list, desc: str, enabled: bool) -> Iterable:
@@ -248,14 +312,24 @@ def _print_progress(items: list, desc: str) -> Iterator:
         yield item
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
-    """Relative to the largest magnitude of ``want``: catches wrong math, not rounding. Raises
+def assert_close(
+    got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, reduce_len: int, what: str,
+    want_dtype: torch.dtype | None = None,
+) -> None:  # fmt: skip
+    """``|got - want| <= tol · max|want|`` elementwise, with ``tol = fastlora.reference.tolerance(dtype, reduce_len)``:
+    ``got`` is a result of ``dtype`` whose every element sums ``reduce_len`` products along its longest chain of
+    reductions. ``want_dtype`` says that ``want`` is no fp64 reference but another approximation, computed in
+    ``want_dtype`` over the same sums: both may be off, so the sum of their tolerances is allowed. Raises
     ``BenchmarkMismatch`` naming ``what``."""
-    got, want = got.detach().float(), want.detach().float()
+    tol = tolerance(dtype, reduce_len)
+    if want_dtype is not None:
+        tol += tolerance(want_dtype, reduce_len)
+    got, want = got.detach().double(), want.detach().double()
+    scale = want.abs().max().item() or 1.0
     try:
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=0.0, atol=tol * scale)
     except AssertionError as e:
-        raise BenchmarkMismatch(f"{what}; not timing it.\n{e}") from None
+        raise BenchmarkMismatch(f"{what}; not timing it ({dtype}, reduction {reduce_len}).\n{e}") from None
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -267,9 +341,22 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def fmt_ratio(value: float | None) -> str:
+    """A ratio for tables (``1.23×``), or nothing when there is none."""
+    return "" if value is None else f"{value:.2f}×"
+
+
 def md_table(header: list[str], lines: Iterable[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---:"] * len(header)) + " |"]
     out += ["| " + " | ".join(map(str, line)) + " |" for line in lines]
+    return out
+
+
+def by_case(rows: list[dict], fields: list[str]) -> dict[tuple, dict[str, dict]]:
+    """``rows`` grouped for a table with a line per case: ``{values of fields: {contender: row}}``, in row order."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        out.setdefault(tuple(row[f] for f in fields), {})[row["contender"]] = row
     return out
 
 
@@ -287,6 +374,18 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def grouped_bars(ax, groups: list, contenders: list[str], heights: dict[tuple, float]) -> list:
+    """A group of bars at x = 0, 1, ... for each of ``groups``, a bar per contender side by side, ``heights[(group,
+    contender)]`` high (0 where it has none); returns each contender's bars."""
+    width = 0.8 / max(len(contenders), 1)
+    bars = []
+    for i, name in enumerate(contenders):
+        offset = (i - (len(contenders) - 1) / 2) * width
+        xs = [j + offset for j in range(len(groups))]
+        bars.append(ax.bar(xs, [heights.get((group, name), 0) for group in groups], width, label=name))
+    return bars
 
 
 def save_plot(fig, path: Path) -> Path:

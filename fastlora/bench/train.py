@@ -10,20 +10,17 @@ Contenders, each a fresh model built from the same seed (so the same base weight
 
 One step is forward with labels (the model's cross-entropy loss), backward, ``AdamW.step()`` over the LoRA weights,
 ``zero_grad``. Before a contender is timed, its loss and the norm of its LoRA gradients, in eval mode (no dropout),
-must match PEFT's. Reported: median step time with 20/80% quantiles, tokens per second (``batch·seq`` over the
-median), the bytes of weights and optimizer state (``state_bytes``), and the peak memory of a step above that
-(``peak_step_bytes``, measured as in ``fastlora.bench.common``). On CUDA, sizes whose rough memory estimate does not
-fit the device are left out; a contender that runs out of memory anyway gets a row marked ``OOM``.
+must match PEFT's (``reduction_lengths``). Reported: median step time with 20/80% quantiles, tokens per second
+(``batch·seq`` over the median), the bytes of weights and optimizer state (``state_bytes``), and the peak memory of a
+step above that (``peak_step_bytes``, measured as in ``fastlora.bench.common``). On CUDA, sizes whose rough memory
+estimate does not fit the device are left out; a contender that runs out of memory anyway gets a row marked ``OOM``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import itertools
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,13 +30,15 @@ from .common import (
     DTYPES,
     FASTLORA,
     PATCHED,
-    Case,
     Suite,
     assert_close,
     bench_backend,
     device_memory,
     fmt_bytes,
+    fmt_ratio,
     forced_backend,
+    free_memory,
+    grouped_bars,
     md_table,
     peak_memory_bytes,
     plot_title,
@@ -48,26 +47,30 @@ from .common import (
     save_plot,
     time_ms,
 )
+from .llama import (
+    LLAMA_3B,
+    LLAMA_8B,
+    LLAMA_160M,
+    SMALL,
+    TINY,
+    TINYLLAMA_1B,
+    LlamaCase,
+    build_llama,
+    quiet_peft,
+    random_ids,
+)
 
 PEFT_MODEL = "PEFT"
 APPLY_LORA = f"{FASTLORA} apply_lora"
 CONTENDERS = (PEFT_MODEL, APPLY_LORA, PATCHED)
-# Relative to the reference's magnitude; the loss and gradient norm are sums over many terms, rounded differently.
-_AGREEMENT_TOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 5e-2}
 PLOT = "train_throughput.png"
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainCase(Case):
-    """A Llama-style model (``size`` names it), the batch, the LoRA rank, the dtype of the model and the dropout."""
+class TrainCase(LlamaCase):
+    """A Llama-style model (the fields of ``LlamaCase``), the batch, the LoRA rank, the dtype of the model and the
+    dropout."""
 
-    size: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
     batch: int
     seq: int
     r: int
@@ -79,6 +82,10 @@ class TrainCase(Case):
         return self.batch * self.seq
 
     @property
+    def positions(self) -> int:
+        return self.seq
+
+    @property
     def shape(self) -> str:
         return f"hidden={self.hidden} layers={self.layers} batch={self.batch}x{self.seq} r={self.r}"
 
@@ -87,26 +94,20 @@ class TrainCase(Case):
         return f"{self.size}-b{self.batch}x{self.seq}-r{self.r}-{self.dtype}-p{self.dropout}"
 
     def config(self):
-        import transformers
-
-        return transformers.LlamaConfig(
-            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-            max_position_embeddings=max(self.seq, 128), tie_word_embeddings=False, use_cache=False,
-        )  # fmt: skip
+        config = super().config()
+        config.use_cache = False  # a training step keeps no KV cache
+        return config
 
 
-# (size, hidden, layers, heads, kv_heads, intermediate, vocab, batch, seq)
-_GPU_SIZES = (
-    ("160M", 768, 12, 12, 12, 2048, 32000, 8, 1024),
-    ("1.1B", 2048, 22, 32, 4, 5632, 32000, 4, 1024),  # TinyLlama's shape
-    ("3B", 3072, 28, 24, 8, 8192, 128256, 2, 1024),  # Llama 3.2 3B's shape
-    ("8B", 4096, 32, 32, 8, 14336, 128256, 1, 1024),  # Llama 3 8B's shape
-)
-_CPU_SIZES = (
-    ("tiny", 64, 2, 4, 2, 176, 256, 2, 64),
-    ("small", 256, 4, 8, 4, 688, 1024, 2, 128),
-)
+# (*model, batch, seq)
+GPU_SIZES = ((*LLAMA_160M, 8, 1024), (*TINYLLAMA_1B, 4, 1024), (*LLAMA_3B, 2, 1024), (*LLAMA_8B, 1, 1024))
+CPU_SIZES = ((*TINY, 2, 64), (*SMALL, 2, 128))
+
+
+def reduction_lengths(case: TrainCase) -> dict[str, int]:
+    """What the agreement check allows for each figure it compares: the loss is computed from the logits (the model's
+    ``reduce_len``); the LoRA gradients also sum over every token of the batch."""
+    return {"loss": case.reduce_len, "lora grad norm": case.reduce_len + case.tokens}
 
 
 def estimated_bytes(case: TrainCase) -> int:
@@ -134,7 +135,7 @@ def train_cases(device: torch.device, quick: bool = False) -> list[TrainCase]:
     device's memory (sizes where one sequence does not fit are left out). On CPU: two tiny fp32 models. Quick: the
     smallest size, dropout 0.1."""
     gpu = device.type == "cuda"
-    sizes, dtype = (_GPU_SIZES, "bf16") if gpu else (_CPU_SIZES, "fp32")
+    sizes, dtype = (GPU_SIZES, "bf16") if gpu else (CPU_SIZES, "fp32")
     if quick:
         size, h, L, nh, kv, f, V, b, s = sizes[0]
         cases = [TrainCase(size, h, L, nh, kv, f, V, b, s if not gpu else 512, 16 if gpu else 8, dtype, 0.1)]
@@ -144,30 +145,17 @@ def train_cases(device: torch.device, quick: bool = False) -> list[TrainCase]:
     return [fitted for case in cases if (fitted := fit_batch(case, total)) is not None]
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def build_model(case: TrainCase, contender: str, device: torch.device) -> nn.Module:
     """A fresh model for ``contender``: base weights from seed 0 built in the case's dtype on ``device``, every
     decoder linear layer adapted (LoRA weights fp32, as PEFT and ``LoraLinear`` keep them for half precision), and
     its LoRA weights set by ``_set_lora_weights``. In training mode."""
     import peft
-    import transformers
 
     from ..config import LoraConfig
     from ..model import apply_lora
     from ..peft_compat import patch_peft
 
-    torch.manual_seed(0)
-    with torch.device(device), _default_dtype(case.torch_dtype):
-        model = transformers.LlamaForCausalLM(case.config())
+    model = build_llama(case, device)
     alpha = 2 * case.r
     if contender == APPLY_LORA:
         apply_lora(
@@ -175,9 +163,7 @@ def build_model(case: TrainCase, contender: str, device: torch.device) -> nn.Mod
         )
     else:
         cfg = peft.LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=case.dropout, target_modules="all-linear")
-        with warnings.catch_warnings():
-            # transformers deprecation warnings raised from inside PEFT: nothing a benchmark user can act on
-            warnings.simplefilter("ignore", FutureWarning)
+        with quiet_peft():
             model = peft.get_peft_model(model, cfg)
         if contender == PATCHED:
             patch_peft(model)
@@ -214,8 +200,7 @@ def optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def make_batch(case: TrainCase, device: torch.device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(2)
-    return torch.randint(0, case.vocab, (case.batch, case.seq), generator=g).to(device)
+    return random_ids(case, case.batch, case.seq, device)
 
 
 def make_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -245,12 +230,12 @@ def reference_values(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.T
 
 
 def check_train_agreement(case: TrainCase, name: str, got: dict, expected: dict) -> None:
-    """``got`` (``reference_values`` of contender ``name``) must match PEFT's ``expected``; raises
-    ``BenchmarkMismatch`` otherwise."""
+    """``got`` (``reference_values`` of contender ``name``) must match PEFT's ``expected``, both computed in the
+    case's dtype; raises ``BenchmarkMismatch`` otherwise."""
+    dtype = case.torch_dtype
     for key, want in expected.items():
-        assert_close(
-            got[key], want, _AGREEMENT_TOL[case.torch_dtype], f"{name} != {PEFT_MODEL} in {key} for {case.label}"
-        )
+        what = f"{name} != {PEFT_MODEL} in {key} for {case.label}"
+        assert_close(got[key], want, dtype, reduction_lengths(case)[key], what, want_dtype=dtype)
 
 
 def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -289,9 +274,7 @@ def measure_case(case: TrainCase, device: torch.device, min_run_time: float) -> 
         finally:
             # The step closure holds the model and the optimizer state: drop every reference before the next model.
             model = opt = step = got = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_memory(device)
     peft = next((row for row in rows if row["contender"] == PEFT_MODEL and row["status"] == "ok"), None)
     for row in rows:
         ok = peft is not None and row["status"] == "ok"
@@ -327,10 +310,9 @@ def train_markdown(rows: list[dict]) -> list[str]:
         if row["status"] != "ok":
             table.append([*case, row["status"], "", "", "", "", ""])
             continue
-        speedup = "" if row["speedup_over_peft"] is None else f"{row['speedup_over_peft']:.2f}×"
-        peak_ratio = "" if row["peak_over_peft"] is None else f"{row['peak_over_peft']:.2f}×"
-        table.append([*case, f"{row['median_ms']:.4g}", f"{row['tokens_per_s']:.4g}", speedup,
-                      fmt_bytes(row["state_bytes"]), fmt_bytes(row["peak_step_bytes"]), peak_ratio])  # fmt: skip
+        table.append([*case, f"{row['median_ms']:.4g}", f"{row['tokens_per_s']:.4g}",
+                      fmt_ratio(row["speedup_over_peft"]), fmt_bytes(row["state_bytes"]),
+                      fmt_bytes(row["peak_step_bytes"]), fmt_ratio(row["peak_over_peft"])])  # fmt: skip
     return [*lines, "", *md_table(header, table), "", f"![train throughput]({PLOT})"]
 
 
@@ -344,12 +326,9 @@ def train_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     cases = list(dict.fromkeys((row["size"], row["dropout"]) for row in rows))
     value = {((row["size"], row["dropout"]), row["contender"]): row for row in ok}
     fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.4 * len(cases) + 3), 4.2))
-    width = 0.8 / len(contenders)
     for ax, key, scale, title in ((axes[0], "tokens_per_s", 1e3, "thousand tokens / s (higher is better)"),
                                   (axes[1], "peak_step_bytes", 2**20, "peak step memory, MiB")):  # fmt: skip
-        for i, name in enumerate(contenders):
-            heights = [value[(c, name)][key] / scale if (c, name) in value else 0 for c in cases]
-            ax.bar([j + (i - (len(contenders) - 1) / 2) * width for j in range(len(cases))], heights, width, label=name)
+        grouped_bars(ax, cases, contenders, {pair: row[key] / scale for pair, row in value.items()})
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([f"{size}\np={p}" for size, p in cases], fontsize=8)
         ax.set_title(title, fontsize=10)
