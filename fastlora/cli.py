@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 import triton
 
-from . import __version__, bench, static_check
-from .kernels._common import is_interpreting
+from . import bench, static_check
+from .kernels import is_interpreting
 from .ops import resolve_backend
 
 
@@ -30,7 +31,7 @@ def _versions() -> list[str]:
         cpu_backend = f"none ({e})"
     cuda = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no"
     return [
-        f"fastlora {__version__}",
+        f"fastlora {version('fastlora')}",
         f"torch {torch.__version__} ({f'CUDA {torch.version.cuda}' if torch.version.cuda else 'CPU-only build'}), "
         f"CUDA devices: {cuda}",
         f"triton {triton.__version__}, interpreter (TRITON_INTERPRET) {'on' if is_interpreting() else 'off'}",
