@@ -65,16 +65,6 @@ def rank_tile(R: int) -> int:
     return min(64, pow2_at_least_16(R))
 
 
-def check_interpretable(*tensors: torch.Tensor) -> None:
-    """Refuse CPU tensors when the interpreter is off: Triton would fail with an obscure driver error."""
-    for t in tensors:
-        if t is not None and t.device.type == "cpu" and not is_interpreting():
-            raise RuntimeError(
-                "fastlora: the triton backend got a CPU tensor but TRITON_INTERPRET=1 was not set before "
-                "triton was imported; use FASTLORA_BACKEND=torch (or auto) for CPU tensors"
-            )
-
-
 @triton.jit
 def _philox_word(seed, row, col):
     """First 32-bit word of Philox4x32-10 keyed by ``seed`` (int64 scalar) at counter ``(col, row, 0, 0)``."""

@@ -8,8 +8,8 @@ by slot, come from ``fastlora.ops.BatchMeta``. Three kernels, in the spirit of p
   the tokens of one slot (gathered through ``sorted_token_ids``), so every program runs one tensor-core GEMM tile
   against one adapter. A program whose rank block starts at or beyond its slot's rank returns at once, and the
   ``A_s`` loads stop at the rank: a rank-8 adapter in a pool sized for rank 128 reads 8 rows of ``A_s`` and runs one
-  rank tile (``shrink_block_r``: 16 to 64 columns, from the batch's largest rank). Writes ``xa`` in fp32, unscaled, at the token's own row
-  (``xa [SPLIT_K, T, R]`` with ``R = meta.max_rank``), and one fp32 partial sum per K split.
+  rank tile (``rank_tile``: 16 to 64 columns, from the batch's largest rank). Writes ``xa`` in fp32, unscaled, at the
+  token's own row (``xa [SPLIT_K, T, R]`` with ``R = meta.max_rank``), and one fp32 partial sum per K split.
 - **segmented expand** ``y[t] += round(c[t]·xa[t])·B_sᵀ``: grid ``(segment, token block, N block)``; the rank loop
   stops at the slot's own rank. It adds into ``y`` from the base GEMM (cuBLAS ``x·W0ᵀ + b``); each ``(token,
   N block)`` belongs to exactly one program, so there are no atomics and the result is deterministic.
@@ -389,10 +389,6 @@ def _multi_fused_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-
-
-# The segmented shrink's rank tile: the one every kernel uses.
-shrink_block_r = rank_tile
 
 
 def decode_splits(K: int) -> int:
