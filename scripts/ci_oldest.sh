@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# CI for the oldest supported pair, torch 2.11 with triton 3.6 (pyproject.toml's lower bounds), in a virtual
+# environment of its own: the static GPU check (every kernel and config compiled for sm_80 and sm_90, no spills),
+# then the tests that run every kernel, through Triton's interpreter when there is no GPU. numpy stays below 2.3,
+# where Triton 3.6's interpreter still converts scalars. torch 2.11 comes from PyPI as its CUDA build (about 5 GB,
+# once per venv); it runs without a GPU. Any pytest exit code but 0 fails the script (5: no tests collected).
+#   scripts/ci_oldest.sh [pytest options]     FASTLORA_OLDEST_VENV defaults to .venv-oldest, PYTHON to python3
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${FASTLORA_OLDEST_VENV:-.venv-oldest}
+python=${PYTHON:-python3}
+start=$SECONDS
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+py="$venv/bin/python"
+# The pins and the project in one resolve, so the project's own requirements cannot move the pins.
+"$py" -m pip install -q torch==2.11.0 triton==3.6.0 'numpy<2.3' -e '.[test]'
+"$py" -c 'import numpy, torch, triton; print("ci_oldest: torch", torch.__version__, "triton", triton.__version__,
+                                                "numpy", numpy.__version__)'
+
+"$py" -m pytest tests/test_static_check.py -q "$@"
+# lora_linear runs the one-pass, shrink, expand and wgrad kernels, multi_lora_linear the three multi-adapter ones;
+# test_compile traces them with this torch's torch.compile.
+"$py" -m pytest -q "$@" \
+  tests/test_lora_linear.py tests/test_dropout.py tests/test_multi_lora_linear.py \
+  tests/test_compile.py tests/test_layers.py tests/test_errors.py
+echo "ci_oldest: passed in $((SECONDS - start)) s"
