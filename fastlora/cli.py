@@ -17,10 +17,13 @@ from .ops import resolve_backend
 
 
 def _bench(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else bench.default_out_dir()
-    rows, written = bench.run(suite=args.suite, quick=args.quick, out=out)
+    out = Path(args.out) if args.out else bench.default_out_dir(headline=args.headline)
+    rows, written = bench.run(suite=args.suite, quick=args.quick, out=out, headline=args.headline)
     print(bench.format_markdown(rows))
-    print(f"wrote {written.json}, {written.markdown}" + "".join(f", {path}" for path in written.plots))
+    if written.targets is not None:
+        print(written.targets.read_text())
+    files = [written.json, written.markdown, *written.plots, *([written.targets] if written.targets else [])]
+    print("wrote " + ", ".join(map(str, files)))
     return 0
 
 
@@ -62,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=[*bench.SUITES, "all"], default="all",
                    help="which suite to run (default: all); the others' results already in the folder are kept")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few cases only: a smoke test of the suite")
-    p.add_argument("--out", help="output folder (default: benchmarks/results/<device>/)")
+    p.add_argument("--headline", action="store_true",
+                   help="only the cases of the README's performance targets; also writes targets.md (met or missed)")  # fmt: skip
+    p.add_argument("--out", help="output folder (default: benchmarks/results/<device>/, or its headline/ folder)")
     p.set_defaults(func=_bench)
 
     p = commands.add_parser("info", help="versions, backend, and the static GPU check of every kernel")

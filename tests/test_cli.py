@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 
 from fastlora import bench
-from fastlora.bench import memory, multi_batch, multi_layer, multi_model, train
+from fastlora.bench import memory, multi_batch, multi_layer, multi_model, overhead, train
 from fastlora.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -46,6 +46,11 @@ def _expected_rows() -> dict[str, set]:
             for case in bench.train_cases(device, quick=True)
             for name in train.CONTENDERS
         },
+        "overhead": {
+            (*dataclasses.astuple(case), name)
+            for case in overhead.overhead_cases(device, quick=True)
+            for name in overhead.CONTENDERS
+        },
         "multi": {
             ("layer", *dataclasses.astuple(case), name)
             for case in bench.layer_cases(device, quick=True)
@@ -59,7 +64,9 @@ def _expected_rows() -> dict[str, set]:
     }
 
 
-CASE_TYPES = {"linear": bench.LinearCase, "memory": bench.MemoryCase, "train": bench.TrainCase}
+CASE_TYPES = {
+    "linear": bench.LinearCase, "memory": bench.MemoryCase, "train": bench.TrainCase, "overhead": overhead.OverheadCase,
+}  # fmt: skip
 MULTI_CASE_TYPES = {"layer": bench.MultiCase, "model": bench.MultiModelCase}
 
 
@@ -96,6 +103,11 @@ def test_bench_quick_all_writes_every_suites_rows(quick_all):
         assert 0 <= row["saved_beyond_input_bytes"] <= row["saved_bytes"] and row["peak_step_bytes"] > 0, row
     for row in (r for r in rows if r["suite"] == "train"):
         assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["peak_step_bytes"] > 0, row
+    for row in (r for r in rows if r["suite"] == "overhead"):
+        assert row["host_us_fwd"] > 0 and row["host_us_fwd_bwd"] > 0, row
+        # a frozen layer keeps only W0 (a parameter, not counted) to give x its gradient
+        assert (row["saved_bytes"] > 0) == (row["contender"] != bench.FROZEN), row
+        assert (row["launches"] is None) == (device.type == "cpu"), row
     multi_rows = [r for r in rows if r["suite"] == "multi"]
     for row in multi_rows:
         assert row["tokens_per_s"] > 0, row
@@ -118,7 +130,7 @@ def test_bench_markdown_has_every_table(quick_all):
     if bench.bench_device().type == "cpu":
         assert bench.CPU_DISCLAIMER in markdown
     headings = ("## linear", "### fwd", "### fwd+bwd", "## memory", "## train", "## multi", "### layer", "### model",
-                "### registered adapters")  # fmt: skip
+                "### registered adapters", "## overhead")  # fmt: skip
     for heading in headings:
         assert f"\n{heading}\n" in markdown
     names = (bench.FROZEN, bench.NAIVE, bench.PEFT, bench.FASTLORA, bench.PATCHED, train.APPLY_LORA,
@@ -132,10 +144,12 @@ def test_bench_markdown_has_every_table(quick_all):
     rows = json.loads((out / "results.json").read_text())["rows"]
     # a line per linear and per multi case (its contenders side by side), a line per memory and per train row
     linear_cases = {
-        (r["M"], r["K"], r["N"], r["r"], r["dtype"], r["dropout"], r["mode"]) for r in rows if r["suite"] == "linear"
+        (r["M"], r["K"], r["N"], r["r"], r["dtype"], r["lora_dtype"], r["dropout"], r["mode"])
+        for r in rows
+        if r["suite"] == "linear"
     }
     multi_cases = {_row_key(r)[:-1] for r in rows if r["suite"] == "multi"}
-    expected = len(linear_cases) + len(multi_cases) + sum(r["suite"] in ("memory", "train") for r in rows)
+    expected = len(linear_cases) + len(multi_cases) + sum(r["suite"] in ("memory", "train", "overhead") for r in rows)
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
     headers = [line for line in lines if line.startswith(("| M |", "| size |", "| T |", "| ---"))]
     assert len(lines) - len(headers) == expected

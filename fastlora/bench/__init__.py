@@ -12,12 +12,18 @@ level):
   (``fastlora.bench.multi_layer``) and ``MultiLoraModel`` over a whole model (``fastlora.bench.multi_model``); what
   the levels share about mixed batches is in ``fastlora.bench.multi_batch``. ``--suite multi`` runs both levels as one
   suite: its rows carry ``level`` (``layer`` or ``model``), and results.md has one ``## multi`` section with each
-  level's tables (``common.multilevel_suite``).
+  level's tables (``common.multilevel_suite``);
+- ``overhead``: what one layer call costs beyond its GEMMs: kernel launches and host syncs per forward+backward, host
+  time per call, bytes saved for backward (``fastlora.bench.overhead``).
+
+Headline runs (``run(headline=True)``, ``fastlora bench --headline``) measure only the cases that the README's
+performance targets are read from, and write ``targets.md``: each target, the value measured, met or missed
+(``fastlora.bench.targets``).
 
 The whole-model suites (``train`` and the model level of ``multi``) share their Llama-style shapes and model building
 (``fastlora.bench.llama``).
 
-A suite runs as ``run(device, quick, progress_bar) -> rows`` and draws its own tables and plots; a row is a flat dict
+A suite runs as ``run(device, quick, progress_bar, headline) -> rows`` and draws its own tables and plots; a row is a flat dict
 (suite, contender, the case's fields, ``shape``, ``dtype``, measurements, environment) so that tables and plots are
 drawn from rows, never from live measurements. ``run`` picks the cases for the device, measures every contender of a
 case in the same process on the same inputs, after checking that they compute the same thing, and writes
@@ -33,9 +39,10 @@ record, joined by ``multilevel_suite``), added to the tuple that builds ``SUITES
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from . import linear, memory, multi_layer, multi_model, report, train
+from . import linear, memory, multi_layer, multi_model, overhead, report, targets, train
 from .common import (
     CPU_DISCLAIMER,
     DTYPES,
@@ -78,7 +85,9 @@ from .report import Written, read_rows
 from .train import TrainCase, train_cases
 
 MULTI_SUITE = multilevel_suite("multi", (multi_layer.LEVEL, multi_model.LEVEL))
-SUITES: dict[str, Suite] = {suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE, MULTI_SUITE)}
+SUITES: dict[str, Suite] = {
+    suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE, MULTI_SUITE, overhead.SUITE)
+}
 
 __all__ = [
     "CPU_DISCLAIMER", "DTYPES", "FASTLORA", "FROZEN", "MODES", "NAIVE", "PATCHED", "PEFT", "QUANTILES", "SUITES",
@@ -119,13 +128,25 @@ def _require_packages() -> None:
 
 
 def run(
-    suite: str = "all", quick: bool = False, out: str | Path | None = None, progress: bool = True
+    suite: str = "all",
+    quick: bool = False,
+    out: str | Path | None = None,
+    progress: bool = True,
+    headline: bool = False,
 ) -> tuple[list[dict], Written]:
     """Run ``suite`` (a key of ``SUITES``, or ``"all"``) on this machine's device and write the results into ``out``
-    (default ``benchmarks/results/<device_slug>/``); returns the rows measured and the files written."""
+    (default ``benchmarks/results/<device_slug>/``); returns the rows measured and the files written.
+
+    ``headline``: only the cases the README's targets are read from (a suite that feeds no target runs none), into
+    ``benchmarks/results/<device_slug>/headline/`` by default, and ``targets.md`` beside the results: each target,
+    its measured value, met or missed (``fastlora.bench.targets``). ``quick`` then keeps one case per target."""
     names = suite_names(suite)
     _require_packages()
     device = bench_device()
-    env = environment(device, quick=quick)
-    rows = [{**row, **env} for name in names for row in SUITES[name].run(device, quick, progress)]
-    return rows, write_results(rows, default_out_dir(device) if out is None else out)
+    env = environment(device, quick=quick, headline=headline)
+    rows = [{**row, **env} for name in names for row in SUITES[name].run(device, quick, progress, headline)]
+    out_dir = Path(default_out_dir(device, headline) if out is None else out)
+    written = write_results(rows, out_dir)
+    if headline:
+        written = dataclasses.replace(written, targets=targets.write_targets(read_rows(out_dir), out_dir))
+    return rows, written

@@ -42,7 +42,9 @@ CPU_DISCLAIMER = (
     "suites run. Bytes saved for backward are counted exactly on any device."
 )
 QUANTILES = (0.5, 0.2, 0.8)
-ENV_KEYS = ("device", "device_type", "torch", "triton", "fastlora", "cuda", "backend", "timestamp", "quick")
+ENV_KEYS = (
+    "device", "device_type", "torch", "triton", "fastlora", "cuda", "backend", "timestamp", "quick", "headline",
+)  # fmt: skip
 
 # Contender names shared by the suites.
 FROZEN = "frozen nn.Linear"
@@ -88,8 +90,9 @@ def _device_name(device: torch.device) -> str:
     return f"cpu {platform.processor() or platform.machine()}".strip()
 
 
-def environment(device: torch.device | None = None, quick: bool = False) -> dict:
-    """What a row needs to be read later: device name, versions, the fastlora backend, a UTC timestamp."""
+def environment(device: torch.device | None = None, quick: bool = False, headline: bool = False) -> dict:
+    """What a row needs to be read later: device name, versions, the fastlora backend, a UTC timestamp, and whether
+    the run was a smoke run (``quick``) or of the headline cases (``headline``)."""
     device = device or bench_device()
     return {
         "device": _device_name(device),
@@ -101,6 +104,7 @@ def environment(device: torch.device | None = None, quick: bool = False) -> dict
         "backend": bench_backend(device),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
+        "headline": headline,
     }
 
 
@@ -112,8 +116,11 @@ def device_slug(device: torch.device | None = None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
 
 
-def default_out_dir(device: torch.device | None = None) -> Path:
-    return Path("benchmarks") / "results" / device_slug(device)
+def default_out_dir(device: torch.device | None = None, headline: bool = False) -> Path:
+    """``benchmarks/results/<device>/``, and its ``headline/`` folder for headline runs (kept apart from the full
+    suites' rows)."""
+    folder = Path("benchmarks") / "results" / device_slug(device)
+    return folder / "headline" if headline else folder
 
 
 def device_memory(device: torch.device) -> int | None:
@@ -255,8 +262,9 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """A benchmark suite as the runner sees it. ``run(device, quick, progress_bar)`` returns rows (flat dicts:
-    ``suite``, ``contender``, the case's fields, ``shape``, ``dtype``, measurements); ``markdown(rows)`` returns the
+    """A benchmark suite as the runner sees it. ``run(device, quick, progress_bar, headline)`` returns rows (flat dicts:
+    ``suite``, ``contender``, the case's fields, ``shape``, ``dtype``, measurements); with ``headline`` it runs only
+    the cases that the README's targets are read from (``fastlora.bench.targets``), none if it feeds no target; ``markdown(rows)`` returns the
     lines of its section of results.md (its tables); ``plots(rows, out_dir)`` writes its PNGs and returns their
     paths. ``plot_names`` are the file names ``plots`` may write, so that a rerun can remove stale ones."""
 
@@ -275,11 +283,13 @@ def multilevel_suite(name: str, levels: tuple[Suite, ...]) -> Suite:
     def of(level: Suite, rows: list[dict]) -> list[dict]:
         return [row for row in rows if row["level"] == level.name]
 
-    def run(device: torch.device, quick: bool = False, progress_bar: bool = False) -> list[dict]:
+    def run(
+        device: torch.device, quick: bool = False, progress_bar: bool = False, headline: bool = False
+    ) -> list[dict]:
         return [
             {"suite": name, "level": level.name, **row}
             for level in levels
-            for row in level.run(device, quick, progress_bar)
+            for row in level.run(device, quick, progress_bar, headline)
         ]
 
     def markdown(rows: list[dict]) -> list[str]:
@@ -356,7 +366,7 @@ def by_case(rows: list[dict], fields: list[str]) -> dict[tuple, dict[str, dict]]
     """``rows`` grouped for a table with a line per case: ``{values of fields: {contender: row}}``, in row order."""
     out: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        out.setdefault(tuple(row[f] for f in fields), {})[row["contender"]] = row
+        out.setdefault(tuple(row.get(f, "") for f in fields), {})[row["contender"]] = row  # older rows may lack a field
     return out
 
 

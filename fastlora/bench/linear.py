@@ -33,6 +33,7 @@ from ..kernels import ONEPASS_MAX_RANK
 from ..ops import lora_linear
 from ..reference import lora_linear_reference
 from .common import (
+    DTYPES,
     FASTLORA,
     FROZEN,
     NAIVE,
@@ -58,7 +59,8 @@ PLOT = "linear_speedup.png"
 @dataclasses.dataclass(frozen=True)
 class LinearCase(Case):
     """One shape of the linear suite: ``x [M, K]``, ``W0 [N, K]``, rank ``r``, activation dtype (a key of
-    ``DTYPES``), LoRA dropout probability, and ``mode`` (``"fwd"`` or ``"fwd+bwd"``)."""
+    ``DTYPES``), LoRA dropout probability, ``mode`` (``"fwd"`` or ``"fwd+bwd"``) and the dtype of the LoRA weights
+    (``lora_dtype``; by default fp32 for half-precision activations, as PEFT keeps them, else the activations')."""
 
     M: int
     K: int
@@ -67,11 +69,21 @@ class LinearCase(Case):
     dtype: str
     dropout: float
     mode: str
+    lora_dtype: str = ""
 
     def __post_init__(self):
         super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"LinearCase: mode must be one of {MODES}, got {self.mode!r}")
+        if not self.lora_dtype:
+            object.__setattr__(self, "lora_dtype", "fp32" if self.dtype in ("fp16", "bf16") else self.dtype)
+        if self.lora_dtype not in ("fp32", self.dtype):
+            raise ValueError(f"LinearCase: lora_dtype must be fp32 or the activations' {self.dtype}, got "
+                             f"{self.lora_dtype!r}")  # fmt: skip
+
+    @property
+    def torch_lora_dtype(self) -> torch.dtype:
+        return DTYPES[self.lora_dtype]
 
     @property
     def shape(self) -> str:
@@ -79,7 +91,7 @@ class LinearCase(Case):
 
     @property
     def label(self) -> str:
-        return f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-{self.dtype}-p{self.dropout}-{self.mode}"
+        return f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-{self.dtype}-lora{self.lora_dtype}-p{self.dropout}-{self.mode}"
 
 
 def _sweep(Ms, KNs, ranks, dtypes) -> list[LinearCase]:
@@ -112,7 +124,23 @@ def cpu_linear_cases(quick: bool = False) -> list[LinearCase]:
     return _sweep((1, 64, 512), (256,), (8, 16), ("fp32",))
 
 
-def linear_cases(device: torch.device, quick: bool = False) -> list[LinearCase]:
+def headline_linear_cases(device: torch.device, quick: bool = False) -> list[LinearCase]:
+    """The cases of targets P1 and P2: a training step (``fwd+bwd``) of a K = N = 4096 bf16 layer over M = 4096 and
+    16384 tokens, r = 16 and 64, dropout 0 and 0.1, with fp32 LoRA weights (PEFT's default) and with bf16 ones. On CPU
+    the same grid over a small layer. Quick: one case per LoRA dtype."""
+    gpu = device.type == "cuda"
+    Ms, KN, ranks = ((4096, 16384), 4096, (16, 64)) if gpu else ((64,), 256, (8,))
+    if quick:
+        return [LinearCase(Ms[0], KN, KN, ranks[0], "bf16", 0.1, "fwd+bwd", lora) for lora in ("fp32", "bf16")]
+    return [
+        LinearCase(M, KN, KN, r, "bf16", p, "fwd+bwd", lora)
+        for lora, r, p, M in itertools.product(("fp32", "bf16"), ranks, (0.0, 0.1), Ms)
+    ]  # fmt: skip
+
+
+def linear_cases(device: torch.device, quick: bool = False, headline: bool = False) -> list[LinearCase]:
+    if headline:
+        return headline_linear_cases(device, quick)
     return gpu_linear_cases(quick) if device.type == "cuda" else cpu_linear_cases(quick)
 
 
@@ -160,8 +188,7 @@ def make_linear_inputs(case: LinearCase, device: torch.device, seed: int = 0) ->
     """Random inputs scaled so outputs are O(1). ``lora_B`` is random, not PEFT's zero init, so that the LoRA branch
     contributes to the output and the agreement check means something."""
     g = torch.Generator(device=device).manual_seed(seed)
-    dtype = case.torch_dtype
-    lora_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    dtype, lora_dtype = case.torch_dtype, case.torch_lora_dtype
 
     def randn(*shape, dt, scale=1.0):
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * scale).to(dt)
@@ -202,10 +229,11 @@ def peft_lora_linear(
     return layer.train()
 
 
-def linear_contender_names(case: LinearCase, backend: str) -> list[str]:
-    """The contenders of a case; the forward shapes ``onepass``/``split`` exist on the Triton backend only."""
+def linear_contender_names(case: LinearCase, backend: str, forward_shapes: bool = True) -> list[str]:
+    """The contenders of a case; the forward shapes ``onepass``/``split`` exist on the Triton backend only, and are
+    left out with ``forward_shapes=False`` (the headline cases time what a user gets: ``auto``)."""
     names = [FROZEN, NAIVE, PEFT, FASTLORA]
-    if backend == "triton":
+    if backend == "triton" and forward_shapes:
         if case.r <= ONEPASS_MAX_RANK:
             names.append(f"{FASTLORA} onepass")
         names.append(f"{FASTLORA} split")
@@ -250,11 +278,13 @@ def _step(forward: Callable[[], torch.Tensor], inputs: LinearInputs, mode: str) 
     return forward_backward
 
 
-def linear_contenders(case: LinearCase, inputs: LinearInputs, backend: str) -> dict[str, Callable[[], torch.Tensor]]:
+def linear_contenders(
+    case: LinearCase, inputs: LinearInputs, backend: str, forward_shapes: bool = True
+) -> dict[str, Callable[[], torch.Tensor]]:
     """Name -> the callable to time: one forward (``fwd``) or forward and backward (``fwd+bwd``); returns ``y``."""
     return {
         name: _step(_linear_forward(name, case, inputs, backend), inputs, case.mode)
-        for name in linear_contender_names(case, backend)
+        for name in linear_contender_names(case, backend, forward_shapes)
     }
 
 
@@ -276,7 +306,7 @@ def outputs_and_grads(
     return out
 
 
-def check_agreement(case: LinearCase, inputs: LinearInputs, backend: str) -> None:
+def check_agreement(case: LinearCase, inputs: LinearInputs, backend: str, forward_shapes: bool = True) -> None:
     """Every LoRA contender (PEFT and fastlora) must match the naive formula at dropout 0 (output and, for
     ``fwd+bwd``, the gradients of ``x``, ``lora_A``, ``lora_B``) on these inputs; raises ``BenchmarkMismatch``. The
     naive formula rounds as much as the others, so both errors are allowed."""
@@ -284,7 +314,7 @@ def check_agreement(case: LinearCase, inputs: LinearInputs, backend: str) -> Non
     results = {
         name: outputs_and_grads(_linear_forward(name, no_dropout, inputs, backend), list(inputs.leaves), inputs.dy,
                                 case.mode == "fwd+bwd")
-        for name in linear_contender_names(case, backend)
+        for name in linear_contender_names(case, backend, forward_shapes)
         if name != FROZEN
     }  # fmt: skip
     dtype, lengths = case.torch_dtype, reduction_lengths(case)
@@ -294,10 +324,10 @@ def check_agreement(case: LinearCase, inputs: LinearInputs, backend: str) -> Non
             what = f"{name} != {NAIVE} in {key} for {case.label}"
             assert_close(out[key], want, dtype, lengths[key], what, want_dtype=dtype)
     if case.dropout > 0.0:
-        check_dropout_agreement(case, inputs, backend)
+        check_dropout_agreement(case, inputs, backend, forward_shapes)
 
 
-def check_dropout_agreement(case: LinearCase, inputs: LinearInputs, backend: str) -> None:
+def check_dropout_agreement(case: LinearCase, inputs: LinearInputs, backend: str, forward_shapes: bool = True) -> None:
     """With dropout, every fastlora forward shape must match ``fastlora.reference`` (fp32, autograd) under one explicit
     seed: the same mask is a pure function of the seed, so the dropout path is checked before it is timed too. The
     reference's own fp32 rounding is allowed on top of the case's."""
@@ -311,7 +341,7 @@ def check_dropout_agreement(case: LinearCase, inputs: LinearInputs, backend: str
         ref_leaves, inputs.dy, backward,
     )  # fmt: skip
     dtype, lengths = case.torch_dtype, reduction_lengths(case)
-    for name in linear_contender_names(case, backend):
+    for name in linear_contender_names(case, backend, forward_shapes):
         if not name.startswith(FASTLORA):
             continue
         impl = name.removeprefix(FASTLORA).strip() or "auto"
@@ -347,15 +377,18 @@ def _linear_rows(case: LinearCase, timings: dict[str, tuple[float, float, float]
     ]
 
 
-def linear_suite(device: torch.device, quick: bool = False, progress_bar: bool = False) -> list[dict]:
+def linear_suite(
+    device: torch.device, quick: bool = False, progress_bar: bool = False, headline: bool = False
+) -> list[dict]:
     """Every contender of every linear case, timed side by side; one row per (case, contender)."""
     backend = bench_backend(device)
     min_run_time = 0.05 if quick else 0.5
+    forward_shapes = not headline
     rows = []
-    for case in progress(linear_cases(device, quick), "linear", progress_bar):
+    for case in progress(linear_cases(device, quick, headline), "linear", progress_bar):
         inputs = make_linear_inputs(case, device)
-        check_agreement(case, inputs, backend)
-        contenders = linear_contenders(case, inputs, backend)
+        check_agreement(case, inputs, backend, forward_shapes)
+        contenders = linear_contenders(case, inputs, backend, forward_shapes)
         rows.extend(_linear_rows(case, {name: time_ms(fn, device, min_run_time) for name, fn in contenders.items()}))
         del inputs, contenders
     return rows
@@ -372,7 +405,7 @@ def linear_markdown(rows: list[dict]) -> list[str]:
         "(`fastlora.bench.linear_flops`: the frozen weight gets no gradient). fastlora / frozen is its time over the "
         "frozen layer's (1.00× is the floor); speedups are PEFT's (or the naive formula's) time over fastlora's.",
     ]
-    case_fields = ["M", "K", "N", "r", "dtype", "dropout"]
+    case_fields = ["M", "K", "N", "r", "dtype", "lora_dtype", "dropout"]
     for mode in dict.fromkeys(row["mode"] for row in rows):
         group = [row for row in rows if row["mode"] == mode]
         contenders = list(dict.fromkeys(row["contender"] for row in group))
@@ -406,9 +439,16 @@ def linear_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     for (i, mode), (j, (dtype, K, N)) in itertools.product(enumerate(modes), enumerate(columns)):
         ax = axes[i][j]
         panel = [r for r in ours if (r["mode"], r["dtype"], r["K"], r["N"]) == (mode, dtype, K, N)]
-        for (rank, p), marker in zip(sorted({(r["r"], r["dropout"]) for r in panel}), itertools.cycle("os^Dv")):
-            line = sorted((r["M"], r["speedup_over_peft"]) for r in panel if (r["r"], r["dropout"]) == (rank, p))
-            ax.plot(*zip(*line), marker=marker, linestyle="-" if p == 0 else "--", label=f"r={rank}, dropout {p}")
+        loras = {r.get("lora_dtype", "") for r in panel}
+        lines = sorted({(r["r"], r["dropout"], r.get("lora_dtype", "")) for r in panel})
+        for (rank, p, lora), marker in zip(lines, itertools.cycle("os^Dv")):
+            line = sorted(
+                (r["M"], r["speedup_over_peft"])
+                for r in panel
+                if (r["r"], r["dropout"], r.get("lora_dtype", "")) == (rank, p, lora)
+            )
+            label = f"r={rank}, dropout {p}" + (f", {lora} LoRA" if len(loras) > 1 else "")
+            ax.plot(*zip(*line), marker=marker, linestyle="-" if p == 0 else "--", label=label)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{mode}, {dtype}, K=N={K}" if K == N else f"{mode}, {dtype}, K={K} N={N}", fontsize=10)

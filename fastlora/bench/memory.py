@@ -221,7 +221,13 @@ def measure_case(case: MemoryCase, device: torch.device) -> list[dict]:
     return rows
 
 
-def memory_suite(device: torch.device, quick: bool = False, progress_bar: bool = False) -> list[dict]:
+def memory_suite(
+    device: torch.device, quick: bool = False, progress_bar: bool = False, headline: bool = False
+) -> list[dict]:
+    """Every memory case; one row per (case, contender). No headline cases: target P3 (bytes saved beyond x) is read
+    from the ``overhead`` suite, which counts them at the headline layer shape."""
+    if headline:
+        return []
     rows = []
     with forced_backend(bench_backend(device)):
         for case in progress(memory_cases(device, quick), "memory", progress_bar):

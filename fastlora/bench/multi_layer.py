@@ -134,7 +134,17 @@ def cpu_layer_cases(quick: bool = False) -> list[MultiCase]:
     return cases + [MultiCase(16, kn, kn, 4, UNIFORM, s, "fp32") for s in (4, 64)]
 
 
-def layer_cases(device: torch.device, quick: bool = False) -> list[MultiCase]:
+def headline_layer_cases(device: torch.device) -> list[MultiCase]:
+    """The case of target P6: 32 distinct rank-16 adapters over 32 decode tokens, K = N = 4096 bf16, a pool of 128
+    slots. On CPU: 16 rank-16 adapters over 16 tokens of a K = N = 128 fp32 layer."""
+    if device.type == "cuda":
+        return [MultiCase(32, 4096, 4096, 32, UNIFORM, 128, "bf16")]
+    return [MultiCase(16, 128, 128, 16, UNIFORM, 16, "fp32")]
+
+
+def layer_cases(device: torch.device, quick: bool = False, headline: bool = False) -> list[MultiCase]:
+    if headline:
+        return headline_layer_cases(device)
     return gpu_layer_cases(quick) if device.type == "cuda" else cpu_layer_cases(quick)
 
 
@@ -277,12 +287,14 @@ def measure_layer_case(case: MultiCase, device: torch.device, backend: str, min_
     return _layer_rows(case, {name: time_ms(fn, device, min_run_time) for name, fn in contenders.items()})
 
 
-def layer_suite(device: torch.device, quick: bool = False, progress_bar: bool = False) -> list[dict]:
+def layer_suite(
+    device: torch.device, quick: bool = False, progress_bar: bool = False, headline: bool = False
+) -> list[dict]:
     """Every layer case; one row per (case, contender)."""
     backend = bench_backend(device)
     rows = []
     with forced_backend(backend), cpu_threads(device, 1):
-        for case in progress(layer_cases(device, quick), "multi layer", progress_bar):
+        for case in progress(layer_cases(device, quick, headline), "multi layer", progress_bar):
             rows.extend(measure_layer_case(case, device, backend, 0.05 if quick else 0.5))
             free_memory(device)
     return rows

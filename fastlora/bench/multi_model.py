@@ -149,7 +149,25 @@ def cpu_model_cases(quick: bool = False) -> list[MultiModelCase]:
     )
 
 
-def model_cases(device: torch.device, quick: bool = False) -> list[MultiModelCase]:
+def headline_model_cases(device: torch.device, quick: bool = False) -> list[MultiModelCase]:
+    """The cases of targets P7 and P8. P8: ``generate`` of 32 tokens for 32 rows of a 128-token prompt on the ≈1.1B
+    shape, every row its own adapter (32 distinct, mixed ranks 8–64), against the base model. P7: the 160M decode
+    batch with 8 rank-16 adapters while 8 and then 512 adapters are registered. Quick: the 160M shape for P8, 8 and
+    128 registered for P7. On CPU the tiny model, 4 and 64 registered."""
+    if device.type == "cuda":
+        model, most = (LLAMA_160M, 128) if quick else (TINYLLAMA_1B, 512)
+        mixed = MultiModelCase(*model, "generate", 32, 128, 32, 32, MIXED, 32, "bf16", "contenders")
+        registered = [
+            MultiModelCase(*LLAMA_160M, "generate", 32, 128, 32, 8, UNIFORM, R, "bf16", "registered") for R in (8, most)
+        ]
+        return [mixed, *registered]
+    mixed = MultiModelCase(*TINY, "generate", 4, 8, 4, 4, MIXED, 4, "fp32", "contenders")
+    return [mixed, *(MultiModelCase(*TINY, "generate", 4, 8, 4, 2, UNIFORM, R, "fp32", "registered") for R in (4, 64))]
+
+
+def model_cases(device: torch.device, quick: bool = False, headline: bool = False) -> list[MultiModelCase]:
+    if headline:
+        return headline_model_cases(device, quick)
     return gpu_model_cases(quick) if device.type == "cuda" else cpu_model_cases(quick)
 
 
@@ -323,14 +341,17 @@ def add_registered_spread(rows: list[dict]) -> None:
         if key not in fewest or row["registered"] < fewest[key]["registered"]:
             fewest[key] = row
     for row in sweep:
+        row["fewest_registered"] = fewest[_sweep_key(row)]["registered"]
         row["throughput_vs_fewest_registered"] = row["tokens_per_s"] / fewest[_sweep_key(row)]["tokens_per_s"]
 
 
-def model_suite(device: torch.device, quick: bool = False, progress_bar: bool = False) -> list[dict]:
+def model_suite(
+    device: torch.device, quick: bool = False, progress_bar: bool = False, headline: bool = False
+) -> list[dict]:
     """Every model case; one row per (case, contender)."""
     rows = []
     with forced_backend(bench_backend(device)), cpu_threads(device, 1):
-        for case in progress(model_cases(device, quick), "multi model", progress_bar):
+        for case in progress(model_cases(device, quick, headline), "multi model", progress_bar):
             rows.extend(measure_model_case(case, device, 0.1 if quick else 1.0))
     add_registered_spread(rows)
     return rows

@@ -26,6 +26,7 @@ class Written:
     json: Path
     markdown: Path
     plots: tuple[Path, ...]
+    targets: Path | None = None  # targets.md, written by headline runs
 
 
 def environment_of(rows: list[dict]) -> dict:
@@ -57,6 +58,7 @@ def merge_rows(old: list[dict], new: list[dict], suites: dict[str, Suite]) -> li
 
 def _measured(env: dict) -> str:
     quick = " (`--quick`: a smoke run)" if env.get("quick") else ""
+    quick += " (`--headline`: the cases of the README's targets)" if env.get("headline") else ""
     return (
         f"Measured {env['timestamp']} on {env['device']}: torch {env['torch']}, triton {env['triton']}, fastlora "
         f"{env['fastlora']}, backend `{env['backend']}`{quick}."

@@ -130,10 +130,24 @@ def fit_batch(case: TrainCase, total: int | None) -> TrainCase | None:
     return case
 
 
-def train_cases(device: torch.device, quick: bool = False) -> list[TrainCase]:
+def headline_train_cases(device: torch.device, quick: bool = False) -> list[TrainCase]:
+    """The case of targets P4 and P5: one step of the ≈1.1B shape (TinyLlama's) over sequences of 2048 tokens,
+    every decoder linear layer adapted at r = 16 with dropout 0.05, bf16, the batch cut down to fit (4 sequences
+    on an 80 GB or larger device; quick: 1). On CPU the tiny model, fp32."""
+    if device.type == "cuda":
+        case = TrainCase(*TINYLLAMA_1B, 1 if quick else 4, 2048, 16, "bf16", 0.05)
+    else:
+        case = TrainCase(*TINY, 2, 64, 8, "fp32", 0.05)
+    fitted = fit_batch(case, device_memory(device))
+    return [] if fitted is None else [fitted]
+
+
+def train_cases(device: torch.device, quick: bool = False, headline: bool = False) -> list[TrainCase]:
     """On CUDA: 160M to 8B-parameter shapes in bf16, r = 16, dropout 0 and 0.1, with the batch cut down to fit the
     device's memory (sizes where one sequence does not fit are left out). On CPU: two tiny fp32 models. Quick: the
-    smallest size, dropout 0.1."""
+    smallest size, dropout 0.1. Headline (quick or not): ``headline_train_cases``."""
+    if headline:
+        return headline_train_cases(device, quick)
     gpu = device.type == "cuda"
     sizes, dtype = (GPU_SIZES, "bf16") if gpu else (CPU_SIZES, "fp32")
     if quick:
@@ -283,11 +297,13 @@ def measure_case(case: TrainCase, device: torch.device, min_run_time: float) -> 
     return rows
 
 
-def train_suite(device: torch.device, quick: bool = False, progress_bar: bool = False) -> list[dict]:
+def train_suite(
+    device: torch.device, quick: bool = False, progress_bar: bool = False, headline: bool = False
+) -> list[dict]:
     min_run_time = 0.2 if quick else 2.0
     rows = []
     with forced_backend(bench_backend(device)):
-        for case in progress(train_cases(device, quick), "train", progress_bar):
+        for case in progress(train_cases(device, quick, headline), "train", progress_bar):
             rows.extend(measure_case(case, device, min_run_time))
     return rows
 
