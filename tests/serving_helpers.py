@@ -13,6 +13,56 @@ IDS = torch.tensor(
 )
 
 
+# Three PEFT adapters of ranks 4, 8 and 16: rsLoRA with rank and alpha patterns, and one that targets a subset of the
+# layers (the others run rank 0 for its slot); a mixed batch of them with a base-only row.
+PEFT_CONFIGS = {
+    "sql": dict(r=4, lora_alpha=8, target_modules=TARGETS),
+    "chat": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=True, rank_pattern={"v_proj": 2},
+                 alpha_pattern={"o_proj": 4}),
+    "math": dict(r=16, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+}  # fmt: skip
+ROWS = ["sql", None, "chat", "math", "sql"]
+PEFT_ROWS = ["__base__" if n is None else n for n in ROWS]
+
+
+def peft_model_with_adapters(base, out):
+    """``(peft_model, {name: directory})``: ``base`` as a PEFT model holding the adapters of ``PEFT_CONFIGS`` (random,
+    non-zero weights from fixed seeds), in eval mode, each also saved alone under ``out``."""
+    import peft
+
+    model = None
+    for seed, (name, kwargs) in enumerate(PEFT_CONFIGS.items(), start=1):
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(lora_dropout=0.0, init_lora_weights=False, **kwargs)
+        if model is None:
+            model = peft.get_peft_model(base, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    model.eval()
+    dirs = {}
+    for name in PEFT_CONFIGS:
+        model.save_pretrained(out, selected_adapters=[name])
+        dirs[name] = out / name
+    return model, dirs
+
+
+def record_multi_launches(monkeypatch, backend: str) -> list:
+    """Run the multi-adapter op on ``backend`` (``FASTLORA_BACKEND``) and record the token count of every launch of its
+    Triton path; returns the record."""
+    from fastlora.ops import multi as multi_op
+
+    monkeypatch.setenv("FASTLORA_BACKEND", backend)
+    calls = []
+    real = multi_op.multi_lora_triton
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(multi_op, "multi_lora_triton", spy)
+    return calls
+
+
 def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
     assert_close(actual, expected, torch.float32, reduce_len=4 * HIDDEN, name=name)
 

@@ -13,59 +13,37 @@ import threading
 
 import pytest
 import torch
-from serving_helpers import IDS, TARGETS, assert_logits_close, expected_rows, oracle_logits, random_adapter
+from serving_helpers import (
+    IDS,
+    PEFT_ROWS,
+    ROWS,
+    TARGETS,
+    assert_logits_close,
+    expected_rows,
+    oracle_logits,
+    peft_model_with_adapters,
+    random_adapter,
+    record_multi_launches,
+)
 from tiny_models import HIDDEN, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
-from fastlora.ops import multi as multi_op
 from fastlora.serving import AdapterPool, MultiLoraLinear, MultiLoraModel, UnknownAdapterError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-ROWS = ["sql", None, "chat", "math", "sql"]
-PEFT_ROWS = ["__base__" if n is None else n for n in ROWS]
-PEFT_CONFIGS = {
-    "sql": dict(r=4, lora_alpha=8, target_modules=TARGETS),
-    "chat": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=True, rank_pattern={"v_proj": 2},
-              alpha_pattern={"o_proj": 4}),
-    "math": dict(r=16, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-}  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def peft_adapters(tmp_path_factory):
-    """``(peft_model, {name: directory})``: one PEFT Llama holding adapters a, b, c, each also saved alone."""
-    out = tmp_path_factory.mktemp("peft_adapters")
-    model = None
-    for seed, (name, kwargs) in enumerate(PEFT_CONFIGS.items(), start=1):
-        torch.manual_seed(seed)
-        config = peft.LoraConfig(lora_dropout=0.0, init_lora_weights=False, **kwargs)
-        if model is None:
-            model = peft.get_peft_model(tiny_llama(), config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-    model.eval()
-    dirs = {}
-    for name in PEFT_CONFIGS:
-        model.save_pretrained(out, selected_adapters=[name])
-        dirs[name] = out / name
-    return model, dirs
+    """``(peft_model, {name: directory})``: one PEFT Llama holding the three adapters, each also saved alone."""
+    return peft_model_with_adapters(tiny_llama(), tmp_path_factory.mktemp("peft_adapters"))
 
 
 @pytest.fixture
 def triton_calls(monkeypatch) -> list:
     """Runs the Triton kernels (interpreted on CPU) and records each multi-adapter kernel launch."""
-    monkeypatch.setenv("FASTLORA_BACKEND", "auto")
-    calls = []
-    real = multi_op.multi_lora_triton
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(multi_op, "multi_lora_triton", spy)
-    return calls
+    return record_multi_launches(monkeypatch, "auto")
 
 
 def _wrapped(dirs, max_adapters=4, max_rank=16, **kwargs) -> MultiLoraModel:

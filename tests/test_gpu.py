@@ -1,0 +1,285 @@
+"""The CUDA test run, ``pytest -m gpu``: the compiled kernels at real shapes against the fp64 reference (computed on the
+GPU), bitwise-deterministic gradients, the multi-adapter kernels, and ``MultiLoraModel`` against PEFT on CUDA.
+
+The cases, the budget that shapes them (about three minutes on one GPU, compiles included) and the dry run are
+described in ``tests/gpu_cases.py``. Without a CUDA device these tests are skipped, unless
+``FASTLORA_GPU_TESTS_ON_CPU=1`` asks for the dry run: the same code through Triton's interpreter, at small sizes.
+
+Precision. Every result is held to the tolerance table elementwise (``tests/tolerances.assert_close``), and the 16-bit
+ones also to a bound on their relative error over the whole tensor, ``‖out − ref‖ / ‖ref‖`` (``NORM_TOLERANCE``): at
+K = 14336 the table's bf16 bound, which covers the worst element of a long reduction, is near the output's own
+magnitude, while the norm of the error stays at the rounding of the operands and of the intermediates (``s·x·Aᵀ`` and
+``s·dy·B`` are rounded to the LoRA dtype), a few 1e-3 for bf16.
+
+fp32 cases run with ``torch.backends.cuda.matmul.allow_tf32 = False`` (fastlora's dots follow the flag,
+as cuBLAS does), because tf32 keeps a 10-bit mantissa: rounding the operands of a product with K = 4096 or 14336 terms
+to tf32 moves it by 2.5e-4 to 3e-4 of the largest output, 4 to 10 times the fp32 row of the tolerance table (3.2e-5,
+6e-5). The cases marked ``tf32`` turn it on and are held to the fp16 row, whose mantissa is the same.
+"""
+
+import contextlib
+import copy
+import functools
+
+import pytest
+import torch
+from gpu_cases import (
+    DETERMINISM_CASES,
+    DEVICE,
+    DRY_RUN,
+    LINEAR_CASES,
+    MULTI_CASES,
+    ON_CUDA,
+    ONEPASS,
+    SERVING_PIN,
+    LinearCase,
+    MultiCase,
+    autotuners,
+    linear_inputs,
+    linear_scaling,
+    multi_inputs,
+    pinned_configs,
+    serving_llama,
+)
+from multi_lora_cases import expected as multi_expected
+from tolerances import assert_close
+
+import fastlora
+from fastlora import kernels, reference
+from fastlora.reference import lora_linear_reference
+
+pytestmark = pytest.mark.gpu
+
+# ‖out − ref‖ / ‖ref‖ for 16-bit results (and tf32 dots): a few times the rounding of one element, 2**-9 for bf16 and
+# 2**-12 for fp16's (and tf32's) mantissa.
+NORM_TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+def assert_norm_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if dtype not in NORM_TOLERANCE:
+        return
+    error = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    assert error <= NORM_TOLERANCE[dtype], f"{name}: ‖error‖ / ‖ref‖ = {error:.2e} > {NORM_TOLERANCE[dtype]:.0e}"
+
+
+# Configs that failed to compile or launch while the autotuner timed them (it would skip them silently).
+_failed_configs: list[str] = []
+
+
+def _timed(name, kernel_call, quantiles):
+    """The autotuner's timer for these tests: 10 ms per config instead of 125 (which config wins does not change what
+    is checked), and a config that fails is recorded before the autotuner drops it."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench(kernel_call, warmup=2, rep=10, quantiles=quantiles)
+    except Exception as e:
+        _failed_configs.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise
+
+
+def _untimed(kernel_call, quantiles):
+    """The autotuner's timer in the dry run: launches nothing (the interpreter cannot time), so the first config that
+    survives pruning wins."""
+    return [1.0, 1.0, 1.0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gpu_run():
+    """On the GPU: the timer ``_timed`` for every autotuned kernel, and the reference's dropout mask generated in blocks
+    of 16M elements (its default block, sized for CPU caches, launches some 600 000 small kernels at 16384 x 14336).
+
+    In the dry run: the kernels must run in the interpreter (not the torch backend), with their GPU configs, chosen as
+    on the GPU (pinned, or by the autotuner with the timer ``_untimed``), so that the configs' tiles and the pinning
+    are exercised too."""
+    tuners = autotuners()
+    with pytest.MonkeyPatch.context() as mp:
+        if ON_CUDA:
+            for tuner in tuners:
+                mp.setattr(tuner, "_do_bench", functools.partial(_timed, tuner.fn.__name__))
+            mp.setattr(reference, "_MASK_BLOCK_ELEMENTS", 1 << 24)
+        else:
+            assert DRY_RUN and kernels.is_interpreting(), "the dry run needs TRITON_INTERPRET=1 set before triton loads"
+            gpu_configs = {id(k.fn): k.configs for k in kernels.GPU_KERNELS}
+            for tuner in tuners:
+                mp.setattr(tuner, "configs", gpu_configs[id(tuner.fn)])
+                mp.setattr(tuner, "cache", {})
+                mp.setattr(tuner, "_do_bench", _untimed)
+        for tuner in tuners:
+            tuner.__dict__.pop("do_bench", None)  # Autotuner.do_bench caches the timer it read
+        yield
+    for tuner in tuners:
+        tuner.__dict__.pop("do_bench", None)
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled: bool):
+    """``torch.backends.cuda.matmul.allow_tf32`` inside (set and restored by hand: pytest's monkeypatch cannot restore
+    an attribute that torch serves from ``__getattr__``)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    """fp32 dots in fp32, not tf32 (see the module docstring), whatever the process had set."""
+    with matmul_tf32(False):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------- lora_linear
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
+def test_lora_linear_matches_fp64(case: LinearCase, device):
+    """Forward and every gradient (y, dx, dA, dB, dbias) against the reference in fp64 on the same device."""
+    case = case.sized()
+    M, K, N, r = case.M, case.K, case.N, case.r
+    x, weight, bias, lora_A, lora_B, dy = linear_inputs(case, device)
+    before = [t.clone() for t in (x, weight, bias, lora_A, lora_B)]
+    for t in (x, bias, lora_A, lora_B):
+        t.requires_grad_()
+    scaling = linear_scaling(r)
+    seed = torch.tensor([20260201 + M], dtype=torch.int64, device=device)
+    call = functools.partial(
+        fastlora.lora_linear, x, weight, bias, lora_A, lora_B, scaling, case.dropout_p,
+        fan_in_fan_out=case.fan_in_fan_out, forward_impl=case.impl, backend="triton", seed=seed,
+    )  # fmt: skip
+    with pinned_configs(case.pin), matmul_tf32(case.tf32):
+        y = call(training=True)
+        y.backward(dy)
+        if case.impl == ONEPASS and case.dropout_p == 0.0:
+            with torch.no_grad():  # the decode path: nothing stored for a backward, the same y
+                assert torch.equal(call(training=False), y.detach()), "inference forward differs from training"
+    assert y.dtype == case.dtype and y.shape == (M, N) and y.is_contiguous()
+    assert x.grad.dtype == case.dtype and lora_A.grad.dtype == case.lora_dtype and lora_B.grad.dtype == case.lora_dtype
+    assert lora_A.grad.is_contiguous() and lora_B.grad.is_contiguous()
+    for t, t0 in zip((x, weight, bias, lora_A, lora_B), before, strict=True):
+        assert torch.equal(t.detach(), t0), "an input was modified"
+
+    x64, b64, a64, bb64 = (t.detach().double().requires_grad_() for t in (x, bias, lora_A, lora_B))
+    y64 = lora_linear_reference(
+        x64, weight.double(), b64, a64, bb64, scaling, case.dropout_p, seed, case.fan_in_fan_out
+    )
+    y64.backward(dy.double())
+    dtype = torch.float16 if case.tf32 else case.dtype
+    assert_close(y, y64, dtype, K + r, "y")
+    assert_close(x.grad, x64.grad, dtype, N + r, "dx")
+    assert_close(lora_A.grad, a64.grad, dtype, M, "dA")
+    assert_close(lora_B.grad, bb64.grad, dtype, M, "dB")
+    assert_close(bias.grad, b64.grad, dtype, M, "dbias")
+    for name, got, want in (("y", y, y64), ("dx", x.grad, x64.grad), ("dA", lora_A.grad, a64.grad),
+                            ("dB", lora_B.grad, bb64.grad)):  # fmt: skip
+        assert_norm_close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("case", DETERMINISM_CASES, ids=str)
+def test_two_identical_training_steps_give_bitwise_equal_gradients(case: LinearCase, device):
+    """The same inputs and the same ``torch.manual_seed`` (the dropout seed is drawn from it) twice: y, dx, dA, dB and
+    dbias bitwise equal (no atomics; the split reductions over tokens are summed in a fixed order)."""
+    case = case.sized()
+    runs = []
+    for _ in range(2):
+        x, weight, bias, lora_A, lora_B, dy = linear_inputs(case, device, seed=1)
+        for t in (x, bias, lora_A, lora_B):
+            t.requires_grad_()
+        torch.manual_seed(1234)
+        with pinned_configs(case.pin):
+            y = fastlora.lora_linear(
+                x, weight, bias, lora_A, lora_B, linear_scaling(case.r), case.dropout_p, training=True,
+                fan_in_fan_out=case.fan_in_fan_out, forward_impl=case.impl, backend="triton",
+            )  # fmt: skip
+            y.backward(dy)
+        runs.append({"y": y.detach(), "dx": x.grad, "dbias": bias.grad, "dA": lora_A.grad, "dB": lora_B.grad})
+    for name, first in runs[0].items():
+        assert first.abs().sum() > 0, f"{name} is zero: the comparison would prove nothing"
+        assert torch.equal(first, runs[1][name]), f"{name} differs between two identical steps"
+
+
+# ----------------------------------------------------------------------------------------------- multi_lora_linear
+
+
+@pytest.mark.parametrize("case", MULTI_CASES, ids=str)
+def test_multi_lora_linear_matches_fp64(case: MultiCase, device):
+    """Every token its own adapter (ranks 1 to 128, or none), against the reference in fp64; the NaN beyond each
+    slot's (or the layer's) rank in the pools must stay unread."""
+    case = case.sized()
+    inputs = multi_inputs(case, device)
+    args, kwargs = inputs["args"], inputs["kwargs"]
+    tensors = [t for t in args[:5] if t is not None]
+    before = [t.clone() for t in tensors]
+    with pinned_configs(case.pin), torch.no_grad():
+        y = fastlora.multi_lora_linear(*args, **kwargs, impl=case.impl, backend="triton")
+    for t, t0 in zip(tensors, before, strict=True):
+        torch.testing.assert_close(t, t0, rtol=0, atol=0, equal_nan=True, msg="an input was modified")
+    assert y.dtype == case.dtype and y.shape == (case.T, case.N) and y.is_contiguous()
+    want = multi_expected(*args, kwargs.get("slot_ranks"), kwargs.get("slot_scalings"), case.fan_in_fan_out)
+    assert_close(y, want, case.dtype, case.K + inputs["max_rank"], "y")
+    assert_norm_close(y, want, case.dtype, "y")
+
+
+# ----------------------------------------------------------------------------------------------- MultiLoraModel
+
+
+@pytest.fixture(scope="module")
+def peft_served(tmp_path_factory):
+    """``(peft_model on device, {name: directory})``: one PEFT Llama holding the three adapters, each also saved."""
+    from serving_helpers import peft_model_with_adapters
+
+    pytest.importorskip("peft")
+    model, dirs = peft_model_with_adapters(serving_llama(), tmp_path_factory.mktemp("gpu_peft_adapters"))
+    return model.to(DEVICE), dirs
+
+
+def test_multi_lora_model_matches_peft(peft_served, device, monkeypatch):
+    """A mixed batch (three adapters of ranks 4 to 16 and a base row) through the kernels on every adapted layer:
+    logits equal PEFT's mixed batch (``adapter_names``) in fp64, and a greedy ``generate`` gives PEFT's tokens, both
+    for the mixed batch and row by row."""
+    from serving_helpers import IDS, PEFT_ROWS, ROWS, TARGETS, record_multi_launches
+
+    from fastlora.serving import MultiLoraModel
+
+    peft_model, dirs = peft_served
+    calls = record_multi_launches(monkeypatch, "triton")  # the kernels on every layer (interpreted in the dry run)
+    mm = MultiLoraModel(serving_llama().to(device), TARGETS, max_adapters=4, max_rank=16)
+    for name, directory in dirs.items():
+        mm.load_adapter(name, directory)
+    peft_rows = PEFT_ROWS
+    ids = IDS.to(device)
+    prompt = ids[:, :5]
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with pinned_configs(SERVING_PIN):
+        logits = mm(ids, adapter_names=ROWS).logits
+        assert calls == [ids.numel()] * 2 * len(TARGETS), "not every adapted layer ran the kernels"
+        tokens = mm.generate(prompt, adapter_names=ROWS, **kwargs)
+
+    with torch.no_grad():
+        want = copy.deepcopy(peft_model).double()(input_ids=ids, adapter_names=peft_rows).logits
+        base = serving_llama().to(device)(ids).logits
+        peft_tokens = peft_model.generate(input_ids=prompt, adapter_names=peft_rows, **kwargs)
+        hidden = peft_model.config.hidden_size
+    assert_close(logits, want, torch.float32, reduce_len=4 * hidden, name="MultiLoraModel vs PEFT (fp64)")
+    for i, name in enumerate(ROWS):  # every adapter changes its row, so the check tells rows apart
+        assert ((logits[i] - base[i]).abs().max() > 1e-3) == (name is not None), f"row {i} ({name})"
+    assert torch.equal(tokens, peft_tokens), "generate differs from PEFT's mixed batch"
+    assert len({tuple(row[prompt.shape[1] :].tolist()) for row in tokens}) >= 3, "adapters should change the tokens"
+    for i, name in enumerate(peft_rows):
+        row_kwargs = {**kwargs, "attention_mask": kwargs["attention_mask"][i : i + 1]}
+        with torch.no_grad():
+            alone = peft_model.generate(input_ids=prompt[i : i + 1], adapter_names=[name], **row_kwargs)
+        assert torch.equal(tokens[i], alone[0]), f"row {i} ({name}) differs from PEFT on that row alone"
+
+
+# ----------------------------------------------------------------------------------------------- last
+
+
+def test_every_autotuned_config_compiled_and_ran():
+    """Runs last: no config failed while the autotuner timed it, in any test above (the autotuner skips a config that
+    fails to compile or launch, so nothing else would show it)."""
+    if not ON_CUDA:
+        pytest.skip("the dry run times no config (the interpreter cannot)")
+    assert not _failed_configs, "\n".join(_failed_configs)
