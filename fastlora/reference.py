@@ -18,7 +18,9 @@ import torch
 from .kernels.philox import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS
 
 _MASK32 = 0xFFFFFFFF
-_MASK_BLOCK_ELEMENTS = 1 << 16
+# Elements of the dropout mask generated at once, per device type: a CPU keeps the temporaries in cache, a GPU wants
+# few large launches (blocks of 64K elements would launch some 300 000 small kernels for a 16384 x 4096 mask).
+_MASK_BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
 
 
 # Units of relative error allowed, per activation dtype (eps: fp32 1.2e-7, fp16 9.8e-4, bf16 7.8e-3): a few rounding
@@ -78,9 +80,11 @@ def dropout_mask(seed: int | torch.Tensor, shape: tuple[int, int], p: float, dev
     keep = torch.empty((M, K), dtype=torch.bool, device=device)
     cols = torch.arange(K, device=device)[None, :]
     threshold = dropout_threshold(p)
-    # The Philox rounds hold about ten int64 temporaries per element: a block of rows at a time bounds them to a few
-    # MiB instead of ~80 bytes per element of x (and keeps them in cache).
-    step = max(1, _MASK_BLOCK_ELEMENTS // max(K, 1))
+    # The Philox rounds hold about ten int64 temporaries per element: a block of rows at a time bounds them (a few MiB
+    # on a CPU, where they stay in cache; about a GiB on a GPU) instead of ~80 bytes per element of x.
+    kind = "cpu" if device is None else torch.device(device).type
+    block = _MASK_BLOCK_ELEMENTS.get(kind, _MASK_BLOCK_ELEMENTS["cpu"])
+    step = max(1, block // max(K, 1))
     for r0 in range(0, M, step):
         rows = torch.arange(r0, min(r0 + step, M), device=device)[:, None]
         keep[r0 : r0 + step] = philox_word(seed, rows, cols) >= threshold

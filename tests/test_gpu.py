@@ -45,7 +45,7 @@ from multi_lora_cases import expected as multi_expected
 from tolerances import assert_close
 
 import fastlora
-from fastlora import kernels, reference
+from fastlora import kernels
 from fastlora.reference import lora_linear_reference
 
 pytestmark = pytest.mark.gpu
@@ -86,8 +86,7 @@ def _untimed(kernel_call, quantiles):
 
 @pytest.fixture(scope="module", autouse=True)
 def gpu_run():
-    """On the GPU: the timer ``_timed`` for every autotuned kernel, and the reference's dropout mask generated in blocks
-    of 16M elements (its default block, sized for CPU caches, launches some 600 000 small kernels at 16384 x 14336).
+    """On the GPU: the timer ``_timed`` for every autotuned kernel.
 
     In the dry run: the kernels must run in the interpreter (not the torch backend), with their GPU configs, chosen as
     on the GPU (pinned, or by the autotuner with the timer ``_untimed``), so that the configs' tiles and the pinning
@@ -97,7 +96,6 @@ def gpu_run():
         if ON_CUDA:
             for tuner in tuners:
                 mp.setattr(tuner, "_do_bench", functools.partial(_timed, tuner.fn.__name__))
-            mp.setattr(reference, "_MASK_BLOCK_ELEMENTS", 1 << 24)
         else:
             assert DRY_RUN and kernels.is_interpreting(), "the dry run needs TRITON_INTERPRET=1 set before triton loads"
             gpu_configs = {id(k.fn): k.configs for k in kernels.GPU_KERNELS}
