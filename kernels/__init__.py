@@ -6,7 +6,7 @@ memory a block may use per architecture; ``is_interpreting`` tells whether the k
 """
 
 from . import expand, multi_lora, onepass, shrink, wgrad
-from ._common import SMEM_LIMIT, GpuKernel, is_interpreting
+from ._common import SMEM_LIMIT, GpuKernel, is_interpreting, rank_tile
 from .expand import lora_expand
 from .multi_lora import MAX_SEGMENT_TOKENS as MULTI_MAX_SEGMENT_TOKENS
 from .multi_lora import decode_splits as multi_decode_splits
@@ -40,5 +40,6 @@ __all__ = [
     "multi_decode_splits",
     "multi_lora_shrink",
     "ONEPASS_MAX_RANK",
+    "rank_tile",
     "SMEM_LIMIT",
 ]

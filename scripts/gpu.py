@@ -8,11 +8,12 @@ so and exits with status 3, having run and installed nothing. Then:
    which needs setuptools and wheel in that Python), unless this checkout is already what ``import fastlora`` finds;
    where that install fails, runs it in place instead (``in_place``), changing nothing in that Python;
 2. records the environment (GPU, driver, clocks, versions);
-3. the CUDA test run, ``pytest -m gpu`` (``tests/test_gpu.py``: every kernel against the fp64 reference at real
+3. the CUDA test run, ``pytest -m gpu`` (in up to 8 processes with pytest-xdist; ``tests/test_gpu.py``: every kernel against the fp64 reference at real
    shapes, bitwise-equal gradients over two identical steps, the multi-adapter kernels and ``MultiLoraModel`` against
    PEFT), then, where cmake and a C compiler are present, the C library's build and ctest (its GPU test included);
-4. the headline benchmark cases, one suite at a time (``fastlora bench --headline --suite S``), so that a suite that
-   runs out of time costs only its own rows;
+4. the headline benchmark cases: first their layers' kernels are compiled with every config, in parallel processes
+   (``python -m fastlora.bench.warm``), then each suite runs in turn (``fastlora bench --headline --suite S``), so
+   that a suite that runs out of time costs only its own rows;
 5. ``targets.md``: each target of the README's table, the value measured, met or missed, with the environment and
    the outcome of every step.
 
@@ -52,9 +53,10 @@ MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20
 LOG = "gpu.log"
 OUTPUTS = ("results.json", "results.md", "targets.md", LOG)  # and the plots
 # (suite, seconds of the full run's budget, of the quick run's): the cheap suites first.
-BENCH_STEPS = (("overhead", 25, 15), ("multi", 70, 30), ("linear", 75, 25), ("train", 60, 25))
-TEST_BUDGET_S = {"full": 170.0, "quick": 70.0}
-CMAKE_BUDGET_S = 75.0
+BENCH_STEPS = (("overhead", 20, 10), ("multi", 80, 30), ("linear", 60, 20), ("train", 50, 20))
+TEST_BUDGET_S = {"full": 150.0, "quick": 60.0}
+CMAKE_BUDGET_S = 50.0
+WARM_BUDGET_S = {"full": 70.0, "quick": 35.0}
 
 
 def cuda_problem() -> str | None:
@@ -292,10 +294,19 @@ def junit_summary(path: Path) -> str:
     return text + (f", {total['errors']} errors" if total["errors"] else "")
 
 
+def test_workers(run: Run) -> int:
+    """Processes for the CUDA tests: up to 8 with pytest-xdist (compiles dominate the run, and each process compiles
+    its own tests' kernels), else 1. They share the GPU; the tests check results, and time nothing."""
+    has_xdist = subprocess.run([run.python, "-c", "import xdist"], env=run.env, capture_output=True).returncode == 0
+    return min(8, os.cpu_count() or 1) if has_xdist else 1
+
+
 def cuda_tests(run: Run, quick: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
         cmd = [run.python, "-m", "pytest", "-m", "gpu", "tests", "-q", "-p", "no:cacheprovider", f"--junitxml={report}"]
+        workers = test_workers(run)
+        cmd += ["-n", str(workers)] if workers > 1 else []
         env = {**run.env, **({"FASTLORA_GPU_TESTS_QUICK": "1"} if quick else {})}
         step = run.command("CUDA tests (pytest -m gpu)", cmd, TEST_BUDGET_S["quick" if quick else "full"], env=env)
         step.detail = ", ".join(filter(None, [junit_summary(report), step.detail]))
@@ -323,6 +334,9 @@ def c_library(run: Run) -> None:
 def headline_bench(run: Run, quick: bool) -> None:
     """The headline cases a suite at a time. Their autotune searches are saved (``TRITON_CACHE_AUTOTUNING``) and so
     made once across the suites; the CUDA tests' are not, as they time each config briefly."""
+    warm = [run.python, "-m", "fastlora.bench.warm", "--workers", str(min(16, os.cpu_count() or 1))]
+    run.command("compile ahead (fastlora.bench.warm)", warm + (["--quick"] if quick else []),
+                WARM_BUDGET_S["quick" if quick else "full"])  # fmt: skip
     env = {**run.env, "TRITON_CACHE_AUTOTUNING": "1"}
     for suite, full_s, quick_s in BENCH_STEPS:
         cmd = [run.python, "-m", "fastlora", "bench", "--headline", "--suite", suite, "--out", str(run.out)]

@@ -26,7 +26,6 @@ GPU minutes are spent.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -278,40 +277,19 @@ def multi_inputs(case: MultiCase, device, seed: int = 0) -> dict:
 
 
 def autotuners() -> list:
-    """Every autotuned kernel of ``fastlora.kernels``."""
-    from fastlora.kernels import expand, multi_lora, onepass, shrink, wgrad
-    from triton.runtime.autotuner import Autotuner
+    """Every autotuned kernel of ``fastlora.kernels`` (``fastlora.bench.warm``'s list, imported when needed: this module
+    is read by conftest before the kernels load)."""
+    from fastlora.bench.warm import autotuners as every_autotuner
 
-    return [
-        v for m in (shrink, expand, onepass, wgrad, multi_lora) for v in vars(m).values() if isinstance(v, Autotuner)
-    ]
+    return every_autotuner()
 
 
-@contextlib.contextmanager
 def pinned_configs(index: int | None):
-    """Inside, every autotuned kernel runs the ``index``-th of the configs that survive its pruning (modulo their
-    number) without timing any; ``None`` leaves the autotuner alone. The choices made inside are forgotten after, and
-    those made before are not used inside."""
-    if index is None:
-        yield
-        return
-    saved = []
-    for tuner in autotuners():
-        prune = tuner.prune_configs
+    """``fastlora.bench.warm.pinned_configs``: every autotuned kernel runs the ``index``-th config that survives its
+    pruning, untimed (``None``: the autotuner picks)."""
+    from fastlora.bench.warm import pinned_configs as pin
 
-        def pick(kwargs, prune=prune):
-            configs = prune(kwargs)
-            return [configs[index % len(configs)]]
-
-        saved.append((tuner, tuner.cache))
-        tuner.cache = {}
-        tuner.prune_configs = pick
-    try:
-        yield
-    finally:
-        for tuner, cache in saved:
-            del tuner.prune_configs
-            tuner.cache = cache
+    return pin(index)
 
 
 # ----------------------------------------------------------------------------------------------- MultiLoraModel

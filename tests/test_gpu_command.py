@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlora.bench import common, linear, multi_layer, multi_model, overhead, targets, train
+from fastlora.bench import common, linear, multi_layer, multi_model, overhead, targets, train, warm
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = torch.device("cuda")
@@ -98,6 +98,39 @@ def test_headline_cases_cover_every_target_of_the_readme(monkeypatch):
     for id_, _ in _readme_targets():
         readers = [t for t in targets.TARGETS if t.id == id_]
         assert readers and all(any(t.select(row) for row in rows) for t in readers), f"no headline case feeds {id_}"
+
+
+def test_warm_compiles_every_kernel_specialisation_of_the_headline_layers():
+    """One warm-up case per specialisation the headline layers launch (the measured runs then find every kernel in
+    Triton's cache), each run once per config index; a job runs (here on the torch backend: no GPU to compile for)."""
+    cases = warm.warm_cases(GPU)
+    layers = linear.linear_cases(GPU, headline=True) + [
+        c.as_linear("fwd+bwd") for c in overhead.overhead_cases(GPU, headline=True)
+    ]
+    assert {warm._specialisation(c) for c in cases} == {warm._specialisation(c) for c in layers}
+    assert len(cases) == len({warm._specialisation(c) for c in cases})
+    assert {c.lora_dtype for c in cases} == {"fp32", "bf16"} and any(c.M <= 64 for c in cases)
+    small = dataclasses.replace(linear.linear_cases(torch.device("cpu"), headline=True)[0], M=8)
+    assert warm._run_job((small, 3)) > 0
+    assert warm.warm() == (0, 0.0)  # nothing to compile without a GPU
+
+
+def test_pinned_configs_run_one_config_and_restore_the_autotuners(monkeypatch):
+    """The lora_shrink autotuner with its GPU configs: pinned to index i it offers only the i-th (modulo the number)
+    of the configs its pruning keeps, and afterwards it prunes and caches as before."""
+    from fastlora.kernels import shrink
+
+    tuner = shrink._lora_shrink_kernel
+    monkeypatch.setattr(tuner, "configs", shrink.gpu_configs())
+    monkeypatch.setattr(tuner, "nargs", {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "wt_ptr": torch.empty(1)},
+                        raising=False)  # fmt: skip
+    kwargs = {"BLOCK_R": 16, "DROPOUT": False}
+    cache = tuner.cache
+    everything = tuner.prune_configs(kwargs)
+    assert len(everything) > 2
+    with warm.pinned_configs(len(everything) + 1):
+        assert tuner.prune_configs(kwargs) == [everything[1]] and tuner.cache == {}
+    assert tuner.prune_configs(kwargs) == everything and tuner.cache is cache
 
 
 def test_targets_verdicts_take_the_worst_case():
