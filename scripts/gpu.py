@@ -137,9 +137,9 @@ class Run:
         """Run ``cmd``, its output into the log and onto stdout, killed (with its children) past ``budget_s`` or the
         run's deadline, whichever comes first."""
         budget = min(budget_s * self.slowdown, self.left())
-        if budget < 5:
-            step = Step(name, "skipped", 0.0, "no time left in the run's budget")
-            self.say(f"\n=== {name}: skipped, no time left")
+        if budget < 5:  # a step the budget left out fails the run, unlike one skipped for a missing tool
+            step = Step(name, "not run", 0.0, "no time left in the run's budget")
+            self.say(f"\n=== {name}: not run, no time left")
             self.steps.append(step)
             return step
         self.say(f"\n=== {name} (budget {budget:.0f} s): {' '.join(cmd)}")
@@ -154,11 +154,11 @@ class Run:
 
         timer = threading.Timer(budget, kill)
         timer.start()
-        tail: list[str] = []
+        last = ""
         for line in proc.stdout:
             sys.stdout.write(line)
             self.log.write(line)
-            tail = (tail + [line.rstrip()])[-5:]
+            last = line.strip() or last
         rc = proc.wait()
         timer.cancel()
         self.log.flush()
@@ -166,7 +166,8 @@ class Run:
         status = "timed out" if timed_out.is_set() else ("passed" if rc == 0 else "failed")
         compiled, searched = (now - before for now, before in zip(self.triton_cache(), cached))
         work = [f"{compiled} Triton compiles" if compiled else "", f"{searched} autotune searches" if searched else ""]
-        detail = ", ".join(filter(None, [f"exit {rc}" if status == "failed" else "", *work]))
+        failure = f"exit {rc}: {last[:160]}" if status == "failed" else ""
+        detail = ", ".join(filter(None, [failure, *work]))
         step = Step(name, status, seconds, detail)
         self.say(f"=== {name}: {status} in {seconds:.0f} s{f' ({detail})' if detail else ''}")
         self.steps.append(step)
