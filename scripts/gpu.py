@@ -390,7 +390,7 @@ def check_outputs(out: Path) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="./dev gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device>/gpu)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of at most 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="a smoke run, budgeted at 3 minutes")
     parser.add_argument("--write-targets", type=Path, help=argparse.SUPPRESS)  # the last step, in a child process
     return parser.parse_args(argv)
 
