@@ -148,5 +148,5 @@ def run(
     out_dir = Path(default_out_dir(device, headline) if out is None else out)
     written = write_results(rows, out_dir)
     if headline:
-        written = dataclasses.replace(written, targets=targets.write_targets(read_rows(out_dir), out_dir))
+        written = dataclasses.replace(written, targets=targets.write_targets(list(written.rows), out_dir))
     return rows, written

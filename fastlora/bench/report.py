@@ -26,6 +26,7 @@ class Written:
     json: Path
     markdown: Path
     plots: tuple[Path, ...]
+    rows: tuple[dict, ...] = ()  # every row now in results.json: this run's and the other suites' kept
     targets: Path | None = None  # targets.md, written by headline runs
 
 
@@ -101,4 +102,4 @@ def write_results(rows: list[dict], out_dir: str | Path, suites: dict[str, Suite
             (out_dir / stale).unlink(missing_ok=True)
         if by_suite[name]:
             plots += suite.plots(by_suite[name], out_dir)
-    return Written(json_path, md_path, tuple(plots))
+    return Written(json_path, md_path, tuple(plots), tuple(rows))
