@@ -2,11 +2,12 @@
 
 ``GPU_KERNELS`` lists every kernel with its GPU configs and its launcher's pruning rule, for the tools that compile
 them for NVIDIA targets without a GPU (``fastlora.static_check``, ``fastlora.aot``); ``SMEM_LIMIT`` is the shared
-memory a block may use per architecture; ``is_interpreting`` tells whether the kernels run in Triton's interpreter.
+memory a block may use per architecture; ``is_interpreting`` tells whether the kernels run in Triton's interpreter;
+``recording_launches`` collects the launches made in a block (kernel name, bytes moved), on every backend.
 """
 
 from . import expand, multi_lora, onepass, shrink, wgrad
-from ._common import SMEM_LIMIT, GpuKernel, is_interpreting, rank_tile
+from ._common import SMEM_LIMIT, GpuKernel, Launch, is_interpreting, rank_tile, recording_launches
 from .expand import lora_expand
 from .multi_lora import MAX_SEGMENT_TOKENS as MULTI_MAX_SEGMENT_TOKENS
 from .multi_lora import decode_splits as multi_decode_splits
@@ -29,6 +30,7 @@ GPU_KERNELS: tuple[GpuKernel, ...] = (
 __all__ = [
     "GPU_KERNELS",
     "GpuKernel",
+    "Launch",
     "is_interpreting",
     "lora_expand",
     "lora_onepass",
@@ -41,5 +43,6 @@ __all__ = [
     "multi_lora_shrink",
     "ONEPASS_MAX_RANK",
     "rank_tile",
+    "recording_launches",
     "SMEM_LIMIT",
 ]

@@ -10,10 +10,11 @@ Philox rounds are written out here rather than taken from ``tl.randint`` so that
 Triton version.
 """
 
+import contextlib
 import dataclasses
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
@@ -30,6 +31,42 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # kernel at once can read each other's arguments (or None); and the interpreter patches ``triton.language`` during a
 # launch. Launches are asynchronous on a GPU, so the lock is held for microseconds.
 launch_lock = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher records it: the launcher's name and the bytes the launch must move at
+    least (each operand it reads read once, each output written once)."""
+
+    kernel: str
+    bytes: int
+
+
+_recorders: list[list[Launch]] = []
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[list[Launch]]:
+    """Collect every kernel launch made inside the block, in order (the launchers record them on every backend,
+    the interpreter's included). Nested blocks each see every launch."""
+    log: list[Launch] = []
+    _recorders.append(log)
+    try:
+        yield log
+    finally:
+        _recorders.remove(log)
+
+
+@contextlib.contextmanager
+def launching(kernel: str, *operands: torch.Tensor | None) -> Iterator[None]:
+    """The block that launches ``kernel``: records the launch when ``recording_launches`` is on (``operands``: every
+    tensor it reads or writes, for the byte count), and holds ``launch_lock``."""
+    if _recorders:
+        launch = Launch(kernel, sum(t.numel() * t.element_size() for t in operands if t is not None))
+        for log in _recorders:
+            log.append(launch)
+    with launch_lock:
+        yield
 
 
 def is_interpreting() -> bool:

@@ -24,7 +24,7 @@ from ._common import (
     dropout_tile,
     fits_in_smem,
     is_interpreting,
-    launch_lock,
+    launching,
     load_tile,
     m_bucket,
     mma,
@@ -160,7 +160,7 @@ def lora_expand(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    with launch_lock:
+    with launching("lora_expand", x, wt, low, rt, bias, out):
         _lora_expand_kernel[grid](
             x, wt, low, rt, bias if bias is not None else x, out, seed if dropout else x,
             M, N, K, R, m_bucket(M),

@@ -55,7 +55,7 @@ from ._common import (
     dot_precision,
     fits_in_smem,
     is_interpreting,
-    launch_lock,
+    launching,
     load_tile,
     m_bucket,
     mma,
@@ -426,7 +426,7 @@ def multi_lora_shrink(
     def grid(cfg):
         return (num_segments, triton.cdiv(max_segment_len, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R) * split_k)
 
-    with launch_lock:
+    with launching("multi_lora_shrink", x, xa):
         _multi_shrink_kernel[grid](
             x, a_pool, xa, sorted_token_ids, seg_offsets, seg_slots, ranks,
             K, R, m_bucket(max_segment_len),
@@ -454,7 +454,7 @@ def multi_lora_expand(
     def grid(cfg):
         return (num_segments, triton.cdiv(max_segment_len, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
 
-    with launch_lock:
+    with launching("multi_lora_expand", xa, y, y):
         _multi_expand_kernel[grid](
             xa, b_pool, y, sorted_token_ids, seg_offsets, seg_slots, ranks, scalings,
             token_scales if token_scales is not None else scalings,
@@ -484,7 +484,7 @@ def multi_lora_fused(
     def grid(cfg):
         return (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
-    with launch_lock:
+    with launching("multi_lora_fused", x, wt, bias, xa, y):
         _multi_fused_kernel[grid](
             x, wt, bias if bias is not None else x, xa, b_pool, y, token_slots, ranks, scalings,
             token_scales if token_scales is not None else scalings,

@@ -23,7 +23,7 @@ from ._common import (
     dropout_tile,
     fits_in_smem,
     is_interpreting,
-    launch_lock,
+    launching,
     load_tile,
     m_bucket,
     mma,
@@ -187,7 +187,7 @@ def lora_onepass(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    with launch_lock:
+    with launching("lora_onepass", x, wt, at, bt, bias, y, xs):
         _lora_onepass_kernel[grid](
             x, wt, at, bt, bias if bias is not None else x, y, xs if xs is not None else y, seed if dropout else x,
             M, N, K, R, m_bucket(M),

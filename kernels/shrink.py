@@ -18,7 +18,7 @@ from ._common import (
     dropout_tile,
     fits_in_smem,
     is_interpreting,
-    launch_lock,
+    launching,
     load_tile,
     m_bucket,
     mma,
@@ -140,7 +140,7 @@ def lora_shrink(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
 
-    with launch_lock:
+    with launching("lora_shrink", x, wt, out):
         _lora_shrink_kernel[grid](
             x, wt, out, seed if dropout else x,
             M, K, R, m_bucket(M),

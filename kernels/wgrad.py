@@ -21,7 +21,7 @@ from ._common import (
     dropout_tile,
     fits_in_smem,
     is_interpreting,
-    launch_lock,
+    launching,
     load_tile,
     m_bucket,
     mma,
@@ -148,7 +148,7 @@ def lora_wgrad(
     def grid(meta):
         return (triton.cdiv(Q, meta["BLOCK_Q"]), triton.cdiv(R, BLOCK_R), split)
 
-    with launch_lock:
+    with launching("lora_wgrad", u, v, partial):
         _lora_wgrad_kernel[grid](
             u, v, partial, seed if dropout else u,
             M, R, Q, chunk, m_bucket(M),
