@@ -18,8 +18,8 @@ import torch
 from .kernels.philox import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS
 
 _MASK32 = 0xFFFFFFFF
-# Elements of the dropout mask generated at once, per device type: a CPU keeps the temporaries in cache, a GPU wants
-# few large launches (blocks of 64K elements would launch some 300 000 small kernels for a 16384 x 4096 mask).
+# Philox calls (four mask elements each) made at once, per device type: a CPU keeps the temporaries in cache, a GPU
+# wants few large launches (blocks of 64K calls would launch some 75 000 small kernels for a 16384 x 4096 mask).
 _MASK_BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
 
 
@@ -40,31 +40,38 @@ def tolerance(dtype: torch.dtype, reduce_len: int = 1) -> float:
 
 
 def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hi, lo)`` 32-bit words of the 64-bit product of the constant ``a`` and uint32 values ``b`` (int64 tensor),
-    in 16-bit halves so nothing overflows int64."""
-    b_hi = b >> 16
-    b_lo = b & 0xFFFF
-    lo_part = a * b_lo
-    t = a * b_hi + (lo_part >> 16)
-    return t >> 16, ((t & 0xFFFF) << 16) | (lo_part & 0xFFFF)
+    """``(hi, lo)`` 32-bit words of the 64-bit product of the uint32 constant ``a`` and uint32 values ``b`` (int64
+    tensor): ``a`` is split in 16-bit halves so that no product passes 2**48 and nothing overflows int64."""
+    lo = b * (a & 0xFFFF)
+    t = b * (a >> 16)
+    t += lo >> 16
+    hi = t >> 16
+    lo &= 0xFFFF
+    t &= 0xFFFF
+    t <<= 16
+    t |= lo
+    return hi, t
 
 
-def philox_word(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """First word of Philox4x32-10 with key ``seed`` at counter ``(col, row, 0, 0)``, as int64 in ``[0, 2**32)``."""
-    k0 = seed & _MASK32
-    k1 = (seed >> 32) & _MASK32
-    c0, c1 = (
-        t.contiguous() for t in torch.broadcast_tensors(cols.to(torch.int64) & _MASK32, rows.to(torch.int64) & _MASK32)
-    )
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
+def philox4x32_10(
+    key: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four words of Philox4x32-10 with the 64-bit ``key`` (``(key_lo, key_hi)``) at counter ``(c0, c1, c2, c3)``:
+    int64 tensors of values in ``[0, 2**32)`` that broadcast together, as in ``kernels/philox.py``. A word that
+    depends on rows only or columns only stays that small until a round mixes it."""
+    k0 = key & _MASK32
+    k1 = (key >> 32) & _MASK32
     for _ in range(PHILOX_ROUNDS.value):
         hi_b, lo_b = _mul32(PHILOX_ROUND_B.value, c2)
         hi_a, lo_a = _mul32(PHILOX_ROUND_A.value, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        c0 = hi_b ^ c1
+        c0 ^= k0
+        c2 = hi_a ^ c3
+        c2 ^= k1
+        c1, c3 = lo_b, lo_a
         k0 = (k0 + PHILOX_KEY_A.value) & _MASK32
         k1 = (k1 + PHILOX_KEY_B.value) & _MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def dropout_threshold(p: float) -> int:
@@ -73,22 +80,30 @@ def dropout_threshold(p: float) -> int:
 
 
 def dropout_mask(seed: int | torch.Tensor, shape: tuple[int, int], p: float, device=None) -> torch.Tensor:
-    """Boolean keep-mask ``[M, K]`` for inverted dropout with probability ``p``: the kernels' mask, bit for bit."""
+    """Boolean keep-mask ``[M, K]`` for inverted dropout with probability ``p``: the kernels' mask, bit for bit.
+
+    Element ``(row, col)`` is kept iff word ``col % 4`` of Philox4x32-10 with key ``seed`` at counter
+    ``(col // 4, row, 0, 0)`` is at least ``dropout_threshold(p)`` (``kernels/philox.py``)."""
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
     M, K = shape
-    keep = torch.empty((M, K), dtype=torch.bool, device=device)
-    cols = torch.arange(K, device=device)[None, :]
+    groups = (K + 3) // 4
+    # Four columns per Philox call: the mask is built [M, groups, 4] and cut to K columns.
+    keep = torch.empty((M, groups, 4), dtype=torch.bool, device=device)
+    c0 = torch.arange(groups, device=device)[None, :]
+    zero = torch.zeros((), dtype=torch.int64, device=device)
     threshold = dropout_threshold(p)
-    # The Philox rounds hold about ten int64 temporaries per element: a block of rows at a time bounds them (a few MiB
-    # on a CPU, where they stay in cache; about a GiB on a GPU) instead of ~80 bytes per element of x.
+    # The Philox rounds hold about ten int64 temporaries per four elements: a block of rows at a time bounds them (a
+    # few MiB on a CPU, where they stay in cache; about a GiB on a GPU) instead of ~20 bytes per element of x.
     kind = "cpu" if device is None else torch.device(device).type
     block = _MASK_BLOCK_ELEMENTS.get(kind, _MASK_BLOCK_ELEMENTS["cpu"])
-    step = max(1, block // max(K, 1))
+    step = max(1, block // max(groups, 1))
     for r0 in range(0, M, step):
         rows = torch.arange(r0, min(r0 + step, M), device=device)[:, None]
-        keep[r0 : r0 + step] = philox_word(seed, rows, cols) >= threshold
-    return keep
+        for j, word in enumerate(philox4x32_10(seed, c0, rows, zero, zero)):
+            torch.ge(word, threshold, out=keep[r0 : r0 + step, :, j])
+    keep = keep.reshape(M, groups * 4)
+    return keep if K == groups * 4 else keep[:, :K].contiguous()
 
 
 def dropout(x2d: torch.Tensor, p: float, seed: int | torch.Tensor | None) -> torch.Tensor:
@@ -121,38 +136,6 @@ def lora_linear_reference(
         y = y + bias
     y = y + scaling * ((dropout(x2d, dropout_p, seed) @ lora_A.t()) @ lora_B.t())
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-# The torch backend: the same contract as the Triton launchers in ``fastlora.kernels``, used by
-# ``fastlora.ops`` on CPU tensors. ``wt`` is the ``[K, N]`` view of ``W0``. The LoRA branch computes in the
-# LoRA weights' dtype, with ``xs = s·D(x)·Aᵀ`` rounded to it, as the kernels do.
-
-
-def lora_forward(x2d, wt, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """Returns ``(y, xs)``: the output and ``xs = s·D(x)·Aᵀ`` that the backward needs."""
-    xd = dropout(x2d.to(lora_A.dtype), dropout_p, seed)
-    xs = (xd @ lora_A.t()) * scaling
-    y = torch.addmm(bias, x2d, wt) if bias is not None else x2d @ wt
-    y = y + (xs @ lora_B.t()).to(y.dtype)
-    return y, xs
-
-
-def lora_backward(dy, x2d, wt, lora_A, lora_B, xs, scaling, dropout_p, seed):
-    """Returns ``(dx, dA, dB)`` for upstream ``dy [M, N]``."""
-    dyl = dy.to(lora_B.dtype)
-    dxa = (dyl @ lora_B) * scaling
-    low = dxa @ lora_A
-    xl = x2d.to(lora_A.dtype)
-    if dropout_p > 0.0:
-        # One regeneration of the mask serves both D' terms (Philox in PyTorch dominates the CPU backward).
-        keep = dropout_mask(seed, tuple(x2d.shape), dropout_p, device=x2d.device)
-        zero = torch.zeros((), dtype=low.dtype, device=low.device)
-        low = torch.where(keep, low * (1.0 / (1.0 - dropout_p)), zero)
-        xl = torch.where(keep, xl * (1.0 / (1.0 - dropout_p)), zero)
-    dx = dy @ wt.t() + low.to(dy.dtype)
-    dA = dxa.t() @ xl
-    dB = dyl.t() @ xs
-    return dx, dA, dB
 
 
 # Many adapters in one batch: every token picks its own slot of a pool (``fastlora.multi_lora_linear``).

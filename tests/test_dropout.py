@@ -1,11 +1,63 @@
-"""Dropout on the LoRA branch: Philox masks regenerated from a seed, the same on every backend."""
+"""Dropout on the LoRA branch: Philox masks regenerated from a seed, the same on every backend.
+
+The mask (``kernels/philox.py``): element ``(row, col)`` is kept iff word ``col % 4`` of Philox4x32-10 with key
+``seed`` at counter ``(col // 4, row, 0, 0)`` is at least ``floor(p * 2**32)``.
+"""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from tolerances import assert_close
 
 import fastlora
-from fastlora import reference
+from fastlora import kernels, reference
+
+# Random123's known-answer vectors for Philox4x32-10 (kat_vectors): counter (c0, c1, c2, c3), key (k0, k1), and the
+# four output words.
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+def test_reference_philox_known_answers():
+    for counter, (k0, k1), words in PHILOX_KAT:
+        got = reference.philox4x32_10(k0 | k1 << 32, *(torch.tensor(c, dtype=torch.int64) for c in counter))
+        assert tuple(int(w) for w in got) == words
+
+
+@triton.jit
+def _philox_kat_kernel(counter_ptr, key_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    w0, w1, w2, w3 = kernels.philox.philox4x32_10(
+        tl.load(key_ptr + offs * 2).to(tl.uint32),
+        tl.load(key_ptr + offs * 2 + 1).to(tl.uint32),
+        tl.load(counter_ptr + offs * 4).to(tl.uint32),
+        tl.load(counter_ptr + offs * 4 + 1).to(tl.uint32),
+        tl.load(counter_ptr + offs * 4 + 2).to(tl.uint32),
+        tl.load(counter_ptr + offs * 4 + 3).to(tl.uint32),
+    )
+    tl.store(out_ptr + offs * 4, w0.to(tl.int64))
+    tl.store(out_ptr + offs * 4 + 1, w1.to(tl.int64))
+    tl.store(out_ptr + offs * 4 + 2, w2.to(tl.int64))
+    tl.store(out_ptr + offs * 4 + 3, w3.to(tl.int64))
+
+
+def test_kernel_philox_known_answers(device):
+    """The kernels' Philox rounds, run as Triton code, give the published words."""
+    n = 4  # the vectors, padded to a power of two with a repeat
+    cases = (PHILOX_KAT * 2)[:n]
+    counters = torch.tensor([c for c, _, _ in cases], dtype=torch.int64, device=device)
+    keys = torch.tensor([k for _, k, _ in cases], dtype=torch.int64, device=device)
+    out = torch.empty(n, 4, dtype=torch.int64, device=device)
+    _philox_kat_kernel[(1,)](counters, keys, out, N=n)
+    assert [tuple(row) for row in out.cpu().tolist()] == [w for _, _, w in cases]
 
 
 def _layer_inputs(M, K, N, r, device, seed=0):
@@ -59,12 +111,77 @@ def test_mask_keeps_about_one_minus_p(impl, p, device):
     assert torch.equal(kept.cpu(), reference.dropout_mask(seed, (M, K), p))
 
 
-def test_mask_rows_and_columns_are_independent():
-    """Philox keyed on (row, col): neighbouring rows and columns are not copies or shifts of each other."""
-    mask = reference.dropout_mask(42, (64, 64), 0.5)
-    assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[:, 0], mask[:, 1])
-    assert not torch.equal(mask[1:, :-1], mask[:-1, 1:])
-    assert abs(mask.float().mean().item() - 0.5) < 0.05
+def test_mask_is_the_documented_philox_words():
+    """Each element of the reference mask, recomputed from its own Philox call: word ``col % 4`` at counter
+    ``(col // 4, row, 0, 0)``, compared with the threshold (ragged K, a seed above 2**32)."""
+    seed, p, (M, K) = 0x1234_5678_9ABC, 0.37, (5, 11)
+    threshold = int(p * 2**32)
+    mask = reference.dropout_mask(seed, (M, K), p)
+    zero = torch.tensor(0)
+    for row in range(M):
+        for col in range(K):
+            words = reference.philox4x32_10(seed, torch.tensor(col // 4), torch.tensor(row), zero, zero)
+            assert bool(mask[row, col]) == (int(words[col % 4]) >= threshold), (row, col)
+
+
+def _z(observed: float, expected: float, n: int, var: float) -> float:
+    return abs(observed - expected) / (var / n) ** 0.5
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_mask_rows_columns_and_words_are_independent(p):
+    """Philox keyed on (row, col // 4), four words per call: every word keeps 1 - p of its elements, and
+    neighbouring columns (in one Philox call or across two), rows and shifted copies are uncorrelated."""
+    M, K = 256, 1024
+    keep = reference.dropout_mask(42, (M, K), p).double()
+    q = 1 - p
+    assert _z(keep.mean().item(), q, keep.numel(), p * q) < 5
+    for j in range(4):  # the four words of each call
+        word = keep[:, j::4]
+        assert _z(word.mean().item(), q, word.numel(), p * q) < 5, f"word {j}"
+
+    def correlation(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return ((a * b).mean() / (a.std() * b.std())).item()
+
+    groups = keep.reshape(M, K // 4, 4)
+    for name, a, b in [
+        ("columns 4g + j, 4g + j + 1 (one call)", groups[..., :3], groups[..., 1:]),
+        ("columns 4g + 3, 4g + 4 (next call)", keep[:, 3:-1:4], keep[:, 4::4]),
+        ("columns c, c + 4 (same word, next call)", keep[:, :-4], keep[:, 4:]),
+        ("rows", keep[:-1], keep[1:]),
+        ("diagonal shift", keep[:-1, :-1], keep[1:, 1:]),
+    ]:
+        # Without correlation the sample correlation has standard deviation 1 / sqrt(pairs).
+        assert abs(correlation(a, b)) < 5 / a.numel() ** 0.5, name
+
+
+@pytest.mark.parametrize("impl", ["onepass", "split"])
+@pytest.mark.parametrize(
+    "M, K, seed", [(1, 5, 3), (1, 64, 2**40 + 1), (7, 19, -(2**40) - 12345), (20, 70, 2**62 + 7), (33, 36, 12345)]
+)
+def test_every_kernel_draws_the_reference_mask(impl, M, K, seed, device):
+    """With W0 = 0 and A = B = I (r = N = K) the layer exposes each kernel's mask, ragged tiles included
+    (M = 1, K not a multiple of 4 or 16), for seeds whose high word is zero, set or negative: the forward's in
+    y = D(x), the backward's in dx = D'(dy), and with dy = [I 0] the weight gradient's in dA[:M] = D(x)."""
+    p = 0.4
+    seed = torch.tensor([seed], dtype=torch.int64, device=device)
+    expected = reference.dropout_mask(seed.cpu(), (M, K), p)
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x = (torch.rand(M, K, generator=g) + 1.0).to(device).requires_grad_()  # no zeros: a zero is a dropped element
+    eye = torch.eye(K, device=device)
+    lora_A = eye.clone().requires_grad_()
+    y = fastlora.lora_linear(x, torch.zeros(K, K, device=device), None, lora_A, eye, 1.0, p, True,
+                             forward_impl=impl, seed=seed)  # fmt: skip
+    assert torch.equal((y != 0).cpu(), expected), "forward"
+    dy = (torch.rand(M, K, generator=g) + 1.0).to(device)
+    (dx,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+    assert torch.equal((dx != 0).cpu(), expected), "backward dx"
+    if M <= K:
+        dy = torch.eye(M, K, device=device)
+        (dA,) = torch.autograd.grad(y, lora_A, dy)
+        assert torch.equal((dA[:M] != 0).cpu(), expected), "backward dA"
+        assert not dA[M:].any()
 
 
 @pytest.mark.parametrize("impl", ["onepass", "split"])
