@@ -1,5 +1,6 @@
 """The ``fastlora`` command: ``fastlora bench`` runs the benchmark suites, ``fastlora info`` prints versions, the
-backend, and the static GPU check (every kernel compiled for real NVIDIA targets, no GPU needed)."""
+backend, and the static GPU check (every kernel compiled for real NVIDIA targets, no GPU needed): a row per compile
+(registers, shared memory, spills, MMA kind, TMA, ptxas performance advisories) and a line per kernel."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def _info(args: argparse.Namespace) -> int:
     )
     results = static_check.run_static_check(archs=archs, kernels=args.kernels, workers=args.workers)
     print(static_check.format_table(results))
+    print("\n" + static_check.format_summary(results))
     failed = sum(not r.ok for r in results)
     print(f"\n{len(results)} compiles, {failed} failed" if failed else f"\n{len(results)} compiles, all ok")
     return 1 if failed else 0

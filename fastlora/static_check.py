@@ -2,39 +2,70 @@
 
 Each kernel is compiled with ``triton.compile`` for sm_80 (A100) and sm_90 (H100) at every call site (the unit
 strides and feature switches the launchers really pass) and every dtype combination, with each autotune config
-that the launcher's shared-memory pruning keeps for that dtype. The cubin's resource usage is read with the
-``cuobjdump`` shipped in the Triton wheel. A kernel passes when it compiles, spills nothing to local memory and
-fits the architecture's shared memory. ``fastlora info`` prints the table; the test suite asserts it. The compiles
-themselves are ``fastlora.gpu_compile``'s, which the AOT build shares.
+that the launcher's shared-memory pruning keeps for that dtype. From the tools shipped in the Triton wheel, each
+compile gets:
+
+- its registers and spilled bytes (``cuobjdump`` on the cubin) and its shared memory (Triton's metadata);
+- on sm_90, ptxas's performance advisories (``C75xx``): the PTX re-assembled as Triton assembles it, with ``-v``.
+  C7515, for one, says the wgmma of a loop are serialised, so the tensor cores never overlap;
+- its MMA instructions (``HGMMA``, ``HMMA`` or none) and whether it uses TMA, read from the SASS (``nvdisasm``).
+
+A compile passes when it compiles, spills nothing to local memory, fits the architecture's shared memory and draws
+no performance advisory, and when a GEMM-sized kernel (``KernelSpec.gemm_min_block_m``) issues HGMMA on sm_90.
+``fastlora info`` prints the table and a summary per kernel; the test suite asserts it. The compiles themselves are
+``fastlora.gpu_compile``'s, which the AOT build shares. A new kernel joins the check as one ``KernelSpec`` in
+``kernel_specs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from .gpu_compile import (
     ARCHS,
     ELEM_BYTES,
+    MMA_KINDS,
     Site,
+    advisories,
     compile_kernel,
     config_name,
+    disassemble,
     kernel_signature,
     map_in_workers,
+    mma_kind,
+    ptxas_log,
     resources,
+    uses_tma,
 )
-from .kernels import SMEM_LIMIT, GpuKernel, expand, multi_lora, onepass, shrink, wgrad
+from .kernels import SMEM_LIMIT, GpuKernel, backward, expand, multi_lora, onepass, shrink, smem_limit, wgrad
 
 # (activation dtype, LoRA weight dtype): fp16 behaves as bf16 for registers and shared memory.
 DTYPES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32"))
+# Where the PTX is re-assembled for ptxas's performance advisories. They all concern wgmma and setmaxnreg, which only
+# sm_90a and later have, so sm_80 has none to report and its compiles skip the extra ptxas run.
+ADVISORY_ARCHS = (90,)
+# Where a GEMM-sized kernel must issue HGMMA: Hopper's warpgroup MMA, the only path to its tensor-core peak.
+HGMMA_ARCHS = (90,)
+# One advisory: its code and the reason, without the preamble or the function and PTX line it names.
+_ADVISORY = re.compile(r"\((C75\d\d)\)\s*(?:Potential Performance Loss:\s*)?(.*?)(?:\s+in the function '.*)?$")
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    """A kernel and the call sites its launchers compile it at."""
+    """A kernel and the call sites its launchers compile it at.
+
+    ``gemm_min_block_m`` marks a GEMM-sized kernel: one whose main loop runs a full GEMM tile (the base layer's
+    ``x·W0ᵀ``), which at large ``M`` is bound by the tensor cores. On sm_90 each of its configs with ``BLOCK_M`` at
+    least this must issue HGMMA; below it, a tile too short for wgmma's 64 rows per warpgroup may run HMMA. ``None``
+    for the thin kernels, whose other side is a rank of at most 64: they stream their operands once and are bound by
+    memory, so HMMA serves them as well.
+    """
 
     kernel: GpuKernel
     sites: tuple[Site, ...]
+    gemm_min_block_m: int | None = None
 
     @property
     def name(self) -> str:
@@ -48,22 +79,55 @@ class KernelSpec:
     def configs(self) -> list:
         return self.kernel.configs
 
+    def needs_hgmma(self, config, arch: int) -> bool:
+        """Whether ``config`` compiled for ``sm_<arch>`` must issue HGMMA."""
+        return (
+            arch in HGMMA_ARCHS
+            and self.gemm_min_block_m is not None
+            and config.kwargs["BLOCK_M"] >= self.gemm_min_block_m
+        )
+
 
 @dataclasses.dataclass
 class Result:
+    """One compile: what the cubin, ptxas and the SASS say about it."""
+
     kernel: str
     site: str
     dtypes: str
     config: str
     arch: int
+    needs_hgmma: bool = False
     registers: int = -1
     shared: int = -1
     spills: int = -1
+    advisories: list[str] = dataclasses.field(default_factory=list)  # ptxas's C75xx lines (``ADVISORY_ARCHS`` only)
+    mma: str = ""  # one of ``MMA_KINDS``; empty when it did not compile
+    tma: bool = False
     error: str = ""
 
     @property
+    def problems(self) -> list[str]:
+        """Why the compile fails the check; empty when it passes."""
+        if self.error:
+            return [self.error]
+        problems = []
+        if self.spills != 0:
+            problems.append("spills")
+        if not 0 <= self.shared <= SMEM_LIMIT[self.arch]:
+            problems.append("shared memory over the limit")
+        problems.extend(dict.fromkeys(" ".join(_ADVISORY.match(line).groups()) for line in self.advisories))
+        if self.needs_hgmma and self.mma != "HGMMA":
+            problems.append("no HGMMA")
+        return problems
+
+    @property
     def ok(self) -> bool:
-        return not self.error and self.spills == 0 and 0 <= self.shared <= SMEM_LIMIT[self.arch]
+        return not self.problems
+
+    @property
+    def status(self) -> str:
+        return "; ".join(self.problems) or "ok"
 
 
 def kernel_specs() -> list[KernelSpec]:
@@ -80,14 +144,19 @@ def kernel_specs() -> list[KernelSpec]:
     )  # fmt: skip
     expand_ptrs = {"x_ptr": "act", "wt_ptr": "act", "l_ptr": "lora", "rt_ptr": "lora", "bias_ptr": "act",
                    "out_ptr": "act", "seed_ptr": "i64"}  # fmt: skip
+    # GEMM-sized: the base GEMM with the LoRA terms in its K loop or epilogue (lora_expand, lora_onepass,
+    # multi_lora_fused). Thin: lora_shrink and multi_lora_shrink (N is the rank), lora_wgrad (the output is
+    # rank × hidden, reduced over tokens: its tiles' BLOCK_M is the reduction), multi_lora_expand (K is the rank).
     expand_spec = KernelSpec(
         expand.GPU_KERNEL,
         (
             Site("fwd y=x·W0ᵀ+xs·Bᵀ+b", expand_ptrs, ("stride_xk", "stride_wk", "stride_lr", "stride_rr", "stride_on"),
                  {**common, "HAS_BIAS": True, "DROPOUT": False, "BLOCK_R": 64}),
-            Site("bwd dx=dy·W0+D'(dxa·A)", expand_ptrs, ("stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_on"),
-                 {**common, "HAS_BIAS": False, "DROPOUT": True, "BLOCK_R": 64}),
+            # Ranks up to 32 also run the widest tiles (``expand.config_ok``).
+            Site("fwd r<=32 W0 [K,N]", expand_ptrs, ("stride_xk", "stride_wn", "stride_lr", "stride_rr", "stride_on"),
+                 {**common, "HAS_BIAS": False, "DROPOUT": False, "BLOCK_R": 32}),
         ),
+        gemm_min_block_m=64,
     )  # fmt: skip
     onepass_spec = KernelSpec(
         onepass.GPU_KERNEL,
@@ -97,7 +166,14 @@ def kernel_specs() -> list[KernelSpec]:
                  ("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_sr"),
                  {**common, "HAS_BIAS": True, "DROPOUT": True, "STORE_XS": True, "R_PAD": r_pad})
             for r_pad in (16, 64, onepass.MAX_RANK)
+        ) + (
+            # Inference and the AOT build: no dropout, nothing stored for the backward.
+            Site("fwd r<=32 eval", {"x_ptr": "act", "wt_ptr": "act", "at_ptr": "lora", "bt_ptr": "lora",
+                                    "bias_ptr": "act", "y_ptr": "act", "xs_ptr": "lora", "seed_ptr": "i64"},
+                 ("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_sr"),
+                 {**common, "HAS_BIAS": True, "DROPOUT": False, "STORE_XS": False, "R_PAD": 32}),
         ),
+        gemm_min_block_m=64,
     )  # fmt: skip
     wgrad_spec = KernelSpec(
         wgrad.GPU_KERNEL,
@@ -107,6 +183,32 @@ def kernel_specs() -> list[KernelSpec]:
             Site("dBᵀ=xsᵀ·dy", {"u_ptr": "lora", "v_ptr": "act", "out_ptr": "fp32", "seed_ptr": "i64"},
                  ("stride_ur", "stride_vq", "stride_oq"), {**common, "DROPOUT": False, "BLOCK_R": 64}),
         ),
+    )  # fmt: skip
+    # The training backward (``kernels/backward.py``): dy, W0, x in the activation dtype; A, B, xs in the LoRA dtype.
+    dy_spec = KernelSpec(
+        backward.DY_GPU_KERNEL,
+        tuple(
+            Site(f"dxa, dB rows {block_m}", {"dy_ptr": "act", "b_ptr": "lora", "xs_ptr": "lora", "dxa_ptr": "fp32",
+                                            "db_ptr": "fp32"},
+                 ("stride_dn", "stride_br", "stride_sr", "stride_ar", "stride_bbr"),
+                 {**common, "BLOCK_M": block_m, "BLOCK_R": 64})
+            for block_m in (64, 128)
+        ),
+    )  # fmt: skip
+    dx_ptrs = {"dy_ptr": "act", "w_ptr": "act", "dxa_ptr": "fp32", "a_ptr": "lora", "x_ptr": "act", "dx_ptr": "act",
+               "da_ptr": "fp32", "seed_ptr": "i64"}  # fmt: skip
+    dx_spec = KernelSpec(
+        backward.DX_GPU_KERNEL,
+        tuple(
+            Site(name, dx_ptrs, ("stride_dn", unit_w, "stride_ar", "stride_ak", "stride_xk", "stride_ok", "stride_dak"),
+                 {**common, "COMPUTE_DX": dx, "COMPUTE_DA": da, "DROPOUT": True, "BLOCK_R": block_r})
+            for name, unit_w, dx, da, block_r in (
+                ("dx+D'(dxa·A), dA r<=32", "stride_wk", True, True, backward.MAX_FUSED_RANK),
+                ("dx+D'(dxa·A) r<=64 W0 [K,N]", "stride_wn", True, False, 64),
+                ("dA=dxaᵀ·D(x) r<=64", "stride_wk", False, True, 64),
+            )
+        ),
+        gemm_min_block_m=64,
     )  # fmt: skip
     meta_ptrs = {"sorted_ids_ptr": "i32", "seg_offsets_ptr": "i32", "seg_slots_ptr": "i32", "ranks_ptr": "i32",
                  "scalings_ptr": "fp32", "token_scales_ptr": "fp32", "token_slots_ptr": "i32"}  # fmt: skip
@@ -135,22 +237,51 @@ def kernel_specs() -> list[KernelSpec]:
             Site("decode W0 [K,N] split 1", fused_ptrs, ("stride_xk", "stride_wn", "stride_or", "stride_br", "stride_yn"),
                  {**common, "HAS_BIAS": True, "HAS_TOKEN_SCALES": False, "SPLIT_K": 1}),
         ),
+        gemm_min_block_m=64,
     )  # fmt: skip
-    return [shrink_spec, expand_spec, onepass_spec, wgrad_spec, multi_shrink_spec, multi_expand_spec, multi_fused_spec]
+    return [
+        shrink_spec, expand_spec, onepass_spec, wgrad_spec, dy_spec, dx_spec, multi_shrink_spec, multi_expand_spec,
+        multi_fused_spec,
+    ]  # fmt: skip
 
 
-def _compile_one(job) -> Result:
+def _compile_one(job) -> tuple[Result, bytes | None]:
+    """One compile's ``Result`` and its cubin (``None`` when it failed)."""
     spec_index, site_index, config_index, act, lora, arch = job
     spec = kernel_specs()[spec_index]
     site, config = spec.sites[site_index], spec.configs[config_index]
-    result = Result(spec.name, site.name, f"{act}/{lora}", config_name(config), arch)
+    result = Result(spec.name, site.name, f"{act}/{lora}", config_name(config), arch, spec.needs_hgmma(config, arch))
     try:
         compiled = compile_kernel(spec.fn, *kernel_signature(spec.fn, site, act, lora, config), config, arch)
         result.shared = int(compiled.metadata.shared)
         result.registers, result.spills = resources(compiled.asm["cubin"])
+        if arch in ADVISORY_ARCHS:
+            result.advisories = advisories(ptxas_log(compiled.asm["ptx"], config, arch))
     except Exception as e:  # noqa: BLE001 - every failure is a row in the report
-        result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
-    return result
+        result.error = _error(e)
+        return result, None
+    return result, compiled.asm["cubin"]
+
+
+def _compile_batch(batch: list[tuple]) -> list[Result]:
+    """``_compile_one`` of each job, then the MMA kind and TMA use of every cubin from one disassembly per arch."""
+    compiled = [_compile_one(job) for job in batch]
+    for arch in {result.arch for result, _ in compiled}:
+        done = [(result, cubin) for result, cubin in compiled if result.arch == arch and cubin is not None]
+        try:
+            sass = disassemble([cubin for _, cubin in done], arch)
+        except Exception as e:  # noqa: BLE001 - every failure is a row in the report
+            for result, _ in done:
+                result.error = _error(e)
+            continue
+        for (result, _), text in zip(done, sass):
+            result.mma, result.tma = mma_kind(text), uses_tma(text)
+    return [result for result, _ in compiled]
+
+
+def _error(e: Exception) -> str:
+    """An exception as one short line: its type and the last line of its message."""
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
 
 
 def jobs(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list[tuple]:
@@ -162,9 +293,11 @@ def jobs(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list[tuple]:
         for ti, site in enumerate(spec.sites):
             for act, lora in dtypes:
                 for ci, config in enumerate(spec.configs):
-                    if not spec.kernel.config_ok(config, ELEM_BYTES[act], ELEM_BYTES[lora], **site.constexprs):
-                        continue  # the launcher prunes it for these dtypes and switches, so it never runs
-                    out.extend((si, ti, ci, act, lora, arch) for arch in archs)
+                    for arch in archs:
+                        # The launcher prunes against the shared memory of the GPU it runs on.
+                        with smem_limit(SMEM_LIMIT[arch]):
+                            if spec.kernel.config_ok(config, ELEM_BYTES[act], ELEM_BYTES[lora], **site.constexprs):
+                                out.append((si, ti, ci, act, lora, arch))
     return out
 
 
@@ -172,19 +305,48 @@ def run_static_check(archs=ARCHS, dtypes=DTYPES, kernels=None, workers: int | No
     """Compile everything (or the named ``kernels``) in worker processes, with the interpreter off; one ``Result``
     per compile."""
     workers = workers or max(1, os.cpu_count() or 1)
-    return map_in_workers(_compile_one, jobs(archs, dtypes, kernels), workers, chunksize=4)
+    todo = jobs(archs, dtypes, kernels)
+    # Batches of consecutive jobs (both archs, alternating): up to 16 share a disassembler start, and each worker gets
+    # about four batches, so none sits idle while another finishes a long one.
+    size = max(1, min(16, -(-len(todo) // (4 * workers))))
+    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+    return [result for batch in map_in_workers(_compile_batch, batches, workers) for result in batch]
 
 
 def format_table(results: list[Result]) -> str:
     """A markdown table: one row per compile."""
     lines = [
-        "| kernel | site | dtypes (act/lora) | config | arch | registers | shared (B) | spills (B) | status |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+        "| kernel | site | dtypes (act/lora) | config | arch | registers | shared (B) | spills (B) | mma | tma | "
+        "advisories | status |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for r in results:
-        status = "ok" if r.ok else (r.error or ("spills" if r.spills else "shared memory over the limit"))
+        codes = ", ".join(dict.fromkeys(_ADVISORY.match(line).group(1) for line in r.advisories)) or "-"
         lines.append(
             f"| {r.kernel} | {r.site} | {r.dtypes} | {r.config} | sm_{r.arch} | {r.registers} | {r.shared} | "
-            f"{r.spills} | {status} |"
+            f"{r.spills} | {r.mma or '-'} | {'yes' if r.tma else 'no'} | {codes} | {r.status} |"
+        )
+    return "\n".join(lines)
+
+
+def format_summary(results: list[Result]) -> str:
+    """One line per kernel: compiles (failed), compiles with advisories or spills, the MMA kinds per arch, TMA use,
+    the most registers and shared memory any of its compiles takes."""
+    lines = []
+    for name in dict.fromkeys(r.kernel for r in results):
+        rows = [r for r in results if r.kernel == name]
+        compiled = [r for r in rows if not r.error]
+        codes = ", ".join(sorted({_ADVISORY.match(line).group(1) for r in rows for line in r.advisories}))
+        mma = ", ".join(
+            f"sm_{arch} "
+            + "/".join(kind for kind in MMA_KINDS if any(r.mma == kind for r in compiled if r.arch == arch))
+            for arch in sorted({r.arch for r in compiled})
+        )
+        lines.append(
+            f"{name}: {len(rows)} compiles ({sum(not r.ok for r in rows)} failed), "
+            f"{sum(bool(r.advisories) for r in rows)} with advisories{f' ({codes})' if codes else ''}, "
+            f"{sum(r.spills > 0 for r in rows)} spilling, MMA {mma or '-'}, TMA in {sum(r.tma for r in rows)}, "
+            f"max {max((r.registers for r in rows), default=-1)} registers, "
+            f"max {max((r.shared for r in rows), default=-1)} B shared"
         )
     return "\n".join(lines)

@@ -2,12 +2,22 @@
 
 ``GPU_KERNELS`` lists every kernel with its GPU configs and its launcher's pruning rule, for the tools that compile
 them for NVIDIA targets without a GPU (``fastlora.static_check``, ``fastlora.aot``); ``SMEM_LIMIT`` is the shared
-memory a block may use per architecture; ``is_interpreting`` tells whether the kernels run in Triton's interpreter;
+memory a block may use per architecture (``smem_limit`` prunes configs against one); ``is_interpreting`` tells whether the kernels run in Triton's interpreter;
 ``recording_launches`` collects the launches made in a block (kernel name, bytes moved), on every backend.
 """
 
-from . import expand, multi_lora, onepass, shrink, wgrad
-from ._common import SMEM_LIMIT, GpuKernel, Launch, is_interpreting, rank_tile, recording_launches
+from . import backward, expand, multi_lora, onepass, shrink, wgrad
+from ._common import (
+    SMEM_LIMIT,
+    GpuKernel,
+    Launch,
+    in_launch,
+    is_interpreting,
+    rank_tile,
+    recording_launches,
+    smem_limit,
+)
+from .backward import MAX_FUSED_RANK, lora_backward, lora_dx_da, lora_dy, lora_grad_sum
 from .expand import lora_expand
 from .multi_lora import MAX_SEGMENT_TOKENS as MULTI_MAX_SEGMENT_TOKENS
 from .multi_lora import decode_splits as multi_decode_splits
@@ -22,6 +32,8 @@ GPU_KERNELS: tuple[GpuKernel, ...] = (
     expand.GPU_KERNEL,
     onepass.GPU_KERNEL,
     wgrad.GPU_KERNEL,
+    backward.DY_GPU_KERNEL,
+    backward.DX_GPU_KERNEL,
     multi_lora.SHRINK_GPU_KERNEL,
     multi_lora.EXPAND_GPU_KERNEL,
     multi_lora.FUSED_GPU_KERNEL,
@@ -31,7 +43,13 @@ __all__ = [
     "GPU_KERNELS",
     "GpuKernel",
     "Launch",
+    "in_launch",
     "is_interpreting",
+    "lora_backward",
+    "lora_dx_da",
+    "lora_dy",
+    "lora_grad_sum",
+    "MAX_FUSED_RANK",
     "lora_expand",
     "lora_onepass",
     "lora_shrink",
@@ -45,4 +63,5 @@ __all__ = [
     "rank_tile",
     "recording_launches",
     "SMEM_LIMIT",
+    "smem_limit",
 ]

@@ -2,16 +2,17 @@
 GEMM's main loop and epilogue, tile sizes, config pruning, launch settings.
 
 Dropout mask. The keep decision for element ``(row, col)`` of an ``[M, K]`` activation is a pure function of
-``(seed, row, col)``: Philox4x32-10 with key ``(seed_lo, seed_hi)`` and counter ``(col, row, 0, 0)``, first
-output word compared as an unsigned integer with ``threshold = floor(p * 2**32)``. The forward and the
-backward regenerate the same mask from the saved seed, so nothing of size ``M·K`` is stored, and
-``fastlora.reference.dropout_mask`` reproduces it bit for bit in PyTorch from the same constants (``philox.py``). The
-Philox rounds are written out here rather than taken from ``tl.randint`` so that the mask does not change with the
-Triton version.
+``(seed, row, col)``: word ``col % 4`` of Philox4x32-10 with key ``(seed_lo, seed_hi)`` and counter
+``(col // 4, row, 0, 0)``, compared as an unsigned integer with ``threshold = floor(p * 2**32)``, so one Philox call
+serves four columns. The forward and the backward regenerate the same mask from the saved seed, so nothing of size
+``M·K`` is stored. ``philox.py`` defines the rounds and ``dropout_tile`` (re-exported here), and
+``fastlora.reference.dropout_mask`` reproduces the mask bit for bit in PyTorch from the same constants.
 """
 
 import contextlib
+import contextvars
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS
+from .philox import dropout_tile as dropout_tile  # the kernel files import it from here
 
 # ``triton.jit`` reads TRITON_INTERPRET when a kernel is defined, so the mode is fixed when this module loads.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -66,7 +67,20 @@ def launching(kernel: str, *operands: torch.Tensor | None) -> Iterator[None]:
         for log in _recorders:
             log.append(launch)
     with launch_lock:
-        yield
+        _launch_state.depth = getattr(_launch_state, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _launch_state.depth -= 1
+
+
+_launch_state = threading.local()
+
+
+def in_launch() -> bool:
+    """True inside a launcher's ``launching`` block on this thread: what torch ops run there are the kernel's own
+    (the interpreter runs a kernel as numpy and torch calls), not launches of their own."""
+    return getattr(_launch_state, "depth", 0) > 0
 
 
 def is_interpreting() -> bool:
@@ -100,38 +114,6 @@ def rank_tile(R: int) -> int:
     """The tile over a rank ``R``: the padded rank up to 64, then 64-wide tiles (a grid axis or a loop covers the
     rest), so no rank is compiled in and a rank-8 adapter does not pay for a 64-wide tile."""
     return min(64, pow2_at_least_16(R))
-
-
-@triton.jit
-def _philox_word(seed, row, col):
-    """First 32-bit word of Philox4x32-10 keyed by ``seed`` (int64 scalar) at counter ``(col, row, 0, 0)``."""
-    seed = seed.to(tl.uint64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = col.to(tl.uint32)
-    c1 = row.to(tl.uint32)
-    c2 = c0 * 0
-    c3 = c0 * 0
-    for _ in tl.static_range(PHILOX_ROUNDS):
-        _c0 = c0
-        _c2 = c2
-        c0 = tl.umulhi(_c2, PHILOX_ROUND_B) ^ c1 ^ k0
-        c2 = tl.umulhi(_c0, PHILOX_ROUND_A) ^ c3 ^ k1
-        c1 = _c2 * PHILOX_ROUND_B
-        c3 = _c0 * PHILOX_ROUND_A
-        k0 = k0 + PHILOX_KEY_A
-        k1 = k1 + PHILOX_KEY_B
-    return c0
-
-
-@triton.jit
-def dropout_tile(tile, seed, rows, cols, threshold, keep_scale):
-    """Inverted dropout of ``tile`` (``[len(rows), len(cols)]``), keyed on absolute ``(row, col)`` indices."""
-    # uint32 order equals int32 order after flipping the top bit; the launcher passes the threshold shifted
-    # the same way, so it is always an int32 argument (see ``signed_threshold``).
-    word = _philox_word(seed, rows[:, None], cols[None, :])
-    keep = (word ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
-    return tl.where(keep, tile.to(tl.float32) * keep_scale, 0.0)
 
 
 @triton.jit
@@ -231,15 +213,36 @@ def m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), 16384)
 
 
-# Largest shared memory a block may use: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB. Configs are pruned
-# against the smaller so every shipped config runs on both.
+# Largest shared memory a block may use: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB. Configs are pruned against the
+# device a kernel launches on (``device_smem_limit``); the static check and the AOT build prune against each
+# architecture they compile for (``smem_limit``).
 SMEM_LIMIT = {80: 166912, 90: 232448}
+_smem_limit = contextvars.ContextVar("fastlora_smem_limit", default=SMEM_LIMIT[80])
 
 
-def fits_in_smem(config: triton.Config, bytes_per_stage: int, arch: int = 80) -> bool:
-    """Whether the software pipeline's operand tiles (``bytes_per_stage`` per stage) fit the shared memory of
-    ``arch`` with room for the epilogue. Pruning against sm_80 keeps every shipped config valid on both."""
-    return bytes_per_stage * max(config.num_stages, 1) <= SMEM_LIMIT[arch] - 16384
+@contextlib.contextmanager
+def smem_limit(limit: int) -> Iterator[None]:
+    """Prune configs against ``limit`` bytes of shared memory per block inside the block (``fits_in_smem``)."""
+    token = _smem_limit.set(limit)
+    try:
+        yield
+    finally:
+        _smem_limit.reset(token)
+
+
+@functools.cache
+def device_smem_limit(device: torch.device) -> int:
+    """The shared memory a block may opt in to on ``device`` (a CUDA device): 227 KiB on an H100, 163 KiB on an
+    A100, 99 KiB on the 8.6 / 8.9 parts."""
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    return limit or SMEM_LIMIT[90 if props.major >= 9 else 80]
+
+
+def fits_in_smem(config: triton.Config, bytes_per_stage: int) -> bool:
+    """Whether the software pipeline's operand tiles (``bytes_per_stage`` per stage) fit the shared memory being
+    pruned against (``smem_limit``; sm_80's by default), with room for the epilogue."""
+    return bytes_per_stage * max(config.num_stages, 1) <= _smem_limit.get() - 16384
 
 
 # With dropout a tile's Philox rounds run in registers next to the accumulators; beyond this many dropout
@@ -262,8 +265,11 @@ def config_pruner(config_ok: Callable[..., bool], act_arg: str, lora_arg: str):
     """
 
     def prune(configs, nargs, **kwargs):
-        sizes = nargs[act_arg].element_size(), nargs[lora_arg].element_size()
-        return [c for c in configs if config_ok(c, *sizes, **kwargs)] or configs[:1]
+        act = nargs[act_arg]
+        sizes = act.element_size(), nargs[lora_arg].element_size()
+        limit = device_smem_limit(act.device) if act.is_cuda else SMEM_LIMIT[80]
+        with smem_limit(limit):
+            return [c for c in configs if config_ok(c, *sizes, **kwargs)] or configs[:1]
 
     return prune
 

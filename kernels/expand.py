@@ -46,6 +46,11 @@ def gpu_configs() -> list[triton.Config]:
             (64, 128, 64, 8, 4),
             (64, 64, 64, 4, 4),
             (64, 64, 32, 4, 5),
+            # The widest tiles halve the operand traffic per FLOP; four stages of them fit only sm_90's 227 KiB.
+            # Last in the list, so the AOT build's config indices stay put.
+            (128, 256, 64, 8, 4),
+            (128, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3),
         ]
     ]
 
@@ -56,17 +61,28 @@ def _expand_configs():
     return gpu_configs()
 
 
-def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, DROPOUT: bool, **_) -> bool:
-    """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills)."""
+def config_ok(
+    config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, DROPOUT: bool, **_
+) -> bool:  # fmt: skip
+    """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills).
+
+    Tiles wider than 128x128 hold a 128-register accumulator per thread; the low-rank term's operands fit beside it
+    up to a rank tile of 32 (195-254 registers on sm_80 and sm_90), and spill at 64 or with a dropout mask.
+    """
     kw = config.kwargs
     if not fits_in_smem(config, kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"]) * act_bytes):
         return False
+    if kw["BLOCK_M"] * kw["BLOCK_N"] > 128 * 128 and (BLOCK_R > 32 or DROPOUT):
+        return False
+    if kw["BLOCK_M"] > 128 and lora_bytes > act_bytes:
+        return False  # 256 rows of fp32 low-rank operands beside the accumulator spill 8 B on sm_80
     return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_N"])
 
 
 @triton.autotune(
     configs=_expand_configs(),
-    key=["M_BUCKET", "N", "K", "BLOCK_R", "DROPOUT"],
+    # stride_wk tells W0's layout apart ([N, K] has stride_wk 1, [K, N] has N), which the best tile depends on.
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "stride_wk", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": config_pruner(config_ok, "x_ptr", "l_ptr")},
 )
 @triton.jit
@@ -117,23 +133,28 @@ def _lora_expand_kernel(
     mask_n = offs_n < N
     rows_m = offs_m.to(tl.int64)
 
-    # The low-rank term first, a short reduction over R: with dropout, its mask is generated while the
-    # accumulator is the only other live tile, which keeps the Philox rounds out of the spill zone. One
-    # stage: R is a few tiles at most, and pipelining it would double the shared memory for fp32 LoRA.
+    # The base GEMM first, from a zero accumulator: its K loop is software-pipelined with the tensor-core
+    # accumulator defined by nothing but MMAs. (Seeding it with the rank loop's result, a loop whose trip count is
+    # known only at run time, made ptxas serialise every wgmma of the K loop on sm_90: advisory C7515.)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = base_gemm(
+        acc, x_ptr, wt_ptr, rows_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
+        UPCAST, PRECISION, BLOCK_K,
+    )  # fmt: skip
+    # Then the low-rank term, a short reduction over R (one stage: R is a few tiles at most, and pipelining it would
+    # double the shared memory for fp32 LoRA). With dropout its mask applies to the low-rank product alone, which
+    # therefore gets its own accumulator.
+    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if DROPOUT else acc
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         lt = load_tile(l_ptr, rows_m, offs_r, stride_lm, stride_lr, mask_m, mask_r)
         rt = load_tile(rt_ptr, offs_r, offs_n, stride_rr, stride_rn, mask_r, mask_n)
-        acc = mma(acc, lt, rt, UPCAST, PRECISION)
+        low = mma(low, lt, rt, UPCAST, PRECISION)
     if DROPOUT:
-        acc = dropout_tile(acc, tl.load(seed_ptr), offs_m, offs_n, threshold, keep_scale)
-
-    acc = base_gemm(
-        acc, x_ptr, wt_ptr, rows_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
-        UPCAST, PRECISION, BLOCK_K,
-    )  # fmt: skip
+        acc += dropout_tile(low, tl.load(seed_ptr), offs_m, offs_n, threshold, keep_scale)
+    else:
+        acc = low
     store_with_bias(out_ptr, acc, bias_ptr, rows_m, offs_n, stride_om, stride_on, mask_m, mask_n, HAS_BIAS)
 
 

@@ -211,9 +211,13 @@ def _multi_shrink_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
 
+    # The loop runs at least once, so that the accumulator reaching the store is always the MMAs' own: a K split
+    # past the end of K (k_hi <= k_lo) makes one fully masked step and writes zeros. With the trip count left
+    # possibly zero (``range(k_lo, k_hi, BLOCK_K)``), ptxas serialised every wgmma of the loop on sm_90 (advisory
+    # C7515, 64-row tile with bf16 x and fp32 A), and ``range(k_lo, k_lo + max(k_hi - k_lo, 1), ...)`` still did.
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, tl.maximum(k_hi - k_lo, 1), BLOCK_K):
+        offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
         x = load_tile(x_ptr, tok, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         a = tl.load(a_cols + offs_k[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
@@ -301,7 +305,7 @@ def _multi_expand_kernel(
 
 @triton.autotune(
     configs=_fused_configs(),
-    key=["M_BUCKET", "N", "K", "SPLIT_K"],
+    key=["M_BUCKET", "N", "K", "SPLIT_K", "stride_wk", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": config_pruner(fused_config_ok, "x_ptr", "b_ptr")},
 )
 @triton.jit

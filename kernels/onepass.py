@@ -36,22 +36,32 @@ from ._common import (
 
 MAX_RANK = 128
 
+# The kernel reads its warp count from Triton, which the interpreter does not model: there it takes the 4 warps of the
+# interpreter's config, so the tests run the warps' split of x·Aᵀ.
+_INTERPRETED = tl.constexpr(is_interpreting())
+
 
 def gpu_configs() -> list[triton.Config]:
     """Every config the autotuner may pick on a GPU; the interpreter runs a single config of its own."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        # Warps: every dot of the kernel splits across them and none is computed twice (see the kernel): a warp of
+        # mma.sync takes at least 16 rows and 8 columns, and where the warps split x·Aᵀ over K, each takes 16 or more
+        # columns of BLOCK_K. So four warps everywhere; eight would leave 8 columns of a 64-wide K step, or of a
+        # rank-32 tile, to each, and on sm_80 put two warps on each 16 rows of a 64-row tile.
         for bm, bn, bk, w, s in [
-            (16, 32, 32, 4, 3),  # fits every rank up to MAX_RANK with fp32 operands
+            # Fits every rank up to MAX_RANK with fp32 operands. Two stages: with three, ptxas spilled 8 B at rank 128
+            # with bf16 x and fp32 LoRA weights on sm_90.
+            (16, 32, 64, 4, 2),
             (16, 32, 128, 4, 4),
             (16, 64, 128, 4, 4),
             (16, 64, 64, 4, 5),
-            # Eight warps, not four: with four, this tile takes all 255 registers under Triton 3.6 at rank <= 16
-            # with bf16 activations (both archs) and spills 24 B on sm_90, and 239-250 at rank 128 under 3.6 and 3.9.
-            # With eight, at most 202 under 3.6 and 196 under 3.9 at any rank (`fastlora info`).
-            (16, 128, 64, 8, 4),
+            # The most registers of any config, at rank 128 with dropout: 248 under Triton 3.9 (sm_80) and all 255
+            # under 3.6 (sm_90), without spilling.
+            (16, 128, 64, 4, 4),
             (32, 32, 64, 4, 4),
-            (64, 64, 64, 8, 3),
+            # One warpgroup of wgmma on sm_90. BLOCK_K = 32 keeps the tile within ``dropout_fits`` up to rank 32.
+            (64, 64, 32, 4, 4),
         ]
     ]
 
@@ -63,17 +73,30 @@ def _onepass_configs():
 
 
 def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, R_PAD: int, DROPOUT: bool, **_) -> bool:
-    """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills)."""
+    """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills, serialised
+    wgmma)."""
     kw = config.kwargs
     if not fits_in_smem(config, kw["BLOCK_K"] * ((kw["BLOCK_M"] + kw["BLOCK_N"]) * act_bytes + R_PAD * lora_bytes)):
         return False
-    # Registers: the two accumulators, [BLOCK_M, BLOCK_N] and [BLOCK_M, R_PAD], count against the Philox rounds.
+    # Registers: the two accumulators, [BLOCK_M, BLOCK_N] and [BLOCK_M, R_PAD], at most 64 fp32 per thread (the
+    # 64-row tile at R_PAD = 128 with fp32 operands took 255 registers and spilled 16 B on sm_80).
+    if kw["BLOCK_M"] * (kw["BLOCK_N"] + R_PAD) > 64 * 32 * config.num_warps:
+        return False
+    # A 64-row tile runs wgmma on sm_90. With LoRA weights wider than x, x·Aᵀ takes x converted to fp32 in
+    # registers, and ptxas serialised every wgmma of the loop (advisory C7515 at R_PAD = 32 without dropout).
+    if kw["BLOCK_M"] >= 64 and lora_bytes != act_bytes:
+        return False
+    # Four stages of the 128-column tile at R_PAD = 128 with fp32 LoRA weights fit only sm_90's shared memory, where
+    # they spill 24 B with dropout.
+    if (kw["BLOCK_N"], R_PAD, config.num_stages) == (128, 128, 4) and lora_bytes == 4:
+        return False
+    # The accumulators also count against the Philox rounds.
     return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"] + R_PAD)
 
 
 @triton.autotune(
     configs=_onepass_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "stride_wk", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": config_pruner(config_ok, "x_ptr", "at_ptr")},
 )
 @triton.jit
@@ -133,8 +156,25 @@ def _lora_onepass_kernel(
     if DROPOUT:
         seed = tl.load(seed_ptr)
 
+    # How the warps share x·Aᵀ. Triton lays two dots that read the same tile (here x) out alike, and a tile no wider
+    # than tall gets all its warps along its rows; mma.sync gives a warp 16 rows. With BLOCK_M = 16, 4 warps and
+    # R_PAD = 16 that put all four warps on the same rows of both dots (40 HMMA per warp per 64-wide K step instead
+    # of 10, every one computed four times). In that case the warps split the K step of x·Aᵀ instead: a batched
+    # dot over SPLIT slices of BLOCK_K // SPLIT columns, one slice per warp, summed once after the loop; the base
+    # dot, no longer tied to it, splits its columns across the warps. The [SPLIT, BLOCK_M, R_PAD] fp32 accumulator
+    # takes as many registers per thread as the replicated [BLOCK_M, R_PAD] one did.
+    if _INTERPRETED:
+        WARPS: tl.constexpr = 4
+    else:
+        WARPS: tl.constexpr = tl.extra.cuda.num_warps()
+    SPLIT: tl.constexpr = WARPS if R_PAD <= BLOCK_M and BLOCK_M < 16 * WARPS else 1
+    tl.static_assert(BLOCK_K // SPLIT >= 16, "each warp's slice of the K step must be a tensor-core K (16)")
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if SPLIT > 1:
+        xa = tl.zeros((SPLIT, BLOCK_M, R_PAD), dtype=tl.float32)
+    else:
+        xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -145,9 +185,15 @@ def _lora_onepass_kernel(
         acc = mma(acc, x, w, UPCAST, PRECISION)
         if DROPOUT:
             xd = dropout_tile(x, seed, offs_m, offs_k, threshold, keep_scale).to(a.dtype)
-            xa = mma(xa, xd, a, UPCAST, PRECISION)
         else:
-            xa = mma(xa, x, a, UPCAST, PRECISION)
+            xd = x
+        if SPLIT > 1:
+            # Without dropout both views are register relabellings of the tiles read from shared memory.
+            xd = tl.permute(tl.reshape(xd, (BLOCK_M, SPLIT, BLOCK_K // SPLIT)), (1, 0, 2))
+            a = tl.reshape(a, (SPLIT, BLOCK_K // SPLIT, R_PAD))
+        xa = mma(xa, xd, a, UPCAST, PRECISION)
+    if SPLIT > 1:
+        xa = tl.sum(xa, axis=0)
 
     b = load_tile(bt_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
     xs = (xa * scaling).to(bt_ptr.dtype.element_ty)

@@ -52,12 +52,23 @@ def _shrink_configs():
     return gpu_configs()
 
 
+# (act bytes, LoRA bytes, dropout) -> tiles (BLOCK_M, BLOCK_K, warps, stages) whose wgmma ptxas serialises on sm_90.
+_SERIALISED = {(2, 4, True): {(64, 128, 8, 3)}, (2, 4, False): {(128, 64, 8, 2)}, (4, 4, True): {(64, 64, 4, 4)}}
+
+
 def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, DROPOUT: bool, **_) -> bool:
     """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills)."""
     kw = config.kwargs
     if not fits_in_smem(config, kw["BLOCK_K"] * (kw["BLOCK_M"] * act_bytes + BLOCK_R * lora_bytes)):
         return False
-    return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"])
+    # ptxas serialises the wgmma of these tiles on sm_90 (advisory C7515: operands converted in registers inside the
+    # K loop, 16-bit x against fp32 weights or fp32 x under a dropout mask); measured by ``fastlora info``.
+    tile = (kw["BLOCK_M"], kw["BLOCK_K"], config.num_warps, config.num_stages)
+    if act_bytes == 4 and tile == (64, 128, 8, 3):
+        return False  # its 180 KiB of stages fit only sm_90, where fp32 operands spill 8 B
+    return tile not in _SERIALISED.get((act_bytes, lora_bytes, DROPOUT), ()) and (
+        not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"])
+    )
 
 
 @triton.autotune(

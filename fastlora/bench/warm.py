@@ -36,11 +36,10 @@ def autotuners() -> list:
     """Every autotuned kernel of ``fastlora.kernels`` (the ``triton.autotune`` objects the launchers call)."""
     from triton.runtime.autotuner import Autotuner
 
-    from ..kernels import expand, multi_lora, onepass, shrink, wgrad
+    from ..kernels import backward, expand, multi_lora, onepass, shrink, wgrad
 
-    return [
-        v for m in (shrink, expand, onepass, wgrad, multi_lora) for v in vars(m).values() if isinstance(v, Autotuner)
-    ]
+    modules = (shrink, expand, onepass, backward, wgrad, multi_lora)
+    return [v for m in modules for v in vars(m).values() if isinstance(v, Autotuner)]
 
 
 @contextlib.contextmanager
