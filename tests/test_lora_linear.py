@@ -170,16 +170,36 @@ def test_gradients_are_deterministic(device):
 
 
 def test_torch_backend_matches_triton(device):
-    """Both backends draw the same dropout mask from the same seed and compute the same layer."""
+    """Without dropout both backends compute the same layer and gradients."""
     outs = []
     for backend in ["torch", "auto"]:
         x, weight, bias, lora_A, lora_B = make_inputs(20, 48, 32, 8, torch.float32, torch.float32, False, "3d", device)
-        seed = torch.tensor([99], dtype=torch.int64, device=device)
-        y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.3, True, seed=seed, backend=backend)
+        y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.3, False, backend=backend)
         y.backward(torch.ones_like(y))
         outs.append([y.detach(), x.grad, lora_A.grad, lora_B.grad])
     for a, b in zip(*outs):
         assert_close(a, b.double(), torch.float32, 48, "torch vs triton backend")
+
+
+def test_torch_backend_dropout_uses_its_mask(device):
+    """With dropout the torch backend draws its own mask (``torch_linear.keep_mask``, not the kernels' Philox bits)
+    from the seed, and its forward and gradients are the layer's formula under that mask."""
+    from fastlora.ops import torch_linear
+
+    M, K, N, r, p = 20, 48, 32, 8, 0.3
+    x, weight, bias, lora_A, lora_B = make_inputs(M, K, N, r, torch.float32, torch.float32, False, "2d", "cpu")
+    y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, p, True, seed=torch.tensor([99]), backend="torch")
+    y.backward(torch.ones_like(y))
+    keep = torch_linear.keep_mask(99, (M, K), p, "cpu")
+    assert 0 < keep.sum() < keep.numel()
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B)]
+    x64, a64, b64 = leaves
+    xd = torch.where(keep, x64 / (1 - p), 0.0)
+    y64 = x64 @ weight.double().t() + bias.double() + 0.5 * (xd @ a64.t()) @ b64.t()
+    y64.backward(torch.ones_like(y64))
+    assert_close(y, y64, torch.float32, K, "y")
+    for got, want, name in zip((x.grad, lora_A.grad, lora_B.grad), (x64.grad, a64.grad, b64.grad), "x A B".split()):
+        assert_close(got, want, torch.float32, max(M, N), f"d{name}")
 
 
 def test_torch_backend_gradcheck():
@@ -195,6 +215,39 @@ def test_torch_backend_gradcheck():
         return fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.7, 0.4, True, seed=seed, backend="torch")
 
     assert torch.autograd.gradcheck(f, (x, bias, lora_A, lora_B))
+
+
+@pytest.mark.parametrize("need_dx", [True, False])
+@pytest.mark.parametrize("r", [16, 100])
+def test_backward_without_dx_and_above_the_fused_rank(r, need_dx, device):
+    """The backward's dA runs inside the dx GEMM up to rank ``MAX_FUSED_RANK`` and on its own above it, or when ``x``
+    needs no gradient; every combination gives the reference's gradients under dropout."""
+    M, K, N = 130, 40, 300  # several row blocks, row chunks and dy column splits
+    x, weight, bias, lora_A, lora_B = make_inputs(M, K, N, r, torch.bfloat16, torch.float32, False, "2d", device)
+    x.requires_grad_(need_dx)
+    seed = torch.tensor([31], dtype=torch.int64, device=device)
+    y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.2, True, seed=seed)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y.backward(dy.to(y.dtype).to(device))
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, lora_A, lora_B))
+    y64 = lora_linear_reference(x64, weight.double(), bias.double(), a64, b64, 0.5, 0.2, seed)
+    y64.backward(dy.to(y.dtype).double())
+    assert (x.grad is not None) == need_dx
+    if need_dx:
+        assert_close(x.grad, x64.grad, torch.bfloat16, N + r, "dx")
+    assert_close(lora_A.grad, a64.grad, torch.bfloat16, M, "dA")
+    assert_close(lora_B.grad, b64.grad, torch.bfloat16, M, "dB")
+
+
+def test_auto_forward_avoids_rereading_a_wide_a():
+    """``auto`` takes the one-pass forward for few tokens only when ``A`` is narrow: a low rank in the activation
+    dtype; fp32 adapters on a 16-bit model, or rank 64, take the shrink-then-GEMM path."""
+    choose = fastlora.ops.choose_forward_impl
+    assert choose(16, 16, "auto") == "onepass"
+    assert choose(16, 16, "auto", lora_is_wide=True) == "split"
+    assert choose(16, 64, "auto") == "split"
+    assert choose(65, 8, "auto") == "split"
+    assert choose(16, 64, "onepass", lora_is_wide=True) == "onepass"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

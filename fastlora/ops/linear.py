@@ -1,10 +1,17 @@
 """``lora_linear``: one LoRA adapter over a linear layer, forward and backward, for training.
 
-``lora_linear`` computes ``y = x·W0ᵀ + b + s·(D(x)·Aᵀ)·Bᵀ`` (see ``fastlora.reference`` for the math). It is made
-of two custom ops, ``fastlora::lora_linear_fwd`` and ``fastlora::lora_linear_bwd``, each with a fake (meta)
-implementation, and an autograd formula registered on the forward, so ``torch.compile(fullgraph=True)`` traces a
-model made of fastlora layers without graph breaks, and eager autograd runs the fused backward. The backend is chosen
-per call (``fastlora.ops.common``).
+``lora_linear`` computes ``y = x·W0ᵀ + b + s·(D(x)·Aᵀ)·Bᵀ`` (see ``fastlora.reference`` for the math). Two entry points
+run the same implementation (``_forward`` / ``_backward``):
+
+- in eager mode, a ``torch.autograd.Function``: the cheapest way through the dispatcher, so a decode-size call costs
+  little more Python than the kernels' launches (under ``torch.no_grad`` the forward is called directly);
+- under ``torch.compile``, two custom ops, ``fastlora::lora_linear_fwd`` and ``fastlora::lora_linear_bwd``, each with a
+  fake (meta) implementation, and an autograd formula registered on the forward, so ``torch.compile(fullgraph=True)``
+  traces a model made of fastlora layers without graph breaks.
+
+The backend is chosen per call (``fastlora.ops.common``). On the Triton backend a training step with dropout launches
+six kernels: the seed draw, shrink and fused GEMM forward, and the three launches of ``fastlora.kernels.backward``.
+The torch backend runs ``fastlora.ops.torch_linear`` (its own dropout masks, from a host-side seed).
 
 What autograd keeps for the backward: ``x`` itself, the weights, ``xs = s·D(x)·Aᵀ`` (``[M, r]``) and the dropout
 seed (one int64). The dropout mask is regenerated from the seed, so nothing of size ``M·K`` is stored.
@@ -14,26 +21,114 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels, reference
+from .. import kernels
+from . import torch_linear
 from .common import as_2d, check_base_layer, out_features, resolve_backend, weight_t
 
 FORWARD_IMPLS = ("auto", "onepass", "split")
 # The one-pass forward wins while W0 dominates the traffic; beyond this many tokens the GEMM path does.
 ONEPASS_MAX_TOKENS = 64
+# ``auto`` takes the one-pass forward below this rank, and only with LoRA weights in the activation dtype: it
+# recomputes ``x·Aᵀ`` in every column tile, which costs A's bytes again per tile, too much for a wide or fp32 A.
+ONEPASS_AUTO_MAX_RANK = 32
 
 
-def choose_forward_impl(M: int, r: int, impl: str = "auto") -> str:
-    """``"onepass"`` for few tokens (decode), ``"split"`` (shrink, then fused GEMM) otherwise."""
+def choose_forward_impl(M: int, r: int, impl: str = "auto", lora_is_wide: bool = False) -> str:
+    """``"onepass"`` for few tokens (decode) and a narrow ``A``, ``"split"`` (shrink, then fused GEMM) otherwise.
+    ``lora_is_wide``: the LoRA weights are wider than the activations (fp32 adapters on a 16-bit model)."""
     if impl not in FORWARD_IMPLS:
         raise ValueError(f"fastlora: forward_impl must be one of {FORWARD_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "onepass" if M <= ONEPASS_MAX_TOKENS and r <= kernels.ONEPASS_MAX_RANK else "split"
+        narrow = r <= ONEPASS_AUTO_MAX_RANK and not lora_is_wide
+        return "onepass" if M <= ONEPASS_MAX_TOKENS and narrow else "split"
     if impl == "onepass" and r > kernels.ONEPASS_MAX_RANK:
         raise ValueError(f"fastlora: forward_impl='onepass' takes r <= {kernels.ONEPASS_MAX_RANK}, got r={r}")
     return impl
 
 
-# ----------------------------------------------------------------------------------------------- custom ops
+def _host_seed(seed) -> int | None:
+    """The torch backend's seed as a Python int (a tensor seed is read once; it lives on the host's side)."""
+    if seed is None or isinstance(seed, int):
+        return seed
+    return int(seed.reshape(-1)[0])
+
+
+def _forward(x2d, wt, bias, lora_A, lora_B, seed, scaling, dropout_p, need_xs, forward_impl, backend):
+    """``(y [M, N], xs [M, r] or None)`` for ``x2d [M, K]`` and ``wt [K, N]``."""
+    if backend == "torch":
+        return torch_linear.forward(x2d, wt, bias, lora_A, lora_B, scaling, dropout_p, _host_seed(seed), need_xs)
+    M, r = x2d.shape[0], lora_A.shape[0]
+    wide = lora_A.element_size() > x2d.element_size()
+    if choose_forward_impl(M, r, forward_impl, wide) == "onepass":
+        xs = torch.empty((M, r), device=x2d.device, dtype=lora_A.dtype) if need_xs else None
+        y = kernels.lora_onepass(x2d, wt, bias, lora_A.t(), lora_B.t(), scaling, dropout_p, seed, xs)
+        return y, xs
+    xs = kernels.lora_shrink(x2d, lora_A.t(), scaling, lora_A.dtype, dropout_p, seed)
+    y = kernels.lora_expand(x2d, wt, xs, lora_B.t(), bias)
+    return y, xs if need_xs else None
+
+
+def _backward(dy2d, x2d, wt, lora_A, lora_B, xs, seed, scaling, dropout_p, need_dx, backend):
+    """``(dx [M, K] or None, dA, dB)``, the LoRA gradients in the LoRA weights' dtype."""
+    if backend == "torch":
+        return torch_linear.backward(
+            dy2d, x2d, wt, lora_A, lora_B, xs, scaling, dropout_p, _host_seed(seed), need_dx
+        )  # fmt: skip
+    return kernels.lora_backward(dy2d, x2d, wt.t(), lora_A, lora_B, xs, scaling, dropout_p, seed, need_dx)
+
+
+def _base_grads(dy, x, need_w, need_b, fan_in_fan_out, bias_dtype):
+    """Gradients of ``W0`` and ``b`` when a caller asks for them (LoRA training freezes both): cuBLAS computes them."""
+    dy2d = as_2d(dy)
+    dW = db = None
+    if need_w:
+        dW = dy2d.t().to(x.dtype) @ as_2d(x)
+        dW = dW.t() if fan_in_fan_out else dW
+    if need_b:
+        db = dy2d.sum(0, dtype=torch.float32).to(bias_dtype)
+    return dW, db
+
+
+# ------------------------------------------------------------------------------------------------ eager autograd
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out, forward_impl, backend):
+        y, xs = _forward(
+            as_2d(x), weight_t(weight, fan_in_fan_out), bias, lora_A, lora_B, seed, scaling, dropout_p, True,
+            forward_impl, backend,
+        )  # fmt: skip
+        seed_tensor = seed if isinstance(seed, torch.Tensor) else None
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xs, seed_tensor)
+        ctx.host_seed = seed if isinstance(seed, int) else None
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.backend = backend
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        # An output that is a view costs autograd's view tracking, some 10 µs a call: return y itself when x is 2-D.
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xs, seed = ctx.saved_tensors
+        seed = seed if seed is not None else ctx.host_seed
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dx = dA = dB = None
+        if need_x or need_a or need_bb:
+            dx, dA, dB = _backward(
+                as_2d(dy), as_2d(x), weight_t(weight, ctx.fan_in_fan_out), lora_A, lora_B, xs, seed, ctx.scaling,
+                ctx.dropout_p, need_x, ctx.backend,
+            )  # fmt: skip
+            dx = dx.view(x.shape) if need_x else None
+            dA = dA if need_a else None
+            dB = dB if need_bb else None
+        dW, db = _base_grads(dy, x, need_w, need_b, ctx.fan_in_fan_out, ctx.bias_dtype)
+        return dx, dW, db, dA, dB, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------ custom ops (torch.compile)
 
 
 @torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
@@ -52,22 +147,12 @@ def _lora_linear_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x2d = as_2d(x)
-    wt = weight_t(weight, fan_in_fan_out)
-    M, r = x2d.shape[0], lora_A.shape[0]
-    if backend == "torch":
-        y, xs = reference.lora_forward(x2d, wt, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        y = y.to(x.dtype)
-        xs = xs if need_xs else xs.new_empty((0, r))
-    elif choose_forward_impl(M, r, forward_impl) == "onepass":
-        xs = torch.empty((M if need_xs else 0, r), device=x.device, dtype=lora_A.dtype)
-        y = kernels.lora_onepass(
-            x2d, wt, bias, lora_A.t(), lora_B.t(), scaling, dropout_p, seed, xs if need_xs else None
-        )
-    else:
-        xs = kernels.lora_shrink(x2d, lora_A.t(), scaling, lora_A.dtype, dropout_p, seed)
-        y = kernels.lora_expand(x2d, wt, xs, lora_B.t(), bias)
-        if not need_xs:
-            xs = xs.new_empty((0, r))
+    y, xs = _forward(
+        x2d, weight_t(weight, fan_in_fan_out), bias, lora_A, lora_B, seed, scaling, dropout_p, need_xs, forward_impl,
+        backend,
+    )  # fmt: skip
+    if xs is None:
+        xs = lora_A.new_empty((0, lora_A.shape[0]))
     return y.view(*x.shape[:-1], y.shape[-1]), xs
 
 
@@ -94,21 +179,11 @@ def _lora_linear_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dA, dB)``; ``dx`` is empty unless ``need_dx``."""
-    x2d = as_2d(x)
-    dy2d = as_2d(dy)
-    wt = weight_t(weight, fan_in_fan_out)
-    if backend == "torch":
-        dx, dA, dB = reference.lora_backward(dy2d, x2d, wt, lora_A, lora_B, xs, scaling, dropout_p, seed)
-        dx = dx.view(x.shape) if need_dx else dx.new_empty((0,))
-        return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
-    dxa = kernels.lora_shrink(dy2d, lora_B, scaling, lora_A.dtype)
-    if need_dx:
-        dx = kernels.lora_expand(dy2d, wt.t(), dxa, lora_A, None, dropout_p=dropout_p, seed=seed).view(x.shape)
-    else:
-        dx = x.new_empty((0,))
-    dA = kernels.lora_wgrad(dxa, x2d, dropout_p, seed).to(lora_A.dtype)
-    dB = kernels.lora_wgrad(xs, dy2d).t().to(lora_B.dtype).contiguous()
-    return dx, dA, dB
+    dx, dA, dB = _backward(
+        as_2d(dy), as_2d(x), weight_t(weight, fan_in_fan_out), lora_A, lora_B, xs, seed, scaling, dropout_p, need_dx,
+        backend,
+    )  # fmt: skip
+    return (dx.view(x.shape) if need_dx else x.new_empty((0,))), dA, dB
 
 
 @_lora_linear_bwd.register_fake
@@ -128,10 +203,10 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, dy, _dxs):
+def _op_backward(ctx, dy, _dxs):
     x, weight, lora_A, lora_B, xs, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    dx = dA = dB = dW = db = None
+    dx = dA = dB = None
     if need_x or need_a or need_bb:
         dx, dA, dB = _lora_linear_bwd(
             dy, x, weight, lora_A, lora_B, xs, seed, ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out, need_x, ctx.backend
@@ -139,17 +214,11 @@ def _backward(ctx, dy, _dxs):
         dx = dx if need_x else None
         dA = dA if need_a else None
         dB = dB if need_bb else None
-    dy2d = as_2d(dy)
-    if need_w:
-        # W0 is frozen in LoRA training; when a caller does want its gradient, cuBLAS computes it.
-        dW = dy2d.t().to(x.dtype) @ as_2d(x)
-        dW = dW.t() if ctx.fan_in_fan_out else dW
-    if need_b:
-        db = dy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    dW, db = _base_grads(dy, x, need_w, need_b, ctx.fan_in_fan_out, ctx.bias_dtype)
     return dx, dW, db, dA, dB, None, None, None, None, None, None, None
 
 
-_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+_lora_linear_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -209,10 +278,13 @@ def lora_linear(
         lora_A, lora_B: ``[r, K]`` and ``[N, r]`` (PEFT's shapes), fp32 or ``x.dtype``.
         scaling: ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA).
         dropout_p: dropout on the LoRA branch's input, applied only when ``training``.
-        forward_impl: ``"onepass"``, ``"split"`` (shrink, then fused GEMM) or ``"auto"`` (by token count).
+        forward_impl: ``"onepass"``, ``"split"`` (shrink, then fused GEMM) or ``"auto"`` (by token count, rank and
+            LoRA dtype).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``; defaults to ``FASTLORA_BACKEND`` or ``"auto"``.
-        seed: dropout seed (int64 tensor of one element on ``x.device``); drawn from the default generator
-            when omitted.
+        seed: dropout seed (int64 tensor of one element on ``x.device``). When omitted, the Triton backend draws one
+            on the device from its default generator, the torch backend one on the host from the CPU generator (no
+            device work); ``torch.manual_seed`` makes either reproducible. The two backends draw different masks:
+            the Triton kernels' mask is the one ``fastlora.reference.dropout_mask`` reproduces bit for bit.
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
@@ -228,12 +300,27 @@ def lora_linear(
     _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out, backend)
     choose_forward_impl(1, lora_A.shape[0], forward_impl)  # validates the name and the rank limit early
     p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
-    elif p == 0.0:
+    compiling = torch.compiler.is_compiling()
+    if p == 0.0:
         seed = None
-    need_xs = torch.is_grad_enabled() and (lora_B.requires_grad or lora_A.requires_grad or x.requires_grad)
-    y, _ = _lora_linear_fwd(
-        x, weight, bias, lora_A, lora_B, seed, float(scaling), p, fan_in_fan_out, need_xs, forward_impl, backend
+    elif seed is None:
+        seed = torch_linear.draw_seed() if backend == "torch" and not compiling else draw_seed(x.device)
+    scaling = float(scaling)
+    needs_grad = lora_B.requires_grad or lora_A.requires_grad or x.requires_grad
+    needs_grad = needs_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if compiling:
+        if seed is not None and not isinstance(seed, torch.Tensor):
+            seed = torch.tensor([seed], dtype=torch.int64, device=x.device)
+        need_xs = torch.is_grad_enabled() and needs_grad
+        y, _ = _lora_linear_fwd(
+            x, weight, bias, lora_A, lora_B, seed, scaling, p, fan_in_fan_out, need_xs, forward_impl, backend
+        )
+        return y
+    if torch.is_grad_enabled() and needs_grad:
+        return _LoraLinearFunction.apply(
+            x, weight, bias, lora_A, lora_B, seed, scaling, p, fan_in_fan_out, forward_impl, backend
+        )
+    y, _ = _forward(
+        as_2d(x), weight_t(weight, fan_in_fan_out), bias, lora_A, lora_B, seed, scaling, p, False, forward_impl, backend
     )
-    return y
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
