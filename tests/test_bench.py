@@ -3,6 +3,7 @@ that guard the timings, and the choice of sizes. Expected figures are computed f
 
 import dataclasses
 import itertools
+import json
 
 import pytest
 import torch
@@ -98,6 +99,38 @@ def test_dropout_path_is_checked_against_the_reference_before_timing(monkeypatch
     monkeypatch.setattr(linear, "lora_linear", lambda *a, seed=None, **kw: real(*a, seed=seed + 1, **kw))
     with pytest.raises(bench.BenchmarkMismatch, match="with dropout in y"):
         linear.check_dropout_agreement(case, inputs, backend)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_linear_rows_count_launches_and_dispatch_time(mode):
+    case = bench.LinearCase(M=8, K=32, N=16, r=4, dtype="fp32", dropout=0.1, mode=mode)
+    rows = {row["contender"]: row for row in linear.measure_linear_case(case, CPU, "torch", min_run_time=0.01)}
+    assert set(rows) == set(bench.linear_contender_names(case, "torch"))
+    for row in rows.values():
+        assert row["launches"] >= 1 and row["host_syncs"] >= 0 and row["dispatch_us"] > 0, row
+        assert row["launches"] == len(row["launch_kernels"]), row  # on CPU the list is the count
+        assert row["launch_bytes"] == sum(n for _, n in row["launch_kernels"]) > 0, row
+        assert all(isinstance(name, str) and n >= 0 for name, n in row["launch_kernels"]), row
+    json.dumps(list(rows.values()))  # results.json takes them as they are
+    frozen = rows[bench.FROZEN]
+    assert frozen["launches"] == (2 if mode == "fwd+bwd" else 1) and frozen["host_syncs"] == 0, frozen
+    assert rows[bench.NAIVE]["launches"] > frozen["launches"]
+    markdown = "\n".join(linear.linear_markdown(list(rows.values())))
+    assert f"{bench.FASTLORA}: launches · dispatch" in markdown and f"| {frozen['launches']} · " in markdown
+
+
+def test_linear_cases_compare_fp32_and_half_precision_adapters():
+    """Every case with 16-bit activations runs with fp32 LoRA weights (PEFT's default) and with LoRA weights in the
+    activations' dtype; fp32 activations with fp32 ones."""
+    gpu = torch.device("cuda")
+    for cases in (linear.gpu_linear_cases(), linear.gpu_linear_cases(quick=True), linear.linear_cases(gpu, headline=True),
+                  linear.linear_cases(gpu, quick=True, headline=True), linear.linear_cases(CPU, headline=True)):  # fmt: skip
+        loras = {}
+        for case in cases:
+            loras.setdefault(dataclasses.replace(case, lora_dtype=case.dtype), set()).add(case.lora_dtype)
+        half = [(case, got) for case, got in loras.items() if case.dtype != "fp32"]
+        assert half and all(got == {"fp32", case.dtype} for case, got in half if case.mode == "fwd+bwd"), half
+    assert {c.lora_dtype for c in linear.cpu_linear_cases()} == {"fp32"}
 
 
 def test_peft_contender_is_a_real_peft_layer_on_the_same_tensors():

@@ -5,6 +5,12 @@ flushed before each by writing a 256 MB buffer, CUDA events around each call); o
 ``torch.utils.benchmark.Timer.blocked_autorange`` after one warm-up call. Both give the median and the 20% / 80%
 quantiles in milliseconds.
 
+Host time of a call (``host_us``): the device is synchronised, then ``HOST_CALLS`` calls are issued back to back and
+the wall clock read before the next synchronisation, so the figure is the time Python, autograd and the launches take
+on the CPU while the device runs behind (the calls queue far fewer launches than the driver's queue holds). The median
+of ``HOST_REPEATS`` such runs, in microseconds per call (fewer calls per run when a time limit is given and a call is
+slow). On a CPU the device is the CPU, so the figure is the whole call.
+
 Peak memory of a step: the most bytes allocated at once during the call, above what was allocated when it started.
 On CUDA, ``torch.cuda.max_memory_allocated`` (the caching allocator's own count). On CPU, torch keeps no such
 statistic, so the allocator's events recorded by ``torch.profiler`` (``profile_memory=True``: every allocation and
@@ -24,7 +30,9 @@ import gc
 import os
 import platform
 import re
+import statistics
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -42,6 +50,8 @@ CPU_DISCLAIMER = (
     "suites run. Bytes saved for backward are counted exactly on any device."
 )
 QUANTILES = (0.5, 0.2, 0.8)
+HOST_CALLS = 20
+HOST_REPEATS = 5
 ENV_KEYS = (
     "device", "device_type", "torch", "triton", "fastlora", "cuda", "backend", "timestamp", "quick", "headline",
 )  # fmt: skip
@@ -203,6 +213,33 @@ def time_ms(
     timer = Timer(stmt="fn()", globals={"fn": fn})
     times = torch.tensor(timer.blocked_autorange(min_run_time=min_run_time).times, dtype=torch.float64) * 1e3
     return tuple(times.quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist())
+
+
+def host_us(fn: Callable[[], object], device: torch.device, max_run_time: float | None = None) -> float:
+    """Host time per call of ``fn`` in microseconds (see the module docstring). ``max_run_time`` (seconds) bounds the
+    measurement when a call is slow (a CPU running the whole call): each run then issues fewer calls, at least one."""
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    synchronize()
+    start = time.perf_counter()
+    fn()  # warm-up: lazy initialisation, autotuning and compilation stay out of the figure
+    synchronize()
+    calls = HOST_CALLS
+    if max_run_time is not None:
+        first = time.perf_counter() - start
+        calls = max(1, min(HOST_CALLS, int(max_run_time / (HOST_REPEATS * max(first, 1e-9)))))
+    runs = []
+    for _ in range(HOST_REPEATS):
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+        synchronize()
+    return statistics.median(runs)
 
 
 def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:

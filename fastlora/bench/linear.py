@@ -12,6 +12,16 @@ Modes:
 
 ``x`` requires grad in every contender (a layer inside a network receives activations that do), ``W0`` and the bias
 are frozen, ``lora_A``/``lora_B`` are trainable and fp32 when the activations are bf16/fp16, as PEFT keeps them.
+Beside the times, each row counts what one call of the contender (the mode's: a forward, or a training step's forward
+and backward) asks of the device (``fastlora.bench.launches``): ``launches``, ``host_syncs``, ``launch_bytes`` (the
+bytes its launches must move together) and ``launch_kernels`` (each launch's name and bytes, in order). On CUDA the
+counts come from ``torch.profiler``; on CPU they are counted at the launchers, on the backend the row ran (the torch
+backend: ``fastlora.reference``'s ops). ``dispatch_us`` is the host time of one eager forward call in microseconds
+(``common.host_us``: on a GPU the device runs behind; on a CPU it is the whole call).
+
+Cases with 16-bit activations run twice: with fp32 LoRA weights (PEFT's default) and with LoRA weights in the
+activations' dtype, for PEFT as for every other contender.
+
 Before a case is timed, every LoRA contender must match the naive formula at dropout 0 (output and, for
 ``fwd+bwd``, the gradients of ``x``, ``lora_A``, ``lora_B``), within the tolerance of two results of the case's dtype
 (``reduction_lengths``); with dropout, every fastlora forward must also match ``fastlora.reference`` under one seed.
@@ -30,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import ONEPASS_MAX_RANK
-from ..ops import lora_linear
+from ..ops import lora_linear, resolve_backend, torch_linear
 from ..reference import lora_linear_reference
 from .common import (
     DTYPES,
@@ -43,7 +53,9 @@ from .common import (
     assert_close,
     bench_backend,
     by_case,
+    fmt_bytes,
     fmt_ratio,
+    host_us,
     md_table,
     plot_title,
     progress,
@@ -51,6 +63,7 @@ from .common import (
     save_plot,
     time_ms,
 )
+from .launches import LaunchCount, count_launches
 
 MODES = ("fwd", "fwd+bwd")
 PLOT = "linear_speedup.png"
@@ -94,23 +107,37 @@ class LinearCase(Case):
         return f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-{self.dtype}-lora{self.lora_dtype}-p{self.dropout}-{self.mode}"
 
 
+def lora_dtypes(dtype: str) -> tuple[str, ...]:
+    """The LoRA weight dtypes a case of ``dtype`` activations runs with: fp32 (PEFT's default), and the activations'
+    own when they are 16-bit."""
+    return ("fp32",) if dtype == "fp32" else ("fp32", dtype)
+
+
 def _sweep(Ms, KNs, ranks, dtypes) -> list[LinearCase]:
     return [
-        LinearCase(M, KN, KN, r, dtype, p, mode)
+        LinearCase(M, KN, KN, r, dtype, p, mode, lora)
         for mode, dtype, KN, r, p, M in itertools.product(MODES, dtypes, KNs, ranks, (0.0, 0.1), Ms)
+        for lora in lora_dtypes(dtype)
     ]  # fmt: skip
 
 
 def _quick(Ms, K, N, r, dtype) -> list[LinearCase]:
-    """Both modes and both dropout settings once each, over a small and a larger ``M``."""
+    """Both modes and both dropout settings once each, over a small and a larger ``M``; with 16-bit activations, the
+    two training steps once more with LoRA weights in the activations' dtype."""
     small, large = Ms
     picks = ((small, 0.0, "fwd"), (large, 0.1, "fwd"), (small, 0.1, "fwd+bwd"), (large, 0.0, "fwd+bwd"))
-    return [LinearCase(M, K, N, r, dtype, p, mode) for M, p, mode in picks]
+    cases = [LinearCase(M, K, N, r, dtype, p, mode) for M, p, mode in picks]
+    return cases + [
+        LinearCase(M, K, N, r, dtype, p, mode, lora)
+        for M, p, mode in picks
+        if mode == "fwd+bwd"
+        for lora in lora_dtypes(dtype)[1:]
+    ]  # fmt: skip
 
 
 def gpu_linear_cases(quick: bool = False) -> list[LinearCase]:
     """Llama-sized projections (K = N = 4096, and 8192 in bf16), from one decode token to a 16k-token training
-    batch, ranks 16 and 64, bf16 and fp16."""
+    batch, ranks 16 and 64, bf16 and fp16, LoRA weights in fp32 and in the activations' dtype."""
     if quick:
         return _quick((16, 4096), 4096, 4096, 16, "bf16")
     Ms, ranks = (1, 16, 512, 4096, 16384), (16, 64)
@@ -278,13 +305,21 @@ def _step(forward: Callable[[], torch.Tensor], inputs: LinearInputs, mode: str) 
     return forward_backward
 
 
+def linear_forwards(
+    case: LinearCase, inputs: LinearInputs, backend: str, forward_shapes: bool = True
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Name -> one training forward of the contender (autograd recording); returns ``y``."""
+    names = linear_contender_names(case, backend, forward_shapes)
+    return {name: _linear_forward(name, case, inputs, backend) for name in names}
+
+
 def linear_contenders(
     case: LinearCase, inputs: LinearInputs, backend: str, forward_shapes: bool = True
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """Name -> the callable to time: one forward (``fwd``) or forward and backward (``fwd+bwd``); returns ``y``."""
     return {
-        name: _step(_linear_forward(name, case, inputs, backend), inputs, case.mode)
-        for name in linear_contender_names(case, backend, forward_shapes)
+        name: _step(forward, inputs, case.mode)
+        for name, forward in linear_forwards(case, inputs, backend, forward_shapes).items()
     }
 
 
@@ -328,18 +363,28 @@ def check_agreement(case: LinearCase, inputs: LinearInputs, backend: str, forwar
 
 
 def check_dropout_agreement(case: LinearCase, inputs: LinearInputs, backend: str, forward_shapes: bool = True) -> None:
-    """With dropout, every fastlora forward shape must match ``fastlora.reference`` (fp32, autograd) under one explicit
-    seed: the same mask is a pure function of the seed, so the dropout path is checked before it is timed too. The
-    reference's own fp32 rounding is allowed on top of the case's."""
+    """With dropout, every fastlora forward shape must match the layer's formula (fp32, autograd) under one explicit
+    seed, with the backend's mask: ``fastlora.reference``'s (the kernels' bits) on the Triton backend,
+    ``torch_linear.keep_mask``'s on the torch backend. Either is a pure function of the seed, so the dropout path is
+    checked before it is timed too. The formula's own fp32 rounding is allowed on top of the case's."""
     seed = torch.tensor([20261123], dtype=torch.int64, device=inputs.x.device)
     ref_leaves = [t.detach().float().requires_grad_() for t in inputs.leaves]
     x, A, B = ref_leaves
     backward = case.mode == "fwd+bwd"
-    expected = outputs_and_grads(
-        lambda: lora_linear_reference(x, inputs.weight.float(), inputs.bias.float(), A, B, inputs.scaling,
-                                      case.dropout, seed),
-        ref_leaves, inputs.dy, backward,
-    )  # fmt: skip
+    weight, bias = inputs.weight.float(), inputs.bias.float()
+    if resolve_backend(inputs.x.device, backend) == "torch":
+        keep = torch_linear.keep_mask(int(seed), tuple(inputs.x.shape), case.dropout, inputs.x.device)
+
+        def reference():
+            dropped = torch.where(keep, x / (1.0 - case.dropout), 0.0)
+            return x @ weight.t() + bias + inputs.scaling * ((dropped @ A.t()) @ B.t())
+
+    else:
+
+        def reference():
+            return lora_linear_reference(x, weight, bias, A, B, inputs.scaling, case.dropout, seed)
+
+    expected = outputs_and_grads(reference, ref_leaves, inputs.dy, backward)
     dtype, lengths = case.torch_dtype, reduction_lengths(case)
     for name in linear_contender_names(case, backend, forward_shapes):
         if not name.startswith(FASTLORA):
@@ -356,8 +401,28 @@ def check_dropout_agreement(case: LinearCase, inputs: LinearInputs, backend: str
             assert_close(got[key], want, dtype, lengths[key], what, want_dtype=torch.float32)
 
 
-def _linear_rows(case: LinearCase, timings: dict[str, tuple[float, float, float]]) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What the suite measures of one contender in one case: the times of a call (median, 20% and 80% quantiles, in
+    ms), what one call launches, and the host time of one forward (µs)."""
+
+    times: tuple[float, float, float]
+    launch_count: LaunchCount
+    dispatch_us: float
+
+
+def measure_contender(
+    fn: Callable[[], torch.Tensor], forward: Callable[[], torch.Tensor], device: torch.device, min_run_time: float
+) -> Measured:
+    """Times ``fn`` (the case's call), then counts one call's launches (autotuning done by then) and times the host
+    side of ``forward`` (within about ``min_run_time`` seconds when a forward is slow, as on a CPU)."""
+    times = time_ms(fn, device, min_run_time)
+    return Measured(times, count_launches(fn, device), host_us(forward, device, max_run_time=min_run_time))
+
+
+def _linear_rows(case: LinearCase, measured: dict[str, Measured]) -> list[dict]:
     flops = linear_flops(case)
+    timings = {name: m.times for name, m in measured.items()}
     frozen, naive, peft = timings[FROZEN][0], timings[NAIVE][0], timings[PEFT][0]
     return [
         {
@@ -372,45 +437,76 @@ def _linear_rows(case: LinearCase, timings: dict[str, tuple[float, float, float]
             "ratio_to_frozen": median / frozen,
             "speedup_over_naive": naive / median,
             "speedup_over_peft": peft / median,
+            "launches": measured[name].launch_count.launches,
+            "host_syncs": measured[name].launch_count.host_syncs,
+            "launch_bytes": measured[name].launch_count.bytes,
+            "launch_kernels": [list(kernel) for kernel in measured[name].launch_count.kernels],
+            "dispatch_us": measured[name].dispatch_us,
         }
         for name, (median, p20, p80) in timings.items()
     ]
 
 
+def measure_linear_case(
+    case: LinearCase, device: torch.device, backend: str, forward_shapes: bool = True, min_run_time: float = 0.5
+) -> list[dict]:
+    """The rows of one case: its contenders checked to agree, then each measured (``measure_contender``)."""
+    inputs = make_linear_inputs(case, device)
+    check_agreement(case, inputs, backend, forward_shapes)
+    contenders = linear_contenders(case, inputs, backend, forward_shapes)
+    forwards = linear_forwards(case, inputs, backend, forward_shapes)
+    measured = {}
+    for name, fn in contenders.items():
+        measured[name] = measure_contender(fn, forwards[name], device, min_run_time)
+        inputs.clear_grads()
+    return _linear_rows(case, measured)
+
+
 def linear_suite(
     device: torch.device, quick: bool = False, progress_bar: bool = False, headline: bool = False
 ) -> list[dict]:
-    """Every contender of every linear case, timed side by side; one row per (case, contender)."""
+    """Every contender of every linear case, timed side by side, its launches counted and its forward's host time
+    measured; one row per (case, contender)."""
     backend = bench_backend(device)
     min_run_time = 0.05 if quick else 0.5
-    forward_shapes = not headline
     rows = []
     for case in progress(linear_cases(device, quick, headline), "linear", progress_bar):
-        inputs = make_linear_inputs(case, device)
-        check_agreement(case, inputs, backend, forward_shapes)
-        contenders = linear_contenders(case, inputs, backend, forward_shapes)
-        rows.extend(_linear_rows(case, {name: time_ms(fn, device, min_run_time) for name, fn in contenders.items()}))
-        del inputs, contenders
+        rows.extend(measure_linear_case(case, device, backend, not headline, min_run_time))
     return rows
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
+def _launch_cell(row: dict | None) -> str:
+    """``launches · dispatch µs``, with the host syncs when there are any, or nothing for a row without them."""
+    if row is None or row.get("launches") is None:
+        return ""
+    syncs = f" · {row['host_syncs']} syncs" if row.get("host_syncs") else ""
+    return f"{row['launches']}{syncs} · {row['dispatch_us']:.0f} µs"
+
+
 def linear_markdown(rows: list[dict]) -> list[str]:
-    """A table per mode: a line per case, a column of median times per contender, then fastlora's figures."""
+    """A table per mode, a line per case: a column of median times per contender, fastlora's figures, then each
+    contender's launches and host time and the bytes fastlora's and the frozen layer's launches move."""
     lines = [
         "Median time per call in ms (20% and 80% quantiles in results.json). `fwd+bwd` is a training step of the "
         "layer: forward, then backward of a fixed upstream gradient. TFLOP/s count the LoRA layer's flops "
         "(`fastlora.bench.linear_flops`: the frozen weight gets no gradient). fastlora / frozen is its time over the "
         "frozen layer's (1.00× is the floor); speedups are PEFT's (or the naive formula's) time over fastlora's.",
+        "",
+        "*Launches · dispatch*: the device work items of one call (kernels, memsets, copies: from `torch.profiler` on "
+        "CUDA, counted at the launchers on CPU, on the backend the suite ran), the host syncs in it when there are "
+        "any, and the host time of one eager forward in µs (on a CPU, the whole forward). *Bytes moved*: what the "
+        "call's launches must read and write together (each launch in results.json, `launch_kernels`).",
     ]
     case_fields = ["M", "K", "N", "r", "dtype", "lora_dtype", "dropout"]
     for mode in dict.fromkeys(row["mode"] for row in rows):
         group = [row for row in rows if row["mode"] == mode]
         contenders = list(dict.fromkeys(row["contender"] for row in group))
         header = [*case_fields, *(f"{name} (ms)" for name in contenders), "fastlora TFLOP/s", "fastlora / frozen",
-                  "speedup over PEFT", "speedup over naive"]  # fmt: skip
+                  "speedup over PEFT", "speedup over naive", *(f"{name}: launches · dispatch" for name in contenders),
+                  "fastlora bytes moved", "frozen bytes moved"]  # fmt: skip
         table = []
         for key, cells in by_case(group, case_fields).items():
             ours = cells.get(FASTLORA)
@@ -419,7 +515,9 @@ def linear_markdown(rows: list[dict]) -> list[str]:
                 fmt_ratio(ours["speedup_over_naive"]),
             ]  # fmt: skip
             times = [f"{cells[name]['median_ms']:.4g}" if name in cells else "" for name in contenders]
-            table.append([*map(str, key), *times, *figures])
+            launches = [_launch_cell(cells.get(name)) for name in contenders]
+            moved = [fmt_bytes(cells[name].get("launch_bytes")) if name in cells else "" for name in (FASTLORA, FROZEN)]
+            table.append([*map(str, key), *times, *figures, *launches, *moved])
         lines += ["", f"### {mode}", "", *md_table(header, table)]
     lines += ["", f"![fastlora speedup over PEFT]({PLOT})"]
     return lines

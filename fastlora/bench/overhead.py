@@ -3,14 +3,14 @@
 Per contender and case (a training forward and backward of one layer, ``x`` requiring grad, ``W0`` frozen):
 
 - ``launches``: device work items (kernels, memsets, copies) of one forward+backward, counted by ``torch.profiler``
-  on CUDA; a frozen ``nn.Linear`` needs 2. None on a CPU, where nothing is launched.
+  on CUDA (``fastlora.bench.launches``); a frozen ``nn.Linear`` needs 2. None on a CPU, where this suite runs the torch
+  backend: the Triton kernels' launches are counted on CPU by the tests, through the interpreter, and the ``linear``
+  suite reports every contender's on every device.
 - ``host_syncs``: calls in that forward+backward that make the host wait for the device (``cudaDeviceSynchronize``,
   ``cudaStreamSynchronize``, ``cudaEventSynchronize``, a blocking ``cudaMemcpy``), from the same profile.
-- ``host_us_fwd`` / ``host_us_fwd_bwd``: host time per call in eager mode, in microseconds: the device is synchronised,
-  then ``HOST_CALLS`` calls are issued back to back and the wall clock read before the next synchronisation, so the
-  figure is the time Python, autograd and the launches take on the CPU while the device runs behind (the calls queue
-  far fewer launches than the driver's queue holds). The median of ``HOST_REPEATS`` such runs. On a CPU the device
-  is the CPU, so the figure is the whole call.
+- ``host_us_fwd`` / ``host_us_fwd_bwd``: host time per call in eager mode, in microseconds (``common.host_us``): the
+  time Python, autograd and the launches take on the CPU while the device runs behind. On a CPU the device is the CPU,
+  so the figure is the whole call.
 - ``saved_bytes`` / ``saved_beyond_input_bytes``: what autograd keeps for the backward, as the ``memory`` suite counts
   it (exact on every device).
 
@@ -20,9 +20,6 @@ Targets P3, P9 and P10 of the README are read from this suite's headline rows (`
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,17 +34,15 @@ from .common import (
     bench_backend,
     fmt_bytes,
     free_memory,
+    host_us,
     md_table,
     progress,
 )
+from .launches import count_launches
 from .linear import LinearCase, check_agreement, linear_contenders, make_linear_inputs
 from .memory import saved_for_backward
 
 CONTENDERS = (FROZEN, NAIVE, PEFT, FASTLORA)
-HOST_CALLS = 20
-HOST_REPEATS = 5
-# Runtime calls after which the host has waited for the device.
-SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,48 +78,6 @@ def overhead_cases(device: torch.device, quick: bool = False, headline: bool = F
     return [OverheadCase(M, KN, KN, r, dtype, p) for p in dropouts for M in Ms]
 
 
-def device_work(fn: Callable[[], object], device: torch.device) -> tuple[int | None, int | None]:
-    """``(launches, host_syncs)`` of one call of ``fn`` on CUDA, from a ``torch.profiler`` trace: device-side events
-    (kernels, memsets, copies) and the runtime calls of ``SYNC_CALLS``. ``(None, None)`` on a CPU."""
-    if device.type != "cuda":
-        return None, None
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize(device)
-    events = prof.profiler.kineto_results.events()
-    launches = sum(1 for e in events if e.device_type() == DeviceType.CUDA)
-    syncs = sum(
-        1
-        for e in events
-        if e.device_type() == DeviceType.CPU and e.name().startswith(SYNC_CALLS) and not e.name().endswith("Async")
-    )
-    # The profile's own closing synchronisation is one of them.
-    return launches, max(syncs - 1, 0)
-
-
-def host_us(fn: Callable[[], object], device: torch.device) -> float:
-    """Host time per call of ``fn`` in microseconds (see the module docstring)."""
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()  # warm-up: lazy initialisation, autotuning and compilation stay out of the figure
-    runs = []
-    for _ in range(HOST_REPEATS):
-        synchronize()
-        start = time.perf_counter()
-        for _ in range(HOST_CALLS):
-            fn()
-        runs.append((time.perf_counter() - start) / HOST_CALLS * 1e6)
-        synchronize()
-    return statistics.median(runs)
-
-
 def measure_case(case: OverheadCase, device: torch.device) -> list[dict]:
     """One row per contender; the contenders are checked to compute the same thing first (as in ``linear``)."""
     backend = bench_backend(device)
@@ -137,7 +90,10 @@ def measure_case(case: OverheadCase, device: torch.device) -> list[dict]:
     rows = []
     for name in CONTENDERS:
         step[name]()  # warm-up before the profile: autotuning launches kernels of its own
-        launches, syncs = device_work(step[name], device)
+        launches = syncs = None
+        if device.type == "cuda":
+            count = count_launches(step[name], device, kernels=False)
+            launches, syncs = count.launches, count.host_syncs
         saved = saved_for_backward(forward[name], inputs.x, params)
         rows.append({
             "suite": "overhead", "contender": name, **dataclasses.asdict(case), "shape": case.shape,
