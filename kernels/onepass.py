@@ -86,6 +86,9 @@ def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, R_PAD: int
     # registers, and ptxas serialised every wgmma of the loop (advisory C7515 at R_PAD = 32 without dropout).
     if kw["BLOCK_M"] >= 64 and lora_bytes != act_bytes:
         return False
+    # With dropout on fp32 x, Triton 3.6's ptxas serialised it too (C7515 at R_PAD = 16).
+    if kw["BLOCK_M"] >= 64 and DROPOUT and act_bytes == 4:
+        return False
     # Four stages of the 128-column tile at R_PAD = 128 with fp32 LoRA weights fit only sm_90's shared memory, where
     # they spill 24 B with dropout.
     if (kw["BLOCK_N"], R_PAD, config.num_stages) == (128, 128, 4) and lora_bytes == 4:

@@ -42,6 +42,8 @@ def gpu_configs() -> list[triton.Config]:
             # under 3.6, 156/169 under 3.9 (`fastlora info`). Without dropout, large M also has 128x128 below.
             (128, 64, 8, 2),
             (128, 128, 8, 3),
+            # With dropout only 32-row tiles run (config_ok); this one fits fp32 operands in sm_80's shared memory.
+            (32, 64, 4, 4),
         ]
     ]
 
@@ -52,8 +54,9 @@ def _shrink_configs():
     return gpu_configs()
 
 
-# (act bytes, LoRA bytes, dropout) -> tiles (BLOCK_M, BLOCK_K, warps, stages) whose wgmma ptxas serialises on sm_90.
-_SERIALISED = {(2, 4, True): {(64, 128, 8, 3)}, (2, 4, False): {(128, 64, 8, 2)}, (4, 4, True): {(64, 64, 4, 4)}}
+# Tiles (BLOCK_M, BLOCK_K, warps, stages) whose wgmma ptxas serialises on sm_90 (advisory C7515) without dropout, by
+# (act bytes, LoRA bytes): 16-bit x converted to fp32 in registers for fp32 weights.
+_SERIALISED = {(2, 4): {(128, 64, 8, 2), (64, 128, 8, 3)}}
 
 
 def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, DROPOUT: bool, **_) -> bool:
@@ -61,14 +64,15 @@ def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: i
     kw = config.kwargs
     if not fits_in_smem(config, kw["BLOCK_K"] * (kw["BLOCK_M"] * act_bytes + BLOCK_R * lora_bytes)):
         return False
-    # ptxas serialises the wgmma of these tiles on sm_90 (advisory C7515: operands converted in registers inside the
-    # K loop, 16-bit x against fp32 weights or fp32 x under a dropout mask); measured by ``fastlora info``.
+    # Under a dropout mask x is rewritten in registers before its product, and ptxas (Triton 3.6's and 3.9's)
+    # serialised the wgmma of every 64- and 128-row tile (C7515); 32 rows run mma.sync, which nothing serialises,
+    # and a shrink is bound by reading x anyway.
     tile = (kw["BLOCK_M"], kw["BLOCK_K"], config.num_warps, config.num_stages)
+    if DROPOUT:
+        return kw["BLOCK_M"] < 64 and dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"])
     if act_bytes == 4 and tile == (64, 128, 8, 3):
         return False  # its 180 KiB of stages fit only sm_90, where fp32 operands spill 8 B
-    return tile not in _SERIALISED.get((act_bytes, lora_bytes, DROPOUT), ()) and (
-        not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"])
-    )
+    return tile not in _SERIALISED.get((act_bytes, lora_bytes), ())
 
 
 @triton.autotune(
