@@ -77,16 +77,26 @@ def _backward(dy2d, x2d, wt, lora_A, lora_B, xs, seed, scaling, dropout_p, need_
     return kernels.lora_backward(dy2d, x2d, wt.t(), lora_A, lora_B, xs, scaling, dropout_p, seed, need_dx)
 
 
-def _base_grads(dy, x, need_w, need_b, fan_in_fan_out, bias_dtype):
-    """Gradients of ``W0`` and ``b`` when a caller asks for them (LoRA training freezes both): cuBLAS computes them."""
+def _grads(ctx, dy, seed, lora_grads):
+    """The gradients of ``x``, ``W0``, ``b``, ``A`` and ``B`` (None where not needed) from what either entry point
+    saved (the same fields on ``ctx``). ``lora_grads(dy, x, weight, lora_A, lora_B, xs, seed, need_dx)`` returns
+    ``(dx, dA, dB)`` with ``dx`` shaped as ``x``. ``W0`` and ``b`` (frozen in LoRA training) get theirs from cuBLAS
+    when a caller asks."""
+    x, weight, lora_A, lora_B, xs, _ = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    dx = dA = dB = dW = db = None
+    if need_x or need_a or need_bb:
+        dx, dA, dB = lora_grads(dy, x, weight, lora_A, lora_B, xs, seed, need_x)
+        dx = dx if need_x else None
+        dA = dA if need_a else None
+        dB = dB if need_bb else None
     dy2d = as_2d(dy)
-    dW = db = None
     if need_w:
         dW = dy2d.t().to(x.dtype) @ as_2d(x)
-        dW = dW.t() if fan_in_fan_out else dW
+        dW = dW.t() if ctx.fan_in_fan_out else dW
     if need_b:
-        db = dy2d.sum(0, dtype=torch.float32).to(bias_dtype)
-    return dW, db
+        db = dy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return dx, dW, db, dA, dB
 
 
 # ------------------------------------------------------------------------------------------------ eager autograd
@@ -112,20 +122,15 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, xs, seed = ctx.saved_tensors
-        seed = seed if seed is not None else ctx.host_seed
-        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        dx = dA = dB = None
-        if need_x or need_a or need_bb:
+        def lora_grads(dy, x, weight, lora_A, lora_B, xs, seed, need_dx):
             dx, dA, dB = _backward(
                 as_2d(dy), as_2d(x), weight_t(weight, ctx.fan_in_fan_out), lora_A, lora_B, xs, seed, ctx.scaling,
-                ctx.dropout_p, need_x, ctx.backend,
+                ctx.dropout_p, need_dx, ctx.backend,
             )  # fmt: skip
-            dx = dx.view(x.shape) if need_x else None
-            dA = dA if need_a else None
-            dB = dB if need_bb else None
-        dW, db = _base_grads(dy, x, need_w, need_b, ctx.fan_in_fan_out, ctx.bias_dtype)
-        return dx, dW, db, dA, dB, None, None, None, None, None, None
+            return (dx.view(x.shape) if need_dx else None), dA, dB
+
+        seed = ctx.saved_tensors[-1]
+        return *_grads(ctx, dy, seed if seed is not None else ctx.host_seed, lora_grads), *(None,) * 6
 
 
 # ------------------------------------------------------------------------------------ custom ops (torch.compile)
@@ -204,18 +209,23 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, dy, _dxs):
-    x, weight, lora_A, lora_B, xs, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    dx = dA = dB = None
-    if need_x or need_a or need_bb:
-        dx, dA, dB = _lora_linear_bwd(
-            dy, x, weight, lora_A, lora_B, xs, seed, ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out, need_x, ctx.backend
+    def lora_grads(dy, x, weight, lora_A, lora_B, xs, seed, need_dx):
+        return _lora_linear_bwd(
+            dy,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            xs,
+            seed,
+            ctx.scaling,
+            ctx.dropout_p,
+            ctx.fan_in_fan_out,
+            need_dx,
+            ctx.backend,
         )
-        dx = dx if need_x else None
-        dA = dA if need_a else None
-        dB = dB if need_bb else None
-    dW, db = _base_grads(dy, x, need_w, need_b, ctx.fan_in_fan_out, ctx.bias_dtype)
-    return dx, dW, db, dA, dB, None, None, None, None, None, None, None
+
+    return *_grads(ctx, dy, ctx.saved_tensors[-1], lora_grads), *(None,) * 7
 
 
 _lora_linear_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -309,8 +319,6 @@ def lora_linear(
     needs_grad = lora_B.requires_grad or lora_A.requires_grad or x.requires_grad
     needs_grad = needs_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if compiling:
-        if seed is not None and not isinstance(seed, torch.Tensor):
-            seed = torch.tensor([seed], dtype=torch.int64, device=x.device)
         need_xs = torch.is_grad_enabled() and needs_grad
         y, _ = _lora_linear_fwd(
             x, weight, bias, lora_A, lora_B, seed, scaling, p, fan_in_fan_out, need_xs, forward_impl, backend
