@@ -2,14 +2,15 @@
 
 - ``lora_linear`` (``fastlora.ops.linear``): one adapter, forward and backward, for training;
 - ``multi_lora_linear`` (``fastlora.ops.multi``): every token with the adapter of its own pool slot, for serving;
-  ``BatchMeta`` (``fastlora.ops.meta``) describes which slot each token of a batch uses;
+  ``BatchMeta`` (``fastlora.ops.meta``) describes which slot each token of a batch uses, ``StaticBatch`` keeps one
+  in fixed-size device buffers for CUDA graphs and ``torch.compile``;
 - ``fastlora.ops.common``: the backend choice (``resolve_backend``), the dtypes each backend takes, the base-layer
   checks both ops share.
 """
 
 from .common import BACKENDS, TORCH_DTYPES, TRITON_DTYPES, resolve_backend
 from .linear import FORWARD_IMPLS, ONEPASS_MAX_TOKENS, choose_forward_impl, draw_seed, lora_linear
-from .meta import BatchMeta
+from .meta import BatchMeta, StaticBatch
 from .multi import MULTI_FUSED_MAX_TOKENS, MULTI_IMPLS, choose_multi_impl, multi_lora_linear
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "TORCH_DTYPES",
     "TRITON_DTYPES",
     "BatchMeta",
+    "StaticBatch",
     "choose_forward_impl",
     "choose_multi_impl",
     "draw_seed",

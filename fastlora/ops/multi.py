@@ -139,6 +139,8 @@ def multi_lora_linear(
     ranks = meta.slot_ranks if slot_ranks is None else slot_ranks
     scalings = meta.slot_scalings if slot_scalings is None else slot_scalings
     if backend == "torch":
+        if meta.active_slots is None:  # fixed-size metadata: no host reads, no shapes that depend on the batch
+            return _multi_lora_torch_dense(x, weight, bias, a_pool, b_pool, meta, ranks, scalings, fan_in_fan_out)
         y = reference.multi_lora_linear_reference(
             x, weight, bias, a_pool, b_pool, meta.token_slots, ranks, scalings, meta.token_scales,
             fan_in_fan_out=fan_in_fan_out, active_slots=meta.active_slots,
@@ -152,6 +154,33 @@ def multi_lora_linear(
     return _multi_lora_linear_op(
         x, weight, bias, a_pool, b_pool, ranks, scalings, *meta.kernel_args(), fan_in_fan_out, impl
     )
+
+
+def _multi_lora_torch_dense(x, weight, bias, a_pool, b_pool, meta, ranks, scalings, fan_in_fan_out):
+    """The torch backend over fixed-size metadata (``StaticBatch``): every token against every slot in two dense GEMMs,
+    ``xa = x·[A_0; ...; A_{S-1}]ᵀ`` and ``y += xs·[B_0 ... B_{S-1}]ᵀ`` with ``xs`` zero outside each token's own slot
+    and rank, so nothing reads the host or depends on which slots the batch uses (CUDA graphs, ``torch.compile``
+    without recompiles). It costs ``num_slots`` times the LoRA FLOPs of the slot loop; entries beyond a slot's rank
+    are never used (selected away, so even a NaN there cannot leak). Rounds ``c·xa`` to the pools' dtype as the
+    kernels do."""
+    w = weight.t() if fan_in_fan_out else weight
+    x2d = x.reshape(-1, x.shape[-1])
+    y = x2d @ w.t()
+    if bias is not None:
+        y = y + bias
+    num_slots, r_max, K = a_pool.shape
+    zero = torch.zeros((), dtype=a_pool.dtype, device=a_pool.device)
+    keep = torch.arange(r_max, device=a_pool.device)[None, :] < ranks[:, None]  # [S, r]
+    a = torch.where(keep[:, :, None], a_pool, zero).reshape(num_slots * r_max, K)
+    b = torch.where(keep[:, None, :], b_pool, zero).permute(1, 0, 2).reshape(b_pool.shape[1], num_slots * r_max)
+    own = meta.token_slots[:, None] == torch.arange(num_slots, device=x.device)[None, :]  # [T, S]
+    scale = torch.where(own, scalings[None, :], 0.0)
+    if meta.token_scales is not None:
+        scale = scale * meta.token_scales[:, None]
+    xa = (x2d.to(a_pool.dtype) @ a.t()).view(-1, num_slots, r_max)
+    xs = torch.where(keep[None] & own[:, :, None], xa * scale[:, :, None], 0.0).to(a_pool.dtype)
+    y = y + (xs.view(-1, num_slots * r_max) @ b.t()).to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 @torch.library.custom_op("fastlora::multi_lora_linear", mutates_args=())
