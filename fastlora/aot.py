@@ -166,12 +166,13 @@ VARIANTS: tuple[Variant, ...] = (
             dtypes=("fp32",), precision="ieee"),
     # Many adapters: xa [T, R] = x·A_sᵀ per segment (fp32, unscaled), then y += round(c·xa)·B_sᵀ. Pools are
     # a_pool [slots, r_max, K] and b_pool [slots, N, r_max], contiguous; xa's row stride and r_max may be anything.
+    # One K split and ordinary launches (SPLIT_K 1, no programmatic dependent launch), as the C launchers run them.
     *(Variant("multi_shrink", "seg", "multi_lora_shrink", _MULTI_SHRINK_PTRS, ("stride_xk", "stride_ak", "stride_or"),
-              ("stride_os", "stride_om"), {"UPCAST": False, "SPLIT_K": 1, "BLOCK_R": rank_tile}, _MULTI_SHRINK_CFG,
-              "segments_by_rank", rank_tile=rank_tile) for rank_tile in (16, 64)),
+              ("stride_os", "stride_om"), {"UPCAST": False, "SPLIT_K": 1, "USE_PDL": False, "BLOCK_R": rank_tile},
+              _MULTI_SHRINK_CFG, "segments_by_rank", rank_tile=rank_tile) for rank_tile in (16, 64)),
     *(Variant("multi_expand", "seg_scales" if scales else "seg", "multi_lora_expand", _MULTI_EXPAND_PTRS,
               ("stride_or", "stride_br", "stride_yn"), ("stride_om", "stride_bn"),
-              {"UPCAST": False, "HAS_TOKEN_SCALES": scales}, _MULTI_EXPAND_CFG, "segments_by_cols")
+              {"UPCAST": False, "HAS_TOKEN_SCALES": scales, "SPLIT_K": 1}, _MULTI_EXPAND_CFG, "segments_by_cols")
       for scales in (False, True)),
 )  # fmt: skip
 

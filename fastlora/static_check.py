@@ -66,6 +66,13 @@ class KernelSpec:
     kernel: GpuKernel
     sites: tuple[Site, ...]
     gemm_min_block_m: int | None = None
+    # Switches the launcher sets from the GPU it runs on, over each site's own: arch -> constexprs.
+    arch_constexprs: dict[int, dict[str, object]] = dataclasses.field(default_factory=dict)
+
+    def site_at(self, index: int, arch: int) -> Site:
+        """Site ``index`` as the launcher calls it on ``sm_<arch>``."""
+        site = self.sites[index]
+        return dataclasses.replace(site, constexprs={**site.constexprs, **self.arch_constexprs.get(arch, {})})
 
     @property
     def name(self) -> str:
@@ -212,32 +219,43 @@ def kernel_specs() -> list[KernelSpec]:
     )  # fmt: skip
     meta_ptrs = {"sorted_ids_ptr": "i32", "seg_offsets_ptr": "i32", "seg_slots_ptr": "i32", "ranks_ptr": "i32",
                  "scalings_ptr": "fp32", "token_scales_ptr": "fp32", "token_slots_ptr": "i32"}  # fmt: skip
+    # Programmatic dependent launch (griddepcontrol) exists from sm_90 on: the decode launchers use it there.
+    pdl = {90: {"USE_PDL": True}}
     multi_shrink_spec = KernelSpec(
         multi_lora.SHRINK_GPU_KERNEL,
         tuple(
             Site(name, {"x_ptr": "act", "a_ptr": "lora", "xa_ptr": "fp32", **meta_ptrs},
-                 ("stride_xk", "stride_ak", "stride_or"), {**common, "SPLIT_K": split_k, "BLOCK_R": block_r})
-            for name, split_k, block_r in (("decode r<=16 split 8", 8, 16), ("prefill r<=64", 1, 64))
+                 ("stride_xk", "stride_ak", "stride_or"),
+                 {**common, "SPLIT_K": split_k, "USE_PDL": False, "BLOCK_R": block_r})
+            for name, split_k, block_r in (("decode r<=16 split 8", 8, 16), ("prefill r<=64", 1, 64),
+                                           ("prefill r<=64 split 8", 8, 64))
         ),
+        arch_constexprs=pdl,
     )  # fmt: skip
     multi_expand_spec = KernelSpec(
         multi_lora.EXPAND_GPU_KERNEL,
-        (
-            Site("y+=c·xa·Bᵀ", {"xa_ptr": "fp32", "b_ptr": "lora", "y_ptr": "act", **meta_ptrs},
-                 ("stride_or", "stride_br", "stride_yn"), {**common, "HAS_TOKEN_SCALES": True}),
+        tuple(
+            Site(name, {"xa_ptr": "fp32", "b_ptr": "lora", "y_ptr": "act", **meta_ptrs},
+                 ("stride_or", "stride_br", "stride_yn"), {**common, "HAS_TOKEN_SCALES": True, "SPLIT_K": split_k})
+            for name, split_k in (("y+=c·xa·Bᵀ", 1), ("y+=c·Σxa·Bᵀ split 8", 8))
         ),
     )  # fmt: skip
     fused_ptrs = {"x_ptr": "act", "wt_ptr": "act", "bias_ptr": "act", "xa_ptr": "fp32", "b_ptr": "lora",
                   "y_ptr": "act", **meta_ptrs}  # fmt: skip
+    # EVEN_R: whole rank chunks of B (vector loads, r_max a multiple of EPI_R) at one site, the bounded ones at the other.
     multi_fused_spec = KernelSpec(
         multi_lora.FUSED_GPU_KERNEL,
         (
             Site("decode W0 [N,K] split 8", fused_ptrs, ("stride_xk", "stride_wk", "stride_or", "stride_br", "stride_yn"),
-                 {**common, "HAS_BIAS": True, "HAS_TOKEN_SCALES": True, "SPLIT_K": 8}),
-            Site("decode W0 [K,N] split 1", fused_ptrs, ("stride_xk", "stride_wn", "stride_or", "stride_br", "stride_yn"),
-                 {**common, "HAS_BIAS": True, "HAS_TOKEN_SCALES": False, "SPLIT_K": 1}),
+                 {**common, "HAS_BIAS": True, "HAS_TOKEN_SCALES": True, "SPLIT_K": 8, "USE_PDL": False,
+                  "EVEN_R": True}),
+            Site("decode W0 [K,N] split 1 odd r_max", fused_ptrs,
+                 ("stride_xk", "stride_wn", "stride_or", "stride_br", "stride_yn"),
+                 {**common, "HAS_BIAS": True, "HAS_TOKEN_SCALES": False, "SPLIT_K": 1, "USE_PDL": False,
+                  "EVEN_R": False}),
         ),
         gemm_min_block_m=64,
+        arch_constexprs=pdl,
     )  # fmt: skip
     return [
         shrink_spec, expand_spec, onepass_spec, wgrad_spec, dy_spec, dx_spec, multi_shrink_spec, multi_expand_spec,
@@ -249,7 +267,7 @@ def _compile_one(job) -> tuple[Result, bytes | None]:
     """One compile's ``Result`` and its cubin (``None`` when it failed)."""
     spec_index, site_index, config_index, act, lora, arch = job
     spec = kernel_specs()[spec_index]
-    site, config = spec.sites[site_index], spec.configs[config_index]
+    site, config = spec.site_at(site_index, arch), spec.configs[config_index]
     result = Result(spec.name, site.name, f"{act}/{lora}", config_name(config), arch, spec.needs_hgmma(config, arch))
     try:
         compiled = compile_kernel(spec.fn, *kernel_signature(spec.fn, site, act, lora, config), config, arch)
@@ -290,13 +308,14 @@ def jobs(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list[tuple]:
     for si, spec in enumerate(kernel_specs()):
         if kernels is not None and spec.name not in kernels:
             continue
-        for ti, site in enumerate(spec.sites):
+        for ti in range(len(spec.sites)):
             for act, lora in dtypes:
                 for ci, config in enumerate(spec.configs):
                     for arch in archs:
                         # The launcher prunes against the shared memory of the GPU it runs on.
                         with smem_limit(SMEM_LIMIT[arch]):
-                            if spec.kernel.config_ok(config, ELEM_BYTES[act], ELEM_BYTES[lora], **site.constexprs):
+                            constexprs = spec.site_at(ti, arch).constexprs
+                            if spec.kernel.config_ok(config, ELEM_BYTES[act], ELEM_BYTES[lora], **constexprs):
                                 out.append((si, ti, ci, act, lora, arch))
     return out
 

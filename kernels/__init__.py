@@ -22,6 +22,7 @@ from .expand import lora_expand
 from .multi_lora import MAX_SEGMENT_TOKENS as MULTI_MAX_SEGMENT_TOKENS
 from .multi_lora import decode_splits as multi_decode_splits
 from .multi_lora import multi_lora_expand, multi_lora_fused, multi_lora_shrink
+from .multi_lora import segmented_splits as multi_segmented_splits
 from .onepass import MAX_RANK as ONEPASS_MAX_RANK
 from .onepass import lora_onepass
 from .shrink import lora_shrink
@@ -59,6 +60,7 @@ __all__ = [
     "multi_lora_fused",
     "multi_decode_splits",
     "multi_lora_shrink",
+    "multi_segmented_splits",
     "ONEPASS_MAX_RANK",
     "rank_tile",
     "recording_launches",

@@ -151,6 +151,98 @@ def test_decode_shrink_k_splits():
         assert_close(y, want, torch.float32, 100 + 80, f"y split_k={split_k}")
 
 
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_segmented_k_splits(split_k, monkeypatch):
+    """The segmented shrink's K splits, summed by the expand in a fixed order as it loads ``xa``, give the same layer
+    (with K = 100 and 64-column steps, splits 3 and 4 lie past the end of K and add zeros); the op takes the split
+    count from ``segmented_splits``."""
+    ranks = [16, 8, 1, 80]
+    slots = unsorted_slots(24, 4, seed=split_k)
+    case = make_case(len(slots), 100, 21, ranks, slots, torch.float16, torch.float32, token_scales=True)
+    x, w, b, a_pool, b_pool, meta = case
+    want = expected(*case)
+    xa = kernels.multi_lora_shrink(x, a_pool, meta.slot_ranks, *meta.kernel_args(), split_k=split_k)
+    assert xa.shape == (split_k, len(slots), 80)
+    y = x @ w.t() + b
+    kernels.multi_lora_expand(y, xa, b_pool, meta.slot_ranks, meta.slot_scalings, *meta.kernel_args())
+    assert_close(y, want, torch.float16, 100 + 80, f"kernels, split_k={split_k}")
+    with pytest.raises(ValueError, match="laid out"):  # the expand finds a token's splits side by side
+        kernels.multi_lora_expand(y, xa.contiguous(), b_pool, meta.slot_ranks, meta.slot_scalings, *meta.kernel_args())
+
+    calls = []
+
+    def splits(*args):
+        calls.append(args)
+        return split_k
+
+    monkeypatch.setattr(kernels, "multi_segmented_splits", splits)
+    assert_close(run(case, impl="segmented"), want, torch.float16, 100 + 80, f"op, split_k={split_k}")
+    assert calls == [(meta.num_segments, meta.max_segment_len, meta.max_rank, 100, x.device)]
+
+
+def test_segmented_splits_fill_the_gpu():
+    """K is split only while the grid underfills the GPU (132 SMs off CUDA), in powers of two up to 8, keeping at least
+    512 columns per split; no host reads, so it is a function of host integers."""
+    cpu = torch.device("cpu")
+    assert kernels.multi_segmented_splits(32, 4, 16, 4096, cpu) == 8  # 32 programs -> 256
+    assert kernels.multi_segmented_splits(32, 4, 16, 1024, cpu) == 2  # 512 columns per split at most
+    assert kernels.multi_segmented_splits(32, 4, 16, 1000, cpu) == 1
+    assert kernels.multi_segmented_splits(100, 64, 16, 4096, cpu) == 4  # 100 programs -> 400 >= 264
+    assert kernels.multi_segmented_splits(32, 4, 128, 4096, cpu) == 8  # two rank blocks: 64 programs -> 512
+    assert kernels.multi_segmented_splits(4, 2048, 16, 4096, cpu) == 4  # 32 token blocks each: 128 programs
+    assert kernels.multi_segmented_splits(16, 2048, 16, 4096, cpu) == 1  # 512 programs
+    assert kernels.multi_segmented_splits(0, 0, 0, 4096, cpu) == 1
+
+
+@pytest.mark.parametrize("r_max,ranks", [(16, [3, 16, 9, 1]), (20, [20, 5, 12, 1])], ids=["even_r", "odd_r"])
+@pytest.mark.parametrize("lora_dtype", [torch.float16, torch.float32])
+def test_fused_rank_chunks(r_max, ranks, lora_dtype):
+    """The fused epilogue gathers B in whole chunks of EPI_R = 8 rank columns up to the tile's largest rank. With
+    r_max = 16 the chunks stay inside the pool (the launcher passes EVEN_R) and are masked only by row and column;
+    with r_max = 20 the last chunk would pass r_max and is also bounded. Pool entries past each slot's rank hold NaN, which the chunks
+    read and must drop; tokens 16-19 (the second 16-row tile) have no adapter."""
+    from fastlora.kernels import multi_lora
+
+    assert [c.kwargs["EPI_R"] for c in multi_lora._fused_configs()] == [8] and multi_lora.FUSED_EPI_R_ALIGN == 8
+    slots = [0, 1, 2, 3, -1, 1, 0, 2, 1, 3, 0, 2, 1, -1, 0, 1, -1, -1, -1, -1]
+    case = make_case(len(slots), 40, 33, ranks, slots, torch.float16, lora_dtype, r_max=r_max, token_scales=True)
+    assert_close(run(case, impl="fused"), expected(*case), torch.float16, 40 + r_max, "y")
+
+
+def test_pdl_only_on_sm90_without_the_interpreter(monkeypatch):
+    """Programmatic dependent launch needs a CUDA device of compute capability 9.0 or newer and compiled kernels:
+    never in the interpreter, and ``FASTLORA_PDL=0`` turns it off."""
+    from fastlora.kernels import multi_lora
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("FASTLORA_PDL", raising=False)
+    assert not multi_lora.pdl_enabled(cuda) and not multi_lora.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setattr(multi_lora, "is_interpreting", lambda: False)
+    monkeypatch.setattr(multi_lora, "_cuda_major", lambda index: 9)
+    assert multi_lora.pdl_enabled(cuda) and not multi_lora.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setenv("FASTLORA_PDL", "0")
+    assert not multi_lora.pdl_enabled(cuda)
+    monkeypatch.setenv("FASTLORA_PDL", "1")
+    monkeypatch.setattr(multi_lora, "_cuda_major", lambda index: 8)
+    assert not multi_lora.pdl_enabled(cuda)
+
+
+def test_static_check_compiles_the_decode_variants():
+    """The static check compiles what the launchers run: PDL on sm_90 only (griddepcontrol is sm_90+), the fused
+    gather with and without EVEN_R, and the segmented shrink and expand with K splits."""
+    from fastlora import static_check
+
+    specs = {spec.name: spec for spec in static_check.kernel_specs()}
+    for name in ("multi_lora_shrink", "multi_lora_fused"):
+        spec = specs[name]
+        for i in range(len(spec.sites)):
+            assert spec.site_at(i, 80).constexprs["USE_PDL"] is False
+            assert spec.site_at(i, 90).constexprs["USE_PDL"] is True
+    assert {site.constexprs["EVEN_R"] for site in specs["multi_lora_fused"].sites} == {True, False}
+    assert max(site.constexprs["SPLIT_K"] for site in specs["multi_lora_expand"].sites) == 8
+    assert {(s.constexprs["SPLIT_K"], s.constexprs["BLOCK_R"]) for s in specs["multi_lora_shrink"].sites} >= {(8, 64)}
+
+
 def test_deterministic():
     ranks = [8, 16]
     slots = unsorted_slots(20, 2)

@@ -224,7 +224,8 @@ def multi_lora_triton(
 ) -> torch.Tensor:  # fmt: skip
     """The whole layer on the triton backend for ``x [T, K]`` and ``wt [K, N]`` (either layout of W0); ``batch`` is
     ``BatchMeta.kernel_args()``, handed to every launcher as its trailing arguments. ``impl`` is ``"fused"`` (decode: shrink with K splits, then the fused GEMM) or
-    ``"segmented"`` (vendor base GEMM, then the segmented shrink and expand)."""
+    ``"segmented"`` (vendor base GEMM, then the segmented shrink, with K splits when its grid would underfill the
+    GPU, and expand)."""
     has_lora = batch.num_segments > 0 and batch.max_rank > 0
     if impl == "fused":
         split_k = kernels.multi_decode_splits(x.shape[1]) if has_lora else 1
@@ -232,8 +233,11 @@ def multi_lora_triton(
         return kernels.multi_lora_fused(x, wt, bias, xa, b_pool, ranks, scalings, *batch)
     y = _base_gemm(x, wt, bias)
     if has_lora and y.numel():
-        xa = kernels.multi_lora_shrink(x, a_pool, ranks, *batch)
-        kernels.multi_lora_expand(y, xa[0], b_pool, ranks, scalings, *batch)
+        split_k = kernels.multi_segmented_splits(
+            batch.num_segments, batch.max_segment_len, batch.max_rank, x.shape[1], x.device
+        )
+        xa = kernels.multi_lora_shrink(x, a_pool, ranks, *batch, split_k=split_k)
+        kernels.multi_lora_expand(y, xa, b_pool, ranks, scalings, *batch)
     return y
 
 
