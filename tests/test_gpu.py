@@ -266,3 +266,94 @@ def test_multi_lora_model_matches_peft(peft_served, device, monkeypatch):
         with torch.no_grad():
             alone = peft_model.generate(input_ids=prompt[i : i + 1], adapter_names=[name], **row_kwargs)
         assert torch.equal(tokens[i], alone[0]), f"row {i} ({name}) differs from PEFT on that row alone"
+
+
+# ------------------------------------------------------------------------------------------------- CUDA graphs
+
+
+def _graph_model(dirs, device, max_adapters=4):
+    from serving_helpers import TARGETS
+
+    from fastlora.serving import MultiLoraModel
+
+    mm = MultiLoraModel(serving_llama().to(device), TARGETS, max_adapters=max_adapters, max_rank=16)
+    for name, directory in dirs.items():
+        mm.load_adapter(name, directory)
+    return mm
+
+
+def test_decode_graphs_replay_the_eager_tokens(peft_served, device, monkeypatch):
+    """``generate`` with CUDA graphs: the first call captures the decode step (once for its batch size), the next
+    replays it; both give the tokens of the eager generate (dynamic cache, exact metadata). In the dry run the same
+    fixed-size path runs eagerly and nothing is captured."""
+    from serving_helpers import IDS, ROWS, record_multi_launches
+
+    record_multi_launches(monkeypatch, "triton")
+    mm = _graph_model(peft_served[1], device)
+    prompt = IDS[:, :5].to(device)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with pinned_configs(SERVING_PIN):
+        want = mm.generate(prompt, adapter_names=ROWS, cuda_graphs=False, **kwargs)
+        first = mm.generate(prompt, adapter_names=ROWS, **kwargs)
+        second = mm.generate(prompt, adapter_names=ROWS, **kwargs)
+    assert torch.equal(first, want) and torch.equal(second, want)
+    assert mm.graphs.captures == (1 if ON_CUDA else 0)
+    assert mm.graphs.replays == (2 * 6 - 3 if ON_CUDA else 0)  # every decode step but the first call's first
+
+
+def test_decode_graphs_survive_loads_unloads_and_evictions(peft_served, device, monkeypatch):
+    """Three adapters through a pool of two slots: between graphed calls adapters are evicted, unloaded and loaded
+    again into other slots, and the rows change; every call gives the eager tokens, and the graphs captured for the
+    first calls keep being replayed (no capture per call)."""
+    from serving_helpers import IDS, record_multi_launches
+
+    record_multi_launches(monkeypatch, "triton")
+    dirs = peft_served[1]
+    graphed, eager = _graph_model(dirs, device, max_adapters=2), _graph_model(dirs, device, max_adapters=2)
+    prompt = IDS[:, :5].to(device)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mixes = [["sql", None, "chat", "sql", None], ["math", "math", None, "chat", "chat"], [None] * 5,
+             ["sql", "math", "math", None, "sql"], ["chat", "sql", "chat", "chat", None]]  # fmt: skip
+    with pinned_configs(SERVING_PIN):
+        for i, names in enumerate(mixes):
+            if i == 3:
+                for model in (graphed, eager):
+                    model.unload_adapter("math")
+                    model.load_adapter("math", dirs["math"])
+            got = graphed.generate(prompt, adapter_names=names, **kwargs)
+            want = eager.generate(prompt, adapter_names=names, cuda_graphs=False, **kwargs)
+            assert torch.equal(got, want), f"call {i} ({names})"
+    if ON_CUDA:
+        # One graph per metadata layout: adapters (rank bucket 16) and the base-only batch.
+        assert graphed.graphs.captures == 2
+        assert graphed.graphs.replays == len(mixes) * 3 - 2
+
+
+def test_decode_step_api_replays_a_serving_loop(peft_served, device, monkeypatch):
+    """A serving loop through ``mm(...)`` over ``mm.static_cache``: decode steps are replayed while the rows' adapters
+    change from step to step; the logits match the same loop run eagerly."""
+    from serving_helpers import IDS, ROWS, record_multi_launches
+
+    record_multi_launches(monkeypatch, "triton")
+    steps = [ROWS, ["chat", None, "chat", "sql", "sql"], ["math", "math", None, None, "math"], ROWS]
+
+    def loop(mm, cuda_graphs):
+        cache = mm.static_cache(64)
+        arg = mm.graphs.cache_arg
+        ids = IDS.to(device)
+        logits = mm(ids, adapter_names=steps[0], cuda_graphs=cuda_graphs, **{arg: cache}).logits[:, -1]
+        out = [logits.clone()]
+        for names in steps:
+            ids = logits.argmax(-1, keepdim=True)
+            logits = mm(ids, adapter_names=names, cuda_graphs=cuda_graphs, **{arg: cache}).logits[:, -1]
+            out.append(logits.clone())
+        return out
+
+    dirs = peft_served[1]
+    graphed = _graph_model(dirs, device)
+    with pinned_configs(SERVING_PIN):
+        got, want = loop(graphed, True), loop(_graph_model(dirs, device), False)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert_close(g, w, torch.float32, reduce_len=4 * 256, name=f"step {i}")
+    if ON_CUDA:
+        assert graphed.graphs.captures == 1 and graphed.graphs.replays == len(steps) - 1

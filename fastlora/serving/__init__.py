@@ -1,8 +1,10 @@
 """Serving many LoRA adapters over one base model: the multi-adapter layer and its batch context, the adapter pool,
-the multi-adapter model. ``BatchMeta`` (the batch metadata the multi-adapter op reads) is ``fastlora.ops.BatchMeta``.
+the multi-adapter model, and its decode step in CUDA graphs (``DecodeGraphs``). ``BatchMeta`` (the batch metadata
+the multi-adapter op reads) and ``StaticBatch`` (it in fixed-size buffers) are in ``fastlora.ops``.
 """
 
-from ..ops import BatchMeta
+from ..ops import BatchMeta, StaticBatch
+from .graphs import DecodeGraphs
 from .linear import BatchSource, MultiLoraLinear, batch_meta, current_batch_meta, reset_batch_meta, set_batch_meta
 from .model import MultiLoraModel
 from .pool import AdapterInfo, AdapterLease, AdapterPool, PoolLayer, UnknownAdapterError
@@ -13,9 +15,11 @@ __all__ = [
     "AdapterPool",
     "BatchMeta",
     "BatchSource",
+    "DecodeGraphs",
     "MultiLoraLinear",
     "MultiLoraModel",
     "PoolLayer",
+    "StaticBatch",
     "UnknownAdapterError",
     "batch_meta",
     "current_batch_meta",

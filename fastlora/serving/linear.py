@@ -50,6 +50,26 @@ class _FixedMeta:
 _BATCH: contextvars.ContextVar[BatchSource | None] = contextvars.ContextVar("fastlora_batch", default=None)
 
 
+# What compiled layers read instead: dynamo cannot trace ``ContextVar.get``, so the calls that set the context variable
+# (``batch_meta``, ``set_batch_meta``, ``MultiLoraModel``'s calls) set this process-wide value with it, and a layer
+# under ``torch.compile`` reads it. Dynamo guards on the type and the host integers of what it reads, not on the
+# object, so a new batch of the same sizes reuses the compiled graph; compiled layers of one process must not run
+# concurrently in several threads.
+_COMPILED_SOURCE: BatchSource | None = None
+
+
+def _set_source(source: BatchSource | None) -> tuple[contextvars.Token, BatchSource | None]:
+    global _COMPILED_SOURCE
+    previous, _COMPILED_SOURCE = _COMPILED_SOURCE, source
+    return _BATCH.set(source), previous
+
+
+def _reset_source(tokens: tuple[contextvars.Token, BatchSource | None]) -> None:
+    global _COMPILED_SOURCE
+    token, _COMPILED_SOURCE = tokens
+    _BATCH.reset(token)
+
+
 def _as_source(batch: BatchMeta | BatchSource | None) -> BatchSource | None:
     return batch if batch is None or hasattr(batch, "meta_for") else _FixedMeta(batch)
 
@@ -62,25 +82,25 @@ def current_batch_meta() -> BatchMeta | BatchSource | None:
     return source.meta if isinstance(source, _FixedMeta) else source
 
 
-def set_batch_meta(batch: BatchMeta | BatchSource | None) -> contextvars.Token:
+def set_batch_meta(batch: BatchMeta | BatchSource | None) -> tuple:
     """Set the current batch for this context (a ``BatchMeta`` for every layer, or a ``BatchSource``); returns the
     token for ``reset_batch_meta``."""
-    return _BATCH.set(_as_source(batch))
+    return _set_source(_as_source(batch))
 
 
-def reset_batch_meta(token: contextvars.Token) -> None:
-    _BATCH.reset(token)
+def reset_batch_meta(token: tuple) -> None:
+    _reset_source(token)
 
 
 @contextlib.contextmanager
 def batch_meta(batch: BatchMeta | BatchSource | None):
     """``with batch_meta(meta): model(...)``: the ``MultiLoraLinear`` layers compute ``meta``'s batch (every layer
     must then see all of its tokens; pass a ``BatchSource`` for layers that see fewer)."""
-    token = _BATCH.set(_as_source(batch))
+    token = _set_source(_as_source(batch))
     try:
         yield batch
     finally:
-        _BATCH.reset(token)
+        _reset_source(token)
 
 
 class MultiLoraLinear(AdaptedLinear):
@@ -116,7 +136,7 @@ class MultiLoraLinear(AdaptedLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        source = _BATCH.get()
+        source = _COMPILED_SOURCE if torch.compiler.is_compiling() else _BATCH.get()
         meta = None if source is None else source.meta_for(self.pool, tuple(x.shape[:-1]), x.device)
         if meta is None:
             return self.base_forward(x)

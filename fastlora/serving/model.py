@@ -22,14 +22,20 @@ Limits: inference only (calls run under ``torch.no_grad``); each row uses one ad
 layer must see its tokens row-major, rows in the batch's order (``[B, L, ...]``, or those flattened): models that
 reorder or regroup tokens before a target layer (token packing, mixture-of-experts routing) are not supported, as
 their rows would get other rows' adapters; only a row count that is not a multiple of the call's rows is detected
-(it raises). ``torch.compile`` of the wrapped model is not supported (the context variable is read in Python).
+(it raises).
+
+Decode steps run from CUDA graphs by default (``cuda_graphs``; ``fastlora.serving.graphs``): ``generate`` keeps a static
+KV cache per batch size and replays each decode step, whose adapter metadata sits in fixed-size device buffers
+(``fastlora.ops.StaticBatch``) rewritten before the step; a serving loop gets the same from ``__call__`` over
+``static_cache()``. ``compile()`` compiles the model (or some of its layers) and makes calls prepare the fixed-size
+metadata the compiled layers read, so they trace without graph breaks.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -38,7 +44,8 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..model import adapted_modules, find_targets, is_conv1d, lora_layers, set_submodule
-from ..ops import BatchMeta
+from ..ops import BatchMeta, StaticBatch
+from .graphs import DecodeGraphs
 from .linear import MultiLoraLinear, reset_batch_meta, set_batch_meta
 from .pool import AdapterInfo, AdapterLease, AdapterPool, PoolLayer
 
@@ -48,7 +55,12 @@ BASE = "__base__"
 
 class _Rows:
     """The adapter of each row of the running call, and the ``BatchMeta`` built for each layer input shape: the
-    ``BatchSource`` (``fastlora.serving.linear``) of a ``MultiLoraModel`` call."""
+    ``BatchSource`` (``fastlora.serving.linear``) of a ``MultiLoraModel`` call.
+
+    Two kinds of metadata: the exact one (``BatchMeta.build``: grids sized for this batch), built on first use per
+    shape, for eager layers; and fixed-size metadata (``StaticBatch``: grids sized for the batch's size only) for
+    decode steps that are captured or replayed in CUDA graphs (``use_static``) and for layers under
+    ``torch.compile`` (prebuilt by ``prebuild``: a compiled region cannot build it without a graph break)."""
 
     def __init__(self, model: MultiLoraModel, lease: AdapterLease, row_scales: tuple[float, ...] | None):
         self.model = model
@@ -56,34 +68,88 @@ class _Rows:
         self.lease = lease
         self.row_slots = lease.row_slots
         self.row_scales = row_scales
+        self.base_only = all(slot < 0 for slot in self.row_slots)
         self.metas: dict[tuple[int, int, torch.device], BatchMeta] = {}
+        self.static: dict[tuple[int, int, torch.device], BatchMeta] = {}
 
     def meta_for(self, pool: PoolLayer, shape: tuple[int, ...], device: torch.device) -> BatchMeta | None:
         """The meta of a layer input ``[B', L', ...]`` (``[B']``: one position per row): ``B'`` is the call's rows,
-        each repeated ``B' / rows`` times, with ``L' · ...`` positions each."""
-        if self.layers.get(pool.name) is not pool:
+        each repeated ``B' / rows`` times, with ``L' · ...`` positions each. None when no row has an adapter."""
+        if self.base_only or self.layers.get(pool.name) is not pool:
             # A layer of another pool: a second wrapped model run inside this call (an assistant model in assisted
             # generation) computes its base model, as it would outside any call.
             return None
-        batch = shape[0] if shape else 1
-        key = (batch, math.prod(shape[1:]), device)
+        key = (shape[0] if shape else 1, math.prod(shape[1:]), device)
+        meta = self.static.get(key)
+        if meta is not None:
+            return meta
+        if torch.compiler.is_compiling():
+            return self._static_meta(pool, key)
         meta = self.metas.get(key)
         if meta is None:
-            rows = len(self.row_slots)
-            if batch % rows:
-                raise ValueError(
-                    f"MultiLoraModel: layer {pool.name!r} sees {batch} rows (input {shape}) in a call for {rows} rows "
-                    "(adapter_names has one entry per row; generate may only repeat rows, as num_return_sequences and "
-                    "beam search do)"
-                )
-            repeat = batch // rows  # transformers expands row i to rows i*repeat ... i*repeat + repeat - 1
-            slots = [s for s in self.row_slots for _ in range(repeat)]
-            scales = None if self.row_scales is None else [s for s in self.row_scales for _ in range(repeat)]
-            meta = BatchMeta.from_rows(
-                slots, key[1], self.lease.slot_ranks, self.lease.slot_scalings, row_scales=scales, device=device
-            )
+            slots, scales = self._token_rows(pool, key)
+            meta = BatchMeta.build(slots, self.lease.slot_ranks, self.lease.slot_scalings, scales, device=device)
             self.metas[key] = meta
         return meta
+
+    def _token_rows(self, pool: PoolLayer, key: tuple[int, int, torch.device]) -> tuple[list[int], list[float] | None]:
+        """The slot (and scale) of every token of a layer input of ``key``'s rows and positions."""
+        batch, positions, _ = key
+        rows = len(self.row_slots)
+        if batch % rows:
+            raise ValueError(
+                f"MultiLoraModel: layer {pool.name!r} sees {batch} rows in a call for {rows} rows (adapter_names has "
+                "one entry per row; generate may only repeat rows, as num_return_sequences and beam search do)"
+            )
+        repeat = batch // rows  # transformers expands row i to rows i*repeat ... i*repeat + repeat - 1
+        slots = [s for s in self.row_slots for _ in range(repeat * positions)]
+        scales = None
+        if self.row_scales is not None:
+            scales = [s for s in self.row_scales for _ in range(repeat * positions)]
+        return slots, scales
+
+    def _rank_bucket(self) -> int:
+        """The ``max_rank`` of fixed-size metadata: the rows' largest rank rounded up to a power of two (at least 16,
+        at most the pool's ``max_rank``), so that graphs and compiled code are shared by batches of similar ranks."""
+        used = max(self.lease.slot_ranks[s] for s in self.row_slots if s >= 0)
+        return min(self.model.pool.max_rank, max(16, 1 << (used - 1).bit_length()))
+
+    @torch.compiler.disable
+    def _static_meta(self, pool: PoolLayer, key: tuple[int, int, torch.device]) -> BatchMeta:
+        """Fixed-size metadata for ``key``, in buffers of its own (a compiled layer asked for a shape ``prebuild``
+        did not prepare: a graph break, or an error under ``fullgraph=True``)."""
+        batch, positions, device = key
+        slots, scales = self._token_rows(pool, key)
+        buffers = StaticBatch(
+            batch * positions, len(self.lease.slot_ranks), self._rank_bucket(), device, token_scales=scales is not None
+        )
+        self.static[key] = meta = buffers.update(slots, self.lease.slot_ranks, self.lease.slot_scalings, scales)
+        return meta
+
+    def prebuild(self, shapes: list[tuple[int, int]]) -> None:
+        """Fixed-size metadata for layer inputs of these ``(rows, positions)``, for compiled layers."""
+        if self.base_only:
+            return
+        pool = next(iter(self.layers.values()))
+        for batch, positions in shapes:
+            key = (batch, positions, self.model.device)
+            if key not in self.static and batch % len(self.row_slots) == 0:
+                self._static_meta(pool, key)
+
+    def use_static(self, rows: int, device: torch.device) -> Hashable:
+        """Make the decode step of ``rows`` rows (one position each) read this call's rows from the model's
+        persistent fixed-size buffers for that size, written now; returns what a graph of the step is keyed by."""
+        if self.base_only:
+            return "base"
+        key = (rows, 1, device)
+        if key not in self.static:
+            rank = self._rank_bucket()
+            scaled = self.row_scales is not None
+            buffers = self.model._static_batch(rows, rank, scaled, device)
+            slots, scales = self._token_rows(next(iter(self.layers.values())), key)
+            self.static[key] = buffers.update(slots, self.lease.slot_ranks, self.lease.slot_scalings, scales)
+        meta = self.static[key]
+        return rows, meta.max_rank, meta.token_scales is not None
 
 
 # The running call's rows, whichever model it is for: calls do not nest, not even calls of two models.
@@ -112,6 +178,7 @@ class MultiLoraModel:
         max_rank: int = 64,
         dtype: torch.dtype | None = None,
         acquire_timeout: float | None = None,
+        cuda_graphs: bool = True,
     ):
         if any(isinstance(m, MultiLoraLinear) for m in model.modules()) or any(True for _ in lora_layers(model)):
             raise ValueError("MultiLoraModel: the model already has LoRA layers; unload or unwrap them first")
@@ -135,6 +202,10 @@ class MultiLoraModel:
         for name, module in modules.items():
             layer = MultiLoraLinear.from_linear(module, self.pool.layers[name], fan_in_fan_out=is_conv1d(module))
             set_submodule(model, name, layer)
+        self.cuda_graphs = cuda_graphs
+        self.graphs = DecodeGraphs(model, prepare=self._prepare_decode)
+        self._static: dict[tuple[int, int, bool, torch.device], StaticBatch] = {}
+        self._compiled = False
 
     # -------------------------------------------------------------------------------------------- adapters
 
@@ -175,13 +246,25 @@ class MultiLoraModel:
         *,
         adapter_names: Sequence[str | None] | str | None = None,
         adapter_scales: Sequence[float | None] | None = None,
+        cuda_graphs: bool | None = None,
         **kwargs,
     ):
         """The wrapped model's forward (its output, e.g. ``CausalLMOutputWithPast``) with row ``i`` computed with
         adapter ``adapter_names[i]`` (None or ``"__base__"``: the base model; a single str: every row; omitted:
-        every row is base). ``adapter_scales[i]`` multiplies row ``i``'s LoRA term (default 1)."""
+        every row is base). ``adapter_scales[i]`` multiplies row ``i``'s LoRA term (default 1).
+
+        The decode-step API of a serving loop: a call of one position per row (``input_ids [B, 1]``) over a
+        transformers ``StaticCache`` (``static_cache``), with every other tensor argument of a fixed shape, is
+        replayed from a CUDA graph captured for its batch size (``DecodeGraphs``; ``cuda_graphs`` overrides the
+        model's default for this call). The rows' adapters may change from step to step, and adapters may be loaded,
+        unloaded and evicted between steps: the graph reads the batch's metadata and the pool's slots in place."""
         batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
-        with self._rows(adapter_names, adapter_scales, batch), torch.no_grad():
+        with (
+            self._rows(adapter_names, adapter_scales, batch, [(batch, _positions(input_ids, kwargs))]),
+            torch.no_grad(),
+        ):
+            if self.cuda_graphs if cuda_graphs is None else cuda_graphs:
+                return self.graphs(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(
@@ -191,13 +274,41 @@ class MultiLoraModel:
         *,
         adapter_names: Sequence[str | None] | str | None = None,
         adapter_scales: Sequence[float | None] | None = None,
+        cuda_graphs: bool | None = None,
         **generate_kwargs,
     ):
-        """``model.generate`` with each row's adapter (as in ``__call__``) pinned for the whole generation; the KV
-        cache works as usual. The rows' adapters stay resident until it returns."""
+        """``model.generate`` with each row's adapter (as in ``__call__``) pinned for the whole generation. The rows'
+        adapters stay resident until it returns.
+
+        With CUDA graphs (the model's ``cuda_graphs``, or this call's) the generation runs over a static KV cache kept
+        per batch size and length bucket, and every decode step after the first of a batch size is replayed from a
+        CUDA graph (``DecodeGraphs``); the tokens are those of the eager run. Beam search, assisted generation and a
+        cache passed in by the caller run eagerly (a caller's ``StaticCache`` is still replayed over). On a CPU the
+        same static cache and fixed-size metadata run eagerly."""
         batch = _batch_size(input_ids, generate_kwargs.get("inputs_embeds"))
-        with self._rows(adapter_names, adapter_scales, batch):
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        positions = _positions(input_ids, generate_kwargs)
+        copies = max(generate_kwargs.get("num_return_sequences") or 1, generate_kwargs.get("num_beams") or 1)
+        shapes = [(batch * copies, positions), (batch * copies, 1)]
+        with self._rows(adapter_names, adapter_scales, batch, shapes):
+            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            if self.cuda_graphs if cuda_graphs is None else cuda_graphs:
+                return self.graphs.generate(**kwargs)
+            return self.model.generate(**kwargs)
+
+    def static_cache(self, max_cache_len: int):
+        """A transformers ``StaticCache`` for the wrapped model, ``max_cache_len`` positions per row, for a serving
+        loop that calls the model step by step (see ``__call__``)."""
+        return self.graphs.static_cache(max_cache_len)
+
+    def compile(self, *module_names: str, **compile_kwargs) -> None:
+        """``torch.compile`` the wrapped model in place (``nn.Module.compile``), or only the submodules named (e.g.
+        its decoder layers, ``"model.layers.0"``), with ``compile_kwargs``; every call then prepares the fixed-size
+        metadata its compiled layers read, so that they trace without graph breaks (``fullgraph=True`` works) and
+        a batch of another adapter mix but the same sizes reuses the compiled code."""
+        modules = [self.model.get_submodule(name) for name in module_names] or [self.model]
+        for module in modules:
+            module.compile(**compile_kwargs)
+        self._compiled = True
 
     def unwrap(self) -> nn.Module:
         """Put the model's original layers back and return it; this wrapper is unusable afterwards."""
@@ -216,23 +327,44 @@ class MultiLoraModel:
         linear layers they wrap)."""
         return adapted_modules(self.model, config)
 
-    def _rows(self, adapter_names, adapter_scales, batch: int):
+    def _rows(self, adapter_names, adapter_scales, batch: int, shapes: list[tuple[int, int]]):
         names = _row_names(adapter_names, batch)
         scales = _row_scales(adapter_scales, batch)
-        return _RowsContext(self, names, scales)
+        return _RowsContext(self, names, scales, shapes if self._compiled else [])
+
+    def _prepare_decode(self, rows: int, device: torch.device) -> Hashable | None:
+        """``DecodeGraphs``' hook before a decode step: the running call's rows into fixed-size buffers."""
+        current = _ROWS.get()
+        if current is None or current.model is not self:
+            return None
+        return current.use_static(rows, device)
+
+    def _static_batch(self, rows: int, max_rank: int, scaled: bool, device: torch.device) -> StaticBatch:
+        """The persistent fixed-size metadata buffers of a decode step of ``rows`` rows (what its graph reads)."""
+        key = (rows, max_rank, scaled, device)
+        buffers = self._static.get(key)
+        if buffers is None:
+            buffers = StaticBatch(rows, self.pool.max_adapters, max_rank, device, token_scales=scaled)
+            self._static[key] = buffers
+        return buffers
 
 
 class _RowsContext:
     """Acquire the rows' adapters, make them this context's rows; undo both on exit, also after an error."""
 
-    def __init__(self, model: MultiLoraModel, names: list[str | None], scales: tuple[float, ...] | None):
-        self.model, self.names, self.scales = model, names, scales
+    def __init__(self, model: MultiLoraModel, names: list[str | None], scales: tuple[float, ...] | None, shapes):
+        self.model, self.names, self.scales, self.shapes = model, names, scales, shapes
 
     def __enter__(self) -> _Rows:
         if _ROWS.get() is not None:
             raise RuntimeError("MultiLoraModel: a call is already running in this thread (calls do not nest)")
         lease = self.model.pool.acquire(self.names, timeout=self.model.acquire_timeout)
         self.rows = _Rows(self.model, lease, self.scales)
+        try:
+            self.rows.prebuild(self.shapes)
+        except BaseException:
+            lease.release()
+            raise
         self.tokens = (_ROWS.set(self.rows), set_batch_meta(self.rows))
         return self.rows
 
@@ -241,6 +373,11 @@ class _RowsContext:
         reset_batch_meta(meta_token)
         _ROWS.reset(rows_token)
         self.rows.lease.release()
+
+
+def _positions(input_ids: torch.Tensor | None, kwargs: dict) -> int:
+    ids = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    return ids.shape[1] if ids is not None and ids.dim() >= 2 else 1
 
 
 def _batch_size(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:
