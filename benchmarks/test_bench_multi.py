@@ -1,7 +1,8 @@
 """pytest-benchmark over the multi suite's quick cases: one test per (case, contender) of the multi-adapter layer
-(base-only GEMM, PEFT's mixed batch, ``multi_lora_linear`` and its forced paths on Triton) and of the model
-(base model, PEFT's mixed batch, ``MultiLoraModel``), each fastlora contender checked against PEFT first.
-``fastlora bench --suite multi`` writes the tables."""
+(base-only GEMM, PEFT's mixed batch, ``multi_lora_linear`` and its forced paths on Triton) and of the model (the
+base model and ``MultiLoraModel``, each eager and with CUDA graphs, and PEFT's mixed batch; in forward, ``generate``
+and decode-step cases), each fastlora contender checked against PEFT first and every call made once untimed (the
+graph contenders capture their graphs then). ``fastlora bench --suite multi`` writes the tables."""
 
 import functools
 
@@ -52,10 +53,11 @@ def test_multi_model(benchmark, case, name):
     ids = multi_model.make_ids(case, DEVICE)
     with bench.forced_backend(BACKEND):
         model = multi_model.build_model(case, name, DEVICE)
-        if name == multi_model.MULTI_MODEL:
+        if name in multi_model.MULTI_MODELS:
             logits = multi_model.forward_logits(model, case, name, ids)
-            multi_model.check_model_agreement(case, logits, peft_logits(case))
+            multi_model.check_model_agreement(case, logits, peft_logits(case), name)
+        step = bench.with_backend(multi_model.model_step(model, case, name, ids), BACKEND)
     benchmark.group = f"multi-{case.label}"
     benchmark.extra_info.update(backend=BACKEND, tokens=case.tokens, registered=case.registered)
-    step = bench.with_backend(multi_model.model_step(model, case, name, ids), BACKEND)
+    step()  # pytest-benchmark does not warm up: graphs are captured here, the timed calls replay them
     benchmark(bench.synchronized(step, DEVICE))

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from fastlora import bench
-from fastlora.bench import linear, memory, multi_batch, multi_layer, multi_model, train
+from fastlora.bench import linear, memory, multi_batch, multi_layer, multi_model, targets, train
 
 CPU = torch.device("cpu")
+GPU = torch.device("cuda")
 
 
 def _rows(case: bench.MemoryCase) -> dict[str, dict]:
@@ -280,6 +281,87 @@ def test_multi_model_matches_peft_and_the_check_compares_them():
         multi_model.check_model_agreement(case, base, want)
 
 
+@pytest.fixture(scope="module")
+def model_rows() -> list[dict]:
+    """The model level's quick CPU cases (those of ``fastlora bench --quick``), each contender timed briefly."""
+    with bench.forced_backend("torch"), multi_batch.cpu_threads(CPU, 1):
+        cases = multi_model.model_cases(CPU, quick=True)
+        rows = [row for case in cases for row in multi_model.measure_model_case(case, CPU, min_run_time=0.01)]
+    multi_model.add_registered_spread(rows)
+    return rows
+
+
+def test_multi_model_rows_have_every_contender_and_the_decode_step(model_rows):
+    """Generate and decode-step cases time both base models and both MultiLoraModels (eager, CUDA graphs) and PEFT; a
+    forward the eager ones; the registered sweep the one with CUDA graphs. Decode-step rows carry the step's time and
+    host time; graph rows their counts (on a CPU nothing is captured, nothing replayed)."""
+    graphs, eager = set(multi_model.GRAPH_CONTENDERS), {multi_model.BASE_MODEL, multi_batch.PEFT_MIXED,
+                                                        multi_model.MULTI_EAGER}  # fmt: skip
+    contenders: dict[tuple, set] = {}
+    for row in model_rows:
+        contenders.setdefault((row["sweep"], row["mode"]), set()).add(row["contender"])
+    assert contenders == {
+        ("contenders", "generate"): eager | graphs, ("contenders", "decode-step"): eager | graphs,
+        ("contenders", "forward"): eager, ("registered", "generate"): {multi_model.MULTI_MODEL},
+    }  # fmt: skip
+    steps = [row for row in model_rows if row["mode"] == "decode-step"]
+    for row in steps:
+        assert row["tokens"] == row["batch"] and row["step_us"] == pytest.approx(row["median_ms"] * 1e3), row
+        assert row["host_us"] > 0 and row["tokens_per_s"] == pytest.approx(row["batch"] / row["median_ms"] * 1e3)
+    for row in model_rows:
+        if row["contender"] in graphs:
+            assert (row["captures_warmup"], row["captures_timed"], row["replays_timed"]) == (0, 0, 0), row
+        else:
+            assert "captures_timed" not in row, row
+        if row["sweep"] == "contenders":
+            assert (row["ratio_to_base"] == 1.0) == (row["contender"] == multi_model.BASE_MODEL), row
+            assert row["speedup_over_peft"] > 0, row
+            if row["mode"] == "forward":
+                assert row["ratio_to_base_graphs"] is None, row
+            else:
+                assert (row["ratio_to_base_graphs"] == 1.0) == (row["contender"] == multi_model.BASE_GRAPHS), row
+    markdown = "\n".join(multi_model.model_markdown(model_rows))
+    for heading in ("### model", "### decode step", "### registered adapters"):
+        assert f"\n{heading}\n" in f"\n{markdown}"
+    for name in multi_model.MODEL_CONTENDERS:
+        assert f"{name} (tokens/s)" in markdown and f"{name} (µs / step · host µs)" in markdown
+    assert all(header in markdown for header in multi_model.FIGURES_HEADER)
+    step_lines = [line for line in markdown.splitlines() if line.startswith("| tiny | decode-step |")]
+    assert len(step_lines) == sum(c.mode == "decode-step" for c in multi_model.model_cases(CPU, quick=True)) == 1
+
+
+def test_multi_serving_targets_read_the_cuda_graphs_rows(model_rows):
+    """P8: ``MultiLoraModel`` with CUDA graphs over the base model with CUDA graphs in ``generate``; P7: its
+    registered sweep."""
+    rows = [{**row, "suite": "multi", "level": "model", "headline": True, "device_type": "cpu"} for row in model_rows]
+    outcomes = {o.target.id: o for o in targets.evaluate(rows)}
+    (ours,) = (r for r in rows if r["contender"] == multi_model.MULTI_MODEL and r["mode"] == "generate"
+               and r["sweep"] == "contenders")  # fmt: skip
+    assert outcomes["P8"].value == pytest.approx(100.0 / ours["ratio_to_base_graphs"])
+    most = max((r for r in rows if r["sweep"] == "registered"), key=lambda r: r["registered"])
+    assert outcomes["P7"].value == pytest.approx(100.0 * (1.0 - most["throughput_vs_fewest_registered"]))
+    assert outcomes["P7"].status == outcomes["P8"].status == targets.NOT_GPU
+
+
+def test_multi_decode_steps_use_the_rows_adapters_and_cycle_over_the_same_positions():
+    """A decode step of each fastlora contender matches PEFT's; after ``new_tokens`` steps the cache is rewound to the
+    prompt, so the next step repeats the first (and the steps never overflow the cache)."""
+    case = next(c for c in multi_model.model_cases(CPU, quick=True) if c.mode == "decode-step")
+    ids = multi_model.make_ids(case, CPU)
+    first = {}
+    with bench.forced_backend("torch"):
+        for name in (multi_batch.PEFT_MIXED, *multi_model.MULTI_MODELS, multi_model.BASE_MODEL):
+            step = multi_model.model_step(multi_model.build_model(case, name, CPU), case, name, ids)
+            logits = [step().clone() for _ in range(2 * case.new_tokens + 1)]
+            assert logits[0].shape == (case.batch, 1, case.vocab)
+            assert not torch.equal(logits[0], logits[1])  # the next position, not the same step again
+            assert torch.equal(logits[case.new_tokens], logits[0]) and torch.equal(logits[-1], logits[0])
+            first[name] = logits[0]
+    for name in multi_model.MULTI_MODELS:
+        multi_model.check_model_agreement(case, first[name], first[multi_batch.PEFT_MIXED], name)
+    assert (first[multi_batch.PEFT_MIXED] - first[multi_model.BASE_MODEL]).abs().max() > 1e-3  # the adapters count
+
+
 def test_multi_registered_spread_is_relative_to_the_fewest():
     def row(registered, tokens_per_s, **over):
         return {"level": "model", "sweep": "registered", "size": "s", "mode": "generate", "batch": 4, "seq": 8,
@@ -310,3 +392,10 @@ def test_multi_gpu_cases_cover_the_issue_sizes():
     assert {c.registered for c in sweep} == {8, 32, 128, 512}
     assert len({dataclasses.replace(c, registered=512) for c in sweep}) == 1  # only the number registered changes
     assert {c.mode for c in multi_model.gpu_model_cases() if c.sweep == "contenders"} == set(multi_model.MODES)
+    steps = [c for c in multi_model.gpu_model_cases() if c.mode == "decode-step"]
+    assert {c.size for c in steps} == {"160M", "1.1B"}
+    assert {(c.batch, c.seq, c.new_tokens, c.adapters) for c in steps} == {(32, 128, 32, 32)}
+    assert any(c.mode == "decode-step" for c in multi_model.gpu_model_cases(quick=True))
+    for headline in multi_model.model_cases(GPU, headline=True):  # what P7 and P8 read, nothing else
+        want = [multi_model.MULTI_MODEL] if headline.sweep == "registered" else list(multi_model.GRAPH_CONTENDERS)
+        assert multi_model.model_contender_names(headline, headline=True) == want

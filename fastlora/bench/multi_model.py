@@ -2,19 +2,40 @@
 
 A case (``MultiModelCase``) is a Llama-style causal LM built from a config (``fastlora.bench.llama``, no downloads),
 q/k/v/o and gate/up/down projections adapted, ``batch`` rows each using one of ``D`` distinct adapters (shuffled rows,
-every adapter at least one row; see ``fastlora.bench.multi_batch``). ``mode`` is ``forward`` (one forward of ``batch
-× seq`` tokens, no KV cache: prefill) or ``generate`` (greedy ``generate`` of exactly ``new_tokens`` tokens per row
-after a ``seq``-token prompt, KV cache on; the prefill is inside the timed call). Contenders: the base model alone
-(the same weights, no adapters), PEFT's mixed batch (``get_peft_model`` and ``add_adapter`` for the batch's adapters,
-called with ``adapter_names=``; PEFT keeps them in fp32 for a bf16 model, as it does by default) and
-``fastlora.serving.MultiLoraModel`` (its pool in the model's dtype, its default) with ``registered`` adapters
-registered and resident in as many slots. The ``registered`` sweep times ``MultiLoraModel`` alone, on a fixed batch,
-with more and more adapters registered: its throughput should not depend on how many adapters the pool holds.
+every adapter at least one row; see ``fastlora.bench.multi_batch``). ``mode`` is
 
-Tokens per second count the tokens a call computes (``batch × seq`` for a forward) or generates (``batch ×
-new_tokens`` for ``generate``). Before a case is timed, the logits of ``MultiLoraModel``'s forward of the batch must
-match PEFT's (``BenchmarkMismatch`` otherwise). On CPU the model is tiny and fp32 on the torch backend, on one
-thread: the rows prove the level runs, nothing more.
+- ``forward``: one forward of ``batch × seq`` tokens, no KV cache (a prefill);
+- ``generate``: greedy ``generate`` of exactly ``new_tokens`` tokens per row after a ``seq``-token prompt, KV cache
+  on (the prefill is inside the timed call);
+- ``decode-step``: one decode step (one position per row) through the decode-step API, over a static KV cache of
+  ``seq + new_tokens`` positions that the untimed prefill of the prompt filled: what a serving loop pays per step.
+  The timed steps cycle over positions ``seq`` to ``seq + new_tokens - 1``: every ``new_tokens`` steps the cache is
+  rewound to the prompt in place (``rewind``; a captured graph still finds its buffers), so it never overflows.
+  On a CPU the figure is the whole step on one thread: the host's Python, dispatch and metadata per step. ``host_us``
+  is the host's time per step with the device left to run behind (``common.host_us``; the whole step on a CPU).
+
+Contenders: the base model alone (the same weights, no adapters), eager (``BASE_MODEL``) and with its decode steps
+replayed from CUDA graphs (``BASE_GRAPHS``: ``fastlora.serving.DecodeGraphs``, its ``generate`` over a static cache);
+PEFT's mixed batch (``get_peft_model`` and ``add_adapter`` for the batch's adapters, called with ``adapter_names=``;
+PEFT keeps them in fp32 for a bf16 model, as it does by default); and ``fastlora.serving.MultiLoraModel`` (its pool in
+the model's dtype, its default) with ``registered`` adapters registered and resident in as many slots, eager
+(``MULTI_EAGER``: ``cuda_graphs=False``, HF ``generate`` over a dynamic cache, exact metadata) and with CUDA graphs
+(``MULTI_MODEL``: the shipping default, ``cuda_graphs=True``). The graph contenders run in ``generate`` and
+``decode-step`` cases only (a prefill is no decode step). On a CPU nothing is captured: the graph contenders run the
+same static cache and fixed-size metadata eagerly. The ``registered`` sweep times ``MULTI_MODEL`` alone, on a fixed
+batch, with more and more adapters registered: its throughput should not depend on how many adapters the pool holds.
+
+Every timed call is made once untimed first (``common.time_ms``); the graph contenders make one more untimed call
+before timing, in which the first ``generate`` (or step) captures its graphs, and their rows count the graphs captured
+then (``captures_warmup``) and while timed (``captures_timed``, 0: the timing measured replays) and the steps replayed
+while timed (``replays_timed``).
+
+Tokens per second count the tokens a call computes (``batch × seq`` for a forward, ``batch`` for a decode step) or
+generates (``batch × new_tokens`` for ``generate``). Per row: ``ratio_to_base`` (its time over the eager base
+model's), ``ratio_to_base_graphs`` (over the base model's with CUDA graphs, where that was measured) and
+``speedup_over_peft``. Before a case is timed, the logits of each ``MultiLoraModel``'s forward of the batch must match
+PEFT's (``BenchmarkMismatch`` otherwise). On CPU the model is tiny and fp32 on the torch backend, on one thread: the
+rows prove the level runs, nothing more.
 """
 
 from __future__ import annotations
@@ -27,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..serving import MultiLoraModel
+from ..serving import DecodeGraphs, MultiLoraModel
 from .common import (
     FASTLORA,
     Suite,
@@ -38,6 +59,7 @@ from .common import (
     forced_backend,
     free_memory,
     grouped_bars,
+    host_us,
     md_table,
     plot_title,
     progress,
@@ -50,10 +72,14 @@ from .llama import LLAMA_160M, TINY, TINYLLAMA_1B, LlamaCase, build_llama, quiet
 from .multi_batch import MIXED, PEFT_MIXED, UNIFORM, check_mix, cpu_threads, parse_ranks, shuffled_assignment, spread
 
 BASE_MODEL = "base model"
-MULTI_MODEL = f"{FASTLORA} MultiLoraModel"
-MODEL_CONTENDERS = (BASE_MODEL, PEFT_MIXED, MULTI_MODEL)
+BASE_GRAPHS = "base model (CUDA graphs)"
+MULTI_EAGER = f"{FASTLORA} MultiLoraModel (eager)"
+MULTI_MODEL = f"{FASTLORA} MultiLoraModel (CUDA graphs)"  # the shipping default: P7 and P8 read it
+MODEL_CONTENDERS = (BASE_MODEL, BASE_GRAPHS, PEFT_MIXED, MULTI_EAGER, MULTI_MODEL)
+MULTI_MODELS = (MULTI_EAGER, MULTI_MODEL)
+GRAPH_CONTENDERS = (BASE_GRAPHS, MULTI_MODEL)
 SWEEPS = ("contenders", "registered")
-MODES = ("forward", "generate")
+MODES = ("forward", "generate", "decode-step")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Throughput from the fewest to the most registered adapters: within 5%.
 REGISTERED_SPREAD = 0.05
@@ -62,10 +88,11 @@ PLOT = "multi_model.png"
 
 @dataclasses.dataclass(frozen=True)
 class MultiModelCase(LlamaCase):
-    """A Llama-style model (the fields of ``LlamaCase``), ``mode`` (``forward`` or ``generate``), ``batch`` rows of
-    ``seq`` prompt tokens (``new_tokens`` generated per row), ``adapters`` distinct adapters among the rows, their
-    rank mix, ``registered`` adapters in the pool (all resident), the model's dtype, and ``sweep``: ``contenders``
-    (base, PEFT and fastlora) or ``registered`` (fastlora alone, one point of the registered-adapters sweep)."""
+    """A Llama-style model (the fields of ``LlamaCase``), ``mode`` (``forward``, ``generate`` or ``decode-step``),
+    ``batch`` rows of ``seq`` prompt tokens (``new_tokens`` generated per row, or the positions the decode steps cycle
+    over), ``adapters`` distinct adapters among the rows, their rank mix, ``registered`` adapters in the pool (all
+    resident), the model's dtype, and ``sweep``: ``contenders`` (base, PEFT and fastlora) or ``registered`` (fastlora
+    alone, one point of the registered-adapters sweep)."""
 
     mode: str
     batch: int
@@ -86,13 +113,14 @@ class MultiModelCase(LlamaCase):
             raise ValueError(f"MultiModelCase: sweep must be one of {SWEEPS}, got {self.sweep!r}")
         if self.adapters > self.batch:
             raise ValueError(f"MultiModelCase: {self.adapters} distinct adapters need as many rows, batch={self.batch}")
-        if (self.mode == "generate") != (self.new_tokens > 0):
-            raise ValueError("MultiModelCase: new_tokens > 0 for generate, 0 for forward")
+        if (self.mode == "forward") == (self.new_tokens > 0):
+            raise ValueError("MultiModelCase: new_tokens > 0 for generate and decode-step, 0 for forward")
 
     @property
     def tokens(self) -> int:
-        """The tokens a call produces: the batch's for a forward, the generated ones for ``generate``."""
-        return self.batch * (self.new_tokens if self.mode == "generate" else self.seq)
+        """The tokens a call produces: the batch's for a forward, the generated ones for ``generate``, one per row for
+        a decode step."""
+        return self.batch * {"forward": self.seq, "generate": self.new_tokens, "decode-step": 1}[self.mode]
 
     @property
     def positions(self) -> int:
@@ -100,7 +128,7 @@ class MultiModelCase(LlamaCase):
 
     @property
     def shape(self) -> str:
-        new = f"+{self.new_tokens}" if self.mode == "generate" else ""
+        new = "" if self.mode == "forward" else f"+{self.new_tokens}"
         return (f"hidden={self.hidden} layers={self.layers} {self.mode} {self.batch}x{self.seq}{new} "
                 f"D={self.adapters} r={self.ranks} registered={self.registered}")  # fmt: skip
 
@@ -112,9 +140,10 @@ class MultiModelCase(LlamaCase):
 
 def gpu_model_cases(quick: bool = False) -> list[MultiModelCase]:
     """bf16, mixed ranks, 32 slots: decode (``generate`` of 32 tokens for 32 rows of a 128-token prompt) with 1, 8
-    and 32 distinct adapters, and a prefill of 8 × 512 tokens with 8 adapters, for the 160M and 1.1B shapes; then the
-    160M decode batch with 8 rank-16 adapters while 8 to 512 adapters are registered. Quick: the 160M decode with 8
-    adapters, and 8 and 128 registered."""
+    and 32 distinct adapters, a prefill of 8 × 512 tokens with 8 adapters, and the decode step of the same 32 rows
+    (32 adapters, positions 128 to 159), for the 160M and 1.1B shapes; then the 160M decode batch with 8 rank-16
+    adapters while 8 to 512 adapters are registered. Quick: the 160M decode and decode step with 8 adapters, and 8
+    and 128 registered."""
 
     def compare(model, mode, batch, seq, new, D):
         return MultiModelCase(*model, mode, batch, seq, new, D, MIXED, 32, "bf16", "contenders")
@@ -123,16 +152,19 @@ def gpu_model_cases(quick: bool = False) -> list[MultiModelCase]:
         return MultiModelCase(*LLAMA_160M, "generate", 32, 128, 32, 8, UNIFORM, R, "bf16", "registered")
 
     if quick:
-        return [compare(LLAMA_160M, "generate", 32, 128, 32, 8), registered(8), registered(128)]
+        return [compare(LLAMA_160M, mode, 32, 128, 32, 8) for mode in ("generate", "decode-step")] + [
+            registered(8), registered(128),
+        ]  # fmt: skip
     models = (LLAMA_160M, TINYLLAMA_1B)
     cases = [compare(model, "generate", 32, 128, 32, D) for model in models for D in (1, 8, 32)]
     cases += [compare(model, "forward", 8, 512, 0, 8) for model in models]
+    cases += [compare(model, "decode-step", 32, 128, 32, 32) for model in models]
     return cases + [registered(R) for R in (8, 32, 128, 512)]
 
 
 def cpu_model_cases(quick: bool = False) -> list[MultiModelCase]:
-    """A tiny fp32 Llama (2 layers, hidden 64): a short ``generate`` and a forward with mixed ranks, and 4 to 16
-    registered adapters."""
+    """A tiny fp32 Llama (2 layers, hidden 64): a short ``generate``, a forward and a decode step (positions 8 to 39)
+    with mixed ranks, and 4 to 16 registered adapters."""
 
     def compare(mode, seq, new, D):
         return MultiModelCase(*TINY, mode, 4, seq, new, D, MIXED, 4, "fp32", "contenders")
@@ -140,20 +172,22 @@ def cpu_model_cases(quick: bool = False) -> list[MultiModelCase]:
     def registered(R):
         return MultiModelCase(*TINY, "generate", 4, 8, 4, 2, UNIFORM, R, "fp32", "registered")
 
+    step = compare("decode-step", 8, 32, 4)
     if quick:
-        return [compare("generate", 8, 4, 4), compare("forward", 16, 0, 4), registered(4), registered(16)]
+        return [compare("generate", 8, 4, 4), compare("forward", 16, 0, 4), step, registered(4), registered(16)]
     return (
         [compare("generate", 8, 4, D) for D in (1, 2, 4)]
-        + [compare("forward", 64, 0, 4)]
+        + [compare("forward", 64, 0, 4), step]
         + [registered(R) for R in (4, 16, 64)]
     )
 
 
 def headline_model_cases(device: torch.device, quick: bool = False) -> list[MultiModelCase]:
     """The cases of targets P7 and P8. P8: ``generate`` of 32 tokens for 32 rows of a 128-token prompt on the ≈1.1B
-    shape, every row its own adapter (32 distinct, mixed ranks 8–64), against the base model. P7: the 160M decode
-    batch with 8 rank-16 adapters while 8 and then 512 adapters are registered. Quick: the 160M shape for P8, 8 and
-    128 registered for P7. On CPU the tiny model, 4 and 64 registered."""
+    shape, every row its own adapter (32 distinct, mixed ranks 8–64), ``MultiLoraModel`` with CUDA graphs against
+    the base model with CUDA graphs. P7: the 160M decode batch with 8 rank-16 adapters while 8 and then 512 adapters
+    are registered (``MultiLoraModel`` with CUDA graphs). Quick: the 160M shape for P8, 8 and 128 registered for P7.
+    On CPU the tiny model, 4 and 64 registered."""
     if device.type == "cuda":
         model, most = (LLAMA_160M, 128) if quick else (TINYLLAMA_1B, 512)
         mixed = MultiModelCase(*model, "generate", 32, 128, 32, 32, MIXED, 32, "bf16", "contenders")
@@ -172,12 +206,15 @@ def model_cases(device: torch.device, quick: bool = False, headline: bool = Fals
 
 
 def model_contender_names(case: MultiModelCase, headline: bool = False) -> list[str]:
-    """The contenders timed: base model, PEFT's mixed batch and fastlora (fastlora alone on the registered sweep).
-    Headline runs leave PEFT's timing out (its mixed-batch ``generate`` is the slowest call, and no target reads it);
-    fastlora is still checked against PEFT's logits."""
+    """The contenders timed: on the registered sweep ``MultiLoraModel`` with CUDA graphs alone; in a forward the
+    eager ones (base model, PEFT's mixed batch, ``MultiLoraModel``); in ``generate`` and decode steps those and both
+    with CUDA graphs. Headline runs time only what P8 reads, both with CUDA graphs (PEFT's mixed-batch ``generate`` is
+    the slowest call); fastlora is still checked against PEFT's logits."""
     if case.sweep != "contenders":
         return [MULTI_MODEL]
-    return [name for name in MODEL_CONTENDERS if not (headline and name == PEFT_MIXED)]
+    if headline:
+        return list(GRAPH_CONTENDERS)
+    return [name for name in MODEL_CONTENDERS if case.mode != "forward" or name not in GRAPH_CONTENDERS]
 
 
 def adapter_names(case: MultiModelCase) -> list[str]:
@@ -235,8 +272,9 @@ def adapter_state_dict(case: MultiModelCase, shapes: dict[str, tuple[int, int]],
 
 
 def build_model(case: MultiModelCase, contender: str, device: torch.device):
-    """A fresh model for ``contender``, in eval mode: the base model; PEFT with the batch's adapters; or a
-    ``MultiLoraModel`` with ``registered`` adapters registered and made resident (one slot each)."""
+    """A fresh model for ``contender``, in eval mode: the base model (behind ``DecodeGraphs`` for ``BASE_GRAPHS``);
+    PEFT with the batch's adapters; or a ``MultiLoraModel`` with ``registered`` adapters registered and made resident
+    (one slot each), with or without CUDA graphs."""
     import peft
     from peft import set_peft_model_state_dict
 
@@ -244,6 +282,8 @@ def build_model(case: MultiModelCase, contender: str, device: torch.device):
     shapes = target_shapes(model)
     if contender == BASE_MODEL:
         return model
+    if contender == BASE_GRAPHS:
+        return DecodeGraphs(model)
     if contender == PEFT_MIXED:
         peft_model = None
         with quiet_peft():
@@ -256,11 +296,19 @@ def build_model(case: MultiModelCase, contender: str, device: torch.device):
                 set_peft_model_state_dict(peft_model, adapter_state_dict(case, shapes, name), adapter_name=name)
         return peft_model.eval()
     names = adapter_names(case)
-    mm = MultiLoraModel(model, list(TARGETS), max_adapters=case.registered, max_rank=max(parse_ranks(case.ranks)))
+    mm = MultiLoraModel(model, list(TARGETS), max_adapters=case.registered, max_rank=max(parse_ranks(case.ranks)),
+                        cuda_graphs=contender == MULTI_MODEL)  # fmt: skip
     for name in names:
         mm.load_adapter(name, adapter_state_dict(case, shapes, name), config=adapter_config(case, name))
     mm.pool.acquire(names).release()  # every registered adapter resident: the pool is as full as it gets
     return mm
+
+
+def contender_graphs(model, contender: str) -> DecodeGraphs | None:
+    """The CUDA graphs a graph contender replays its decode steps from (None for the eager contenders)."""
+    if contender == BASE_GRAPHS:
+        return model
+    return model.graphs if contender == MULTI_MODEL else None
 
 
 def make_ids(case: MultiModelCase, device: torch.device) -> torch.Tensor:
@@ -269,7 +317,7 @@ def make_ids(case: MultiModelCase, device: torch.device) -> torch.Tensor:
 
 
 def _call_kwargs(case: MultiModelCase, contender: str) -> dict:
-    return {} if contender == BASE_MODEL else {"adapter_names": row_adapters(case)}
+    return {} if contender in (BASE_MODEL, BASE_GRAPHS) else {"adapter_names": row_adapters(case)}
 
 
 @torch.no_grad()
@@ -278,8 +326,54 @@ def forward_logits(model, case: MultiModelCase, contender: str, ids: torch.Tenso
     return model(input_ids=ids, use_cache=False, **_call_kwargs(case, contender)).logits
 
 
+def static_cache(model, contender: str, max_cache_len: int) -> tuple[str, object]:
+    """A transformers ``StaticCache`` of ``max_cache_len`` positions for the contender's causal LM, and the keyword
+    its forward takes it by (``past_key_values`` or ``cache``, by transformers version)."""
+    if contender == PEFT_MIXED:
+        model = model.get_base_model()
+    elif contender != BASE_MODEL:
+        model = model.model  # under DecodeGraphs or MultiLoraModel
+    graphs = DecodeGraphs(model)
+    return graphs.cache_arg, graphs.static_cache(max_cache_len)
+
+
+def rewind(cache, steps: int) -> None:
+    """Drop the last ``steps`` positions of a filled ``StaticCache`` in place (its buffers stay where a captured graph
+    reads them): ``Cache.crop`` where its layers have one, else (older transformers) the layers' device-side lengths
+    are moved back; the positions past the length are masked and rewritten by the next steps."""
+    for layer in cache.layers:
+        if hasattr(layer, "crop"):
+            layer.crop(-steps)
+        else:
+            layer.cumulative_length.sub_(steps)
+
+
+@torch.no_grad()
+def decode_step(model, case: MultiModelCase, contender: str, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Prefill the prompt into a static cache of ``case.positions`` (now, untimed), and return one decode step of a
+    position per row over it (see the module docstring: the steps cycle over the last ``new_tokens`` positions)."""
+    cache_arg, cache = static_cache(model, contender, case.positions)
+    kwargs = {**_call_kwargs(case, contender), cache_arg: cache}
+    model(input_ids=ids, **kwargs)
+    step_ids = ids[:, -1:].clone()  # a step costs the same whatever its ids: the same ones every step
+    done = 0
+
+    def step() -> torch.Tensor:
+        nonlocal done
+        if done == case.new_tokens:
+            rewind(cache, done)  # in place: back to the prompt
+            done = 0
+        done += 1
+        return model(input_ids=step_ids, **kwargs).logits
+
+    return without_grad(step)
+
+
 def model_step(model, case: MultiModelCase, contender: str, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """The timed call: one forward of the batch, or a greedy ``generate`` of exactly ``new_tokens`` per row."""
+    """The timed call: one forward of the batch, a greedy ``generate`` of exactly ``new_tokens`` per row, or one
+    decode step over a static cache (``decode_step``)."""
+    if case.mode == "decode-step":
+        return decode_step(model, case, contender, ids)
     kwargs = _call_kwargs(case, contender)
     if case.mode == "forward":
         return without_grad(lambda: model(input_ids=ids, use_cache=False, **kwargs).logits)
@@ -295,10 +389,12 @@ def model_step(model, case: MultiModelCase, contender: str, ids: torch.Tensor) -
     return without_grad(generate)
 
 
-def check_model_agreement(case: MultiModelCase, got: torch.Tensor, want: torch.Tensor) -> None:
+def check_model_agreement(
+    case: MultiModelCase, got: torch.Tensor, want: torch.Tensor, contender: str = MULTI_MODEL
+) -> None:
     """``MultiLoraModel``'s logits must match PEFT's mixed batch on the same rows; raises ``BenchmarkMismatch``. Both
     run the model in its dtype, so both errors are allowed, over the model's reduction length."""
-    what = f"{MULTI_MODEL} != {PEFT_MIXED} in logits for {case.label}"
+    what = f"{contender} != {PEFT_MIXED} in logits for {case.label}"
     assert_close(got, want, case.torch_dtype, case.reduce_len, what, want_dtype=case.torch_dtype)
 
 
@@ -310,30 +406,56 @@ def peft_reference(case: MultiModelCase, device: torch.device, ids: torch.Tensor
     return logits
 
 
+def measure_contender(
+    case: MultiModelCase, contender: str, model, ids: torch.Tensor, device: torch.device, min_run_time: float,
+    headline: bool = False,
+) -> dict:  # fmt: skip
+    """The row of one contender: its call timed (after an untimed one that captures the graphs of a graph contender,
+    so that the timed calls replay them), with the graphs' counts, and the host time of a decode step."""
+    step = model_step(model, case, contender, ids)
+    graphs = contender_graphs(model, contender)
+    if graphs is not None:
+        step()  # the first generate (or step) of this shape captures its graphs
+        captures, replays = graphs.captures, graphs.replays
+    median, p20, p80 = time_ms(step, device, min_run_time, min_reps=5 if headline else 10)
+    extra = {}
+    if graphs is not None:
+        extra = {"captures_warmup": captures, "captures_timed": graphs.captures - captures,
+                 "replays_timed": graphs.replays - replays}  # fmt: skip
+    if case.mode == "decode-step":
+        extra.update(step_us=median * 1e3, host_us=host_us(step, device, max_run_time=min_run_time))
+    return {
+        "contender": contender, **dataclasses.asdict(case), "shape": case.shape, "tokens": case.tokens,
+        "median_ms": median, "p20_ms": p20, "p80_ms": p80, "tokens_per_s": case.tokens / (median * 1e-3), **extra,
+    }  # fmt: skip
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row of one case: its time over the eager base model's and over the base model's with CUDA graphs, and
+    PEFT's time over its own, where those were measured (None otherwise)."""
+    times = {row["contender"]: row["median_ms"] for row in rows}
+    for row in rows:
+        row["ratio_to_base"] = row["median_ms"] / times[BASE_MODEL] if BASE_MODEL in times else None
+        row["ratio_to_base_graphs"] = row["median_ms"] / times[BASE_GRAPHS] if BASE_GRAPHS in times else None
+        row["speedup_over_peft"] = times[PEFT_MIXED] / row["median_ms"] if PEFT_MIXED in times else None
+
+
 def measure_model_case(
     case: MultiModelCase, device: torch.device, min_run_time: float, headline: bool = False
 ) -> list[dict]:
-    """Every contender in turn (one model in memory at a time); fastlora checked against PEFT before it is timed.
-    Headline runs time 5 calls at least (a ``generate`` of the 1.1B shape takes about a second), not 10."""
+    """Every contender in turn (one model in memory at a time); each fastlora one checked against PEFT before it is
+    timed. Headline runs time 5 calls at least (a ``generate`` of the 1.1B shape takes about a second), not 10."""
     ids = make_ids(case, device)
     want = peft_reference(case, device, ids)
     rows = []
     for name in model_contender_names(case, headline):
         model = build_model(case, name, device)
-        if name == MULTI_MODEL:
-            check_model_agreement(case, forward_logits(model, case, name, ids), want)
-        step = model_step(model, case, name, ids)
-        median, p20, p80 = time_ms(step, device, min_run_time, min_reps=5 if headline else 10)
-        rows.append({
-            "contender": name, **dataclasses.asdict(case), "shape": case.shape, "tokens": case.tokens,
-            "median_ms": median, "p20_ms": p20, "p80_ms": p80, "tokens_per_s": case.tokens / (median * 1e-3),
-        })  # fmt: skip
+        if name in MULTI_MODELS:
+            check_model_agreement(case, forward_logits(model, case, name, ids), want, name)
+        rows.append(measure_contender(case, name, model, ids, device, min_run_time, headline))
         del model
         free_memory(device)
-    times = {row["contender"]: row["median_ms"] for row in rows}
-    for row in rows:
-        row["ratio_to_base"] = row["median_ms"] / times[BASE_MODEL] if BASE_MODEL in times else None
-        row["speedup_over_peft"] = times[PEFT_MIXED] / row["median_ms"] if PEFT_MIXED in times else None
+    add_ratios(rows)
     return rows
 
 
@@ -368,43 +490,85 @@ def model_suite(
 
 # ----------------------------------------------------------------------------------------------- report
 
+CASE_FIELDS = ["size", "mode", "batch", "seq", "new_tokens", "adapters", "ranks", "registered", "dtype"]
+CASE_HEADER = ["size", "mode", "batch×seq", "new tokens", "D", "ranks", "registered", "dtype"]
+FIGURES_HEADER = ["fastlora / base, eager (time)", "fastlora / base, CUDA graphs (time)",
+                  "speedup over PEFT (eager · CUDA graphs)"]  # fmt: skip
+
+
+def _tables(rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The rows of each table: the contenders in forward and ``generate`` cases, in decode steps, the registered
+    sweep."""
+    contenders = [row for row in rows if row["sweep"] == "contenders"]
+    return (
+        [row for row in contenders if row["mode"] != "decode-step"],
+        [row for row in contenders if row["mode"] == "decode-step"],
+        [row for row in rows if row["sweep"] == "registered"],
+    )
+
+
+def _case_cells(key: tuple) -> list:
+    """The ``CASE_HEADER`` cells of a case, from its ``CASE_FIELDS`` values."""
+    size, mode, batch, seq, *rest = key
+    return [size, mode, f"{batch}×{seq}", *rest]
+
+
+def _figures(cells: dict[str, dict]) -> list[str]:
+    """The cells of ``FIGURES_HEADER`` for one case's rows (by contender): the eager ``MultiLoraModel`` against the
+    eager base model, the one with CUDA graphs against the base model with CUDA graphs, and both against PEFT."""
+    eager, graphs = cells.get(MULTI_EAGER, {}), cells.get(MULTI_MODEL, {})
+    speedups = " · ".join(fmt_ratio(row.get("speedup_over_peft")) or "–" for row in (eager, graphs))
+    return [fmt_ratio(eager.get("ratio_to_base")), fmt_ratio(graphs.get("ratio_to_base_graphs")), speedups]
+
+
+def _contenders_table(rows: list[dict], unit: str, cell: Callable[[dict], str]) -> list[str]:
+    """A line per case: the case, ``cell(row)`` of each contender (a column each, headed with ``unit``), the figures."""
+    contenders = list(dict.fromkeys(row["contender"] for row in rows))
+    header = [*CASE_HEADER, *(f"{name} ({unit})" for name in contenders), *FIGURES_HEADER]
+    table = [
+        [*_case_cells(key), *(cell(cells[name]) if name in cells else "" for name in contenders), *_figures(cells)]
+        for key, cells in by_case(rows, CASE_FIELDS).items()
+    ]
+    return md_table(header, table)
+
 
 def model_markdown(rows: list[dict]) -> list[str]:
-    """Two tables: the contenders (tokens/s of each), the registered-adapters sweep (tokens/s and its ratio to the
-    fewest registered)."""
+    """Three tables: the contenders (tokens/s of each), the decode step (µs per step of each), the
+    registered-adapters sweep (tokens/s and its ratio to the fewest registered)."""
     lines: list[str] = []
-    fields = ["size", "mode", "batch", "seq", "new_tokens", "adapters", "ranks", "registered", "dtype"]
-    compare = [row for row in rows if row["sweep"] == "contenders"]
+    compare, steps, sweep = _tables(rows)
     if compare:
         intro = (
             "A Llama-style model built from a config, inference: tokens/s of a forward (batch × seq tokens) or of "
-            "`generate` (new tokens, prefill included). fastlora / base is its time over the base model's; speedup "
+            "`generate` (new tokens, prefill included), eager and, in `generate`, with every decode step after the "
+            "first replayed from a CUDA graph (captured in an untimed call; on a CPU the graph contenders run the "
+            f"same static cache eagerly). fastlora / base, eager is `{MULTI_EAGER}`'s time over `{BASE_MODEL}`'s; "
+            f"fastlora / base, CUDA graphs is `{MULTI_MODEL}`'s over `{BASE_GRAPHS}`'s (target P8 reads it); speedup "
             "over PEFT is PEFT's mixed-batch time over fastlora's."
         )
-        contenders = list(dict.fromkeys(row["contender"] for row in compare))
-        header = ["size", "mode", "batch×seq", "new tokens", "D", "ranks", "registered", "dtype",
-                  *(f"{name} (tokens/s)" for name in contenders), "fastlora / base (time)",
-                  "speedup over PEFT"]  # fmt: skip
-        table = []
-        for key, cells in by_case(compare, fields).items():
-            size, mode, batch, seq, new, *rest = key
-            ours = cells.get(MULTI_MODEL)
-            speeds = [f"{cells[name]['tokens_per_s']:.4g}" if name in cells else "" for name in contenders]
-            figures = ["", ""] if ours is None else [fmt_ratio(ours["ratio_to_base"]),
-                                                     fmt_ratio(ours["speedup_over_peft"])]  # fmt: skip
-            table.append([size, mode, f"{batch}×{seq}", new, *rest, *speeds, *figures])
-        lines += ["### model", "", intro, "", *md_table(header, table), ""]
-    sweep = [row for row in rows if row["sweep"] == "registered"]
+        table = _contenders_table(compare, "tokens/s", lambda row: f"{row['tokens_per_s']:.4g}")
+        lines += ["### model", "", intro, "", *table, ""]
+    if steps:
+        intro = (
+            "One decode step (a position per row) through the decode-step API, over a static KV cache that the prompt "
+            "filled, the steps cycling over the `new tokens` positions after it: µs per step (median, the device "
+            "synchronised) · the host's µs per step (the device left to run behind). On a CPU both are the whole step "
+            f"on one thread: Python, dispatch and metadata. `{BASE_MODEL}`: `model(...)`; `{BASE_GRAPHS}`: "
+            f"`DecodeGraphs(model)(...)`; `{MULTI_EAGER}`: `cuda_graphs=False`, exact metadata; `{MULTI_MODEL}`: "
+            "fixed-size metadata, the step replayed from a CUDA graph on a GPU. Ratios as in the table above."
+        )
+        table = _contenders_table(
+            steps, "µs / step · host µs", lambda row: f"{row['step_us']:.4g} · {row['host_us']:.4g}"
+        )
+        lines += ["### decode step", "", intro, "", *table, ""]
     if sweep:
         intro = (
             f"`{MULTI_MODEL}` on the same batch with more adapters registered and resident (target: within "
             f"{REGISTERED_SPREAD:.0%} of the fewest)."
         )
-        header = ["size", "mode", "batch×seq", "new tokens", "D", "ranks", "registered", "dtype",
-                  f"{MULTI_MODEL} (tokens/s)", "vs fewest registered"]  # fmt: skip
+        header = [*CASE_HEADER, f"{MULTI_MODEL} (tokens/s)", "vs fewest registered"]
         table = [
-            [row["size"], row["mode"], f"{row['batch']}×{row['seq']}", row["new_tokens"], row["adapters"],
-             row["ranks"], row["registered"], row["dtype"], f"{row['tokens_per_s']:.4g}",
+            [*_case_cells(tuple(row[f] for f in CASE_FIELDS)), f"{row['tokens_per_s']:.4g}",
              fmt_ratio(row.get("throughput_vs_fewest_registered"))]
             for row in sweep
         ]  # fmt: skip
@@ -412,34 +576,49 @@ def model_markdown(rows: list[dict]) -> list[str]:
     return [*lines, f"![MultiLoraModel throughput]({PLOT})"]
 
 
-def model_plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """Tokens/s per case, a bar per contender (left); the registered sweep's tokens/s against adapters registered,
-    with the ±5% band around the fewest (right)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4))
-    compare = [row for row in rows if row["sweep"] == "contenders"]
-    cases = list(dict.fromkeys(_sweep_key(row) for row in compare))
-    contenders = list(dict.fromkeys(row["contender"] for row in compare))
-    grouped_bars(axes[0], cases, contenders, {(_sweep_key(row), row["contender"]): row["tokens_per_s"] / 1e3
-                                              for row in compare})  # fmt: skip
-    axes[0].set_xticks(range(len(cases)))
-    axes[0].set_xticklabels([f"{c[0]} {c[1]}\n{c[2]}×{c[3]} D={c[5]}" for c in cases], fontsize=7)
-    axes[0].set_title("thousand tokens / s (higher is better)", fontsize=10)
-    axes[0].grid(True, axis="y", alpha=0.3)
-    if contenders:
-        axes[0].legend(fontsize=8)
-    sweep = [row for row in rows if row["sweep"] == "registered"]
+def _case_bars(ax, rows: list[dict], value: Callable[[dict], float], title: str) -> None:
+    """A group of bars per case, a bar per contender ``value(row)`` high."""
+    cases = list(dict.fromkeys(_sweep_key(row) for row in rows))
+    contenders = list(dict.fromkeys(row["contender"] for row in rows))
+    grouped_bars(ax, cases, contenders, {(_sweep_key(row), row["contender"]): value(row) for row in rows})
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"{c[0]} {c[1]}\n{c[2]}×{c[3]} D={c[5]}" for c in cases], fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _registered_lines(ax, sweep: list[dict]) -> None:
+    """The registered sweep's tokens/s against adapters registered, with the ±5% band around the fewest."""
     for key in dict.fromkeys(_sweep_key(row) for row in sweep):
         line = sorted((row["registered"], row["tokens_per_s"] / 1e3) for row in sweep if _sweep_key(row) == key)
-        axes[1].plot(*zip(*line), marker="o", label=f"{key[0]} {key[1]} {key[2]}×{key[3]} D={key[5]}")
+        ax.plot(*zip(*line), marker="o", label=f"{key[0]} {key[1]} {key[2]}×{key[3]} D={key[5]}")
         first = line[0][1]
-        axes[1].axhspan(first * (1 - REGISTERED_SPREAD), first * (1 + REGISTERED_SPREAD), color="grey", alpha=0.15)
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xlabel("adapters registered (all resident)")
-    axes[1].set_title(f"{MULTI_MODEL}: thousand tokens / s", fontsize=10)
-    axes[1].grid(True, alpha=0.3)
-    if sweep:
-        axes[1].legend(fontsize=7)
+        ax.axhspan(first * (1 - REGISTERED_SPREAD), first * (1 + REGISTERED_SPREAD), color="grey", alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("adapters registered (all resident)")
+    ax.set_title(f"{MULTI_MODEL}: thousand tokens / s", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def model_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """A panel for each table there is: tokens/s per case, a bar per contender; µs per decode step per case, a bar per
+    contender; the registered sweep's tokens/s against adapters registered."""
+    compare, steps, sweep = _tables(rows)
+    draws = [
+        (compare, lambda ax: _case_bars(ax, compare, lambda row: row["tokens_per_s"] / 1e3,
+                                        "thousand tokens / s (higher is better)")),
+        (steps, lambda ax: _case_bars(ax, steps, lambda row: row["step_us"], "µs per decode step (lower is better)")),
+        (sweep, lambda ax: _registered_lines(ax, sweep)),
+    ]  # fmt: skip
+    draws = [draw for part, draw in draws if part]
+    if not draws:
+        return []
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(draws), figsize=(5.6 * len(draws), 4.6), squeeze=False)
+    for ax, draw in zip(axes[0], draws):
+        draw(ax)
     fig.suptitle(plot_title("many adapters, Llama-style models", rows), fontsize=11)
     fig.tight_layout()
     return [save_plot(fig, out_dir / PLOT)]

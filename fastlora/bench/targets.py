@@ -4,8 +4,10 @@
 (``select``), the figure it takes from each (``value``), how the figures of several cases combine (the worst: the
 largest for an upper bound, the smallest for a lower one) and the bound. ``evaluate(rows)`` gives one ``Outcome`` per
 target, and ``format_targets`` writes ``targets.md``: the table with the measured value, met or missed, and the case
-that decided it. Rows measured on a CPU give values (they prove the chain from rows to report works) but no verdict:
-their status says they are no GPU figure.
+that decided it. The serving targets (P7, P8) read ``MultiLoraModel`` with CUDA graphs, as it ships; P8 against the
+base model with CUDA graphs, so that neither side's figure carries host time the other saves. Rows measured on a CPU
+give values (they prove the chain from rows to report works) but no verdict: their status says they are no GPU
+figure.
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def _case(row: dict, *fields: str) -> str:
     return " ".join(f"{field}={row[field]}" for field in fields if field in row)
 
 
+def _multi_model(row: dict, sweep: str) -> bool:
+    """A row of ``MultiLoraModel`` with CUDA graphs (the shipping default) on the model level's ``sweep``: P7 reads
+    its registered sweep, P8 its ``generate`` time over the base model's with CUDA graphs (``ratio_to_base_graphs``),
+    not over the eager base model's (``ratio_to_base``)."""
+    return (
+        row["suite"] == "multi" and row.get("level") == "model" and row.get("sweep") == sweep
+        and row["contender"] == MULTI_MODEL
+    )  # fmt: skip
+
+
 def _overhead(row: dict) -> bool:
     return row["suite"] == "overhead" and row["contender"] == FASTLORA and row["dropout"] > 0
 
@@ -117,16 +129,17 @@ TARGETS: tuple[Target, ...] = (
         lambda row: row["ratio_to_base"], 1.25, upper=True,
     ),
     Target(
-        "P7", "serving throughput from 8 to 512 registered adapters", "≤ 5 % drop",
-        lambda row: row["suite"] == "multi" and row.get("level") == "model" and row.get("sweep") == "registered"
+        "P7", "serving throughput from 8 to 512 registered adapters (`MultiLoraModel` with CUDA graphs)",
+        "≤ 5 % drop",
+        lambda row: _multi_model(row, "registered")
         and row["registered"] > row.get("fewest_registered", row["registered"]),
         lambda row: 100.0 * (1.0 - row["throughput_vs_fewest_registered"]), 5.0, upper=True, unit="%",
     ),
     Target(
-        "P8", "mixed-adapter `generate` tokens/s / the base model's", "≥ 85 %",
-        lambda row: row["suite"] == "multi" and row.get("level") == "model" and row.get("sweep") == "contenders"
-        and row["mode"] == "generate" and row["contender"] == MULTI_MODEL,
-        lambda row: 100.0 / row["ratio_to_base"] if row.get("ratio_to_base") else None, 85.0, upper=False, unit="%",
+        "P8", "mixed-adapter `generate` tokens/s / the base model's, both with CUDA graphs", "≥ 85 %",
+        lambda row: _multi_model(row, "contenders") and row["mode"] == "generate",
+        lambda row: 100.0 / row["ratio_to_base_graphs"] if row.get("ratio_to_base_graphs") else None, 85.0,
+        upper=False, unit="%",
     ),
     Target(
         "P9", "kernel launches per training forward+backward with dropout (frozen layer: 2)", "≤ 6",
