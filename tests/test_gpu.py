@@ -342,11 +342,11 @@ def test_decode_step_api_replays_a_serving_loop(peft_served, device, monkeypatch
         arg = mm.graphs.cache_arg
         ids = IDS.to(device)
         logits = mm(ids, adapter_names=steps[0], cuda_graphs=cuda_graphs, **{arg: cache}).logits[:, -1]
-        out = [logits.clone()]
+        out = [logits]
         for names in steps:
             ids = logits.argmax(-1, keepdim=True)
             logits = mm(ids, adapter_names=names, cuda_graphs=cuda_graphs, **{arg: cache}).logits[:, -1]
-            out.append(logits.clone())
+            out.append(logits)  # not copied: a replay must not change the outputs of earlier steps
         return out
 
     dirs = peft_served[1]

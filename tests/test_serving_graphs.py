@@ -175,3 +175,62 @@ def test_compiled_decoder_layer_traces_without_graph_breaks(adapters, backend, m
     assert counter.frame_count == 2  # one per scales layout (with and without token scales), not per mix
     assert compiled(IDS, adapter_names=ROWS).logits.shape == want.shape
     assert counter.frame_count == 2
+
+
+# ----------------------------------------------------------------------------------------------- DecodeGraphs
+
+
+def test_every_decode_step_of_a_generate_has_one_graph_key(adapters, monkeypatch):
+    """What makes a graph replayable across steps and calls: in ``generate`` every decode step (and only those) gets a
+    key, the same one at every step of the call and of the next call (the kept cache, reset, has the same buffers);
+    a batch of another size gets another key; beam search and a dynamic cache get none."""
+    from transformers import DynamicCache
+
+    from fastlora.serving import DecodeGraphs
+
+    mm = _wrapped(adapters)
+    keys = []
+    real_plan = DecodeGraphs._plan
+
+    def spy(self, kwargs):
+        plan = real_plan(self, kwargs)
+        keys.append(None if plan is None else (plan[0], plan[2]))
+        return plan
+
+    monkeypatch.setattr(DecodeGraphs, "_plan", spy)
+    _generate(mm, True)
+    first = list(keys)
+    assert first[0] is None and len(first) == 5  # the prefill, then 4 decode steps of 5 rows
+    assert len(set(first[1:])) == 1 and first[1][0] == 5
+    keys.clear()
+    _generate(mm, True, ["chat"] * 5)
+    assert keys == first
+    keys.clear()
+    mm.generate(IDS[:2], adapter_names=ROWS[:2], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert keys[0] is None and len(set(keys[1:])) == 1 and keys[1][0] == 2 and keys[1] != first[1]
+    keys.clear()
+    _generate(mm, True, num_beams=2)
+    assert keys == [] or set(keys) == {None}  # beam search: plain generate
+    keys.clear()
+    arg = mm.graphs.cache_arg
+    mm(IDS, adapter_names=ROWS, **{arg: (cache := DynamicCache())})
+    mm(IDS[:, :1], adapter_names=ROWS, **{arg: cache})
+    assert set(keys) == {None}
+
+
+def test_decode_graphs_run_any_causal_lm():
+    """``DecodeGraphs`` over a model without adapters: the base model's generate, through the kept static cache, gives
+    the tokens of plain generate; the decode-step API copies its outputs."""
+    from fastlora.serving import DecodeGraphs
+
+    model = tiny_llama()
+    graphs = DecodeGraphs(model)
+    kwargs = dict(attention_mask=torch.ones_like(IDS), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(graphs.generate(IDS, **kwargs), model.generate(IDS, **kwargs))
+        cache = graphs.static_cache(16)
+        graphs(input_ids=IDS, **{graphs.cache_arg: cache})
+        step = graphs(input_ids=IDS[:, :1], **{graphs.cache_arg: cache})
+    assert "forward" not in vars(model)  # generate put the model's own forward back
+    assert graphs.captures == 0 and len(graphs._caches) == 1  # nothing is captured on a CPU
+    assert step.logits.shape == (IDS.shape[0], 1, model.config.vocab_size)

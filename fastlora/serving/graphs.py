@@ -20,8 +20,9 @@ The first decode step of a new key runs eagerly (warming up the autotuners), the
 next step. Captured graphs share one memory pool. ``max_graphs`` bounds how many are kept (least recently used go).
 
 On a CPU nothing is captured: the same steps run eagerly over the same static cache and metadata, which is how the
-fixed-size path is tested without a GPU. Calls through one ``DecodeGraphs`` run one at a time (a lock): a graph's
-input buffers and the metadata buffers are shared by every call that replays it.
+fixed-size path is tested without a GPU. Decode steps through one ``DecodeGraphs`` run one at a time (a lock): a graph's
+input buffers and the metadata buffers are shared by every call that replays it; so do whole ``generate`` calls (they
+route the model's forward through it for their duration). Other calls run concurrently.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import inspect
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -98,9 +99,9 @@ class DecodeGraphs:
     # ------------------------------------------------------------------------------------------- entry points
 
     def __call__(self, **kwargs) -> Any:
-        """``model(**kwargs)``, replayed from a graph when it is a decode step over a static cache (see the module)."""
-        with self._lock:
-            return self._step(self.model, kwargs)
+        """``model(**kwargs)``, replayed from a graph when it is a decode step over a static cache (see the module).
+        The tensors of a replayed step's output are copies: the next replay does not change them."""
+        return self._step(self.model, kwargs, copy=True)
 
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> Any:
         """``model.generate(input_ids, **kwargs)`` with its decode steps replayed. Unless ``kwargs`` bring their own
@@ -194,11 +195,17 @@ class DecodeGraphs:
                 return None  # an argument the key cannot describe
         return ids.shape[0], ids.device, (tuple(tensors), tuple(others), buffers)
 
-    def _step(self, forward: Callable[..., Any], kwargs: dict) -> Any:
+    def _step(self, forward: Callable[..., Any], kwargs: dict, copy: bool = False) -> Any:
         plan = self._plan(kwargs)
         if plan is None:
             return forward(**kwargs)
-        rows, device, key = plan
+        with self._lock:  # the step's metadata buffers and the graph's inputs and outputs are shared by every caller
+            output = self._static_step(forward, kwargs, *plan)
+            if copy and isinstance(output, Mapping):  # a ModelOutput: the same fields, tensors copied
+                output = type(output)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in output.items()})
+            return output
+
+    def _static_step(self, forward: Callable[..., Any], kwargs: dict, rows: int, device, key: Hashable) -> Any:
         extra = self.prepare(rows, device) if self.prepare is not None else None
         if device.type != "cuda":
             return forward(**kwargs)
