@@ -248,10 +248,9 @@ class StaticBatch:
                 f"{'has' if scales is not None else 'has no'} token scales"
             )
         sorted_ids, seg_slots, counts = _group(slots, ranks)
-        if seg_slots.numel() and int(ranks[seg_slots].max()) > self.max_rank:
-            raise ValueError(
-                f"{where}: the batch uses rank {int(ranks[seg_slots].max())}, above the buffers' max_rank={self.max_rank}"
-            )
+        used = int(ranks[seg_slots].max()) if seg_slots.numel() else 0
+        if used > self.max_rank:
+            raise ValueError(f"{where}: the batch uses rank {used}, above the buffers' max_rank={self.max_rank}")
         S = self.num_slots
         self._turn = (self._turn + 1) % len(self._staging)
         ints, floats = self._staging[self._turn]

@@ -115,14 +115,17 @@ class _Rows:
         return min(self.model.pool.max_rank, max(16, 1 << (used - 1).bit_length()))
 
     @torch.compiler.disable
-    def _static_meta(self, pool: PoolLayer, key: tuple[int, int, torch.device]) -> BatchMeta:
-        """Fixed-size metadata for ``key``, in buffers of its own (a compiled layer asked for a shape ``prebuild``
-        did not prepare: a graph break, or an error under ``fullgraph=True``)."""
+    def _static_meta(
+        self, pool: PoolLayer, key: tuple[int, int, torch.device], buffers: StaticBatch | None = None
+    ) -> BatchMeta:
+        """Fixed-size metadata for ``key``, written into ``buffers`` (default: buffers of its own). Outside
+        ``prebuild`` and ``use_static``, a compiled layer asked for a shape nobody prepared: a graph break, or an
+        error under ``fullgraph=True``."""
         batch, positions, device = key
         slots, scales = self._token_rows(pool, key)
-        buffers = StaticBatch(
-            batch * positions, len(self.lease.slot_ranks), self._rank_bucket(), device, token_scales=scales is not None
-        )
+        if buffers is None:
+            buffers = StaticBatch(batch * positions, len(self.lease.slot_ranks), self._rank_bucket(), device,
+                                  token_scales=scales is not None)  # fmt: skip
         self.static[key] = meta = buffers.update(slots, self.lease.slot_ranks, self.lease.slot_scalings, scales)
         return meta
 
@@ -142,13 +145,10 @@ class _Rows:
         if self.base_only:
             return "base"
         key = (rows, 1, device)
-        if key not in self.static:
-            rank = self._rank_bucket()
-            scaled = self.row_scales is not None
-            buffers = self.model._static_batch(rows, rank, scaled, device)
-            slots, scales = self._token_rows(next(iter(self.layers.values())), key)
-            self.static[key] = buffers.update(slots, self.lease.slot_ranks, self.lease.slot_scalings, scales)
-        meta = self.static[key]
+        meta = self.static.get(key)
+        if meta is None:
+            buffers = self.model._static_batch(rows, self._rank_bucket(), self.row_scales is not None, device)
+            meta = self._static_meta(next(iter(self.layers.values())), key, buffers)
         return rows, meta.max_rank, meta.token_scales is not None
 
 
