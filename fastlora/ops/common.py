@@ -57,12 +57,19 @@ def out_features(weight: torch.Tensor, fan_in_fan_out: bool) -> int:
     return weight.shape[1] if fan_in_fan_out else weight.shape[0]
 
 
-def check_base_layer(where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool, backend: str) -> tuple[int, int]:
-    """The checks every op shares: ``tensors`` (name -> tensor or None) are tensors on one device, and ``x``,
-    ``weight``, ``bias`` make a linear layer of these dtypes and shapes. Returns ``(K, N)``."""
+def check_tensor_types(where: str, tensors: dict, optional: tuple[str, ...] = ()) -> None:
+    """Every value of ``tensors`` (name -> value) is a ``torch.Tensor``; those named in ``optional`` may be None.
+    Ops call it first, before any attribute of their arguments is read."""
     for name, t in tensors.items():
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not isinstance(t, torch.Tensor) and not (t is None and name in optional):
+            expected = "a torch.Tensor or None" if name in optional else "a torch.Tensor"
+            raise TypeError(f"{where}: {name} must be {expected}, got {type(t).__name__}")
+
+
+def check_base_layer(where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool, backend: str) -> tuple[int, int]:
+    """The checks every op shares: ``tensors`` (name -> tensor or None, types already checked with
+    ``check_tensor_types``) are on one device, and ``x``, ``weight``, ``bias`` make a linear layer of these dtypes and
+    shapes. Returns ``(K, N)``."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"{where}: all tensors must be on one device, got {devices}")

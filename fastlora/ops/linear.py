@@ -19,11 +19,18 @@ seed (one int64). The dropout mask is regenerated from the seed, so nothing of s
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .. import kernels
 from . import torch_linear
-from .common import as_2d, check_base_layer, out_features, resolve_backend, weight_t
+from .common import as_2d, check_base_layer, check_tensor_types, out_features, resolve_backend, weight_t
+
+_WHERE = "fastlora.lora_linear"
+# A Python int seed is stored as one int64; ``draw_seed`` draws below 2**62.
+_SEED_LIMIT = 2**63
 
 FORWARD_IMPLS = ("auto", "onepass", "split")
 # The one-pass forward wins while W0 dominates the traffic; beyond this many tokens the GEMM path does.
@@ -47,7 +54,8 @@ def choose_forward_impl(M: int, r: int, impl: str = "auto", lora_is_wide: bool =
 
 
 def _host_seed(seed) -> int | None:
-    """The torch backend's seed as a Python int (a tensor seed is read once; it lives on the host's side)."""
+    """The torch backend's seed as a Python int: its masks come from a host-seeded generator, so a tensor seed is read
+    here (a synchronisation only when the torch backend is forced on GPU tensors)."""
     if seed is None or isinstance(seed, int):
         return seed
     return int(seed.reshape(-1)[0])
@@ -56,6 +64,7 @@ def _host_seed(seed) -> int | None:
 def _forward(x2d, wt, bias, lora_A, lora_B, seed, scaling, dropout_p, need_xs, forward_impl, backend):
     """``(y [M, N], xs [M, r] or None)`` for ``x2d [M, K]`` and ``wt [K, N]``."""
     if backend == "torch":
+        # Never under autocast (``lora_linear`` turns it off around this call, after applying its casts).
         return torch_linear.forward(x2d, wt, bias, lora_A, lora_B, scaling, dropout_p, _host_seed(seed), need_xs)
     M, r = x2d.shape[0], lora_A.shape[0]
     wide = lora_A.element_size() > x2d.element_size()
@@ -71,10 +80,24 @@ def _forward(x2d, wt, bias, lora_A, lora_B, seed, scaling, dropout_p, need_xs, f
 def _backward(dy2d, x2d, wt, lora_A, lora_B, xs, seed, scaling, dropout_p, need_dx, backend):
     """``(dx [M, K] or None, dA, dB)``, the LoRA gradients in the LoRA weights' dtype."""
     if backend == "torch":
-        return torch_linear.backward(
-            dy2d, x2d, wt, lora_A, lora_B, xs, scaling, dropout_p, _host_seed(seed), need_dx
-        )  # fmt: skip
+        args = (dy2d, x2d, wt, lora_A, lora_B, xs, scaling, dropout_p, _host_seed(seed), need_dx)
+        if torch.is_autocast_enabled(x2d.device.type):
+            # A backward called inside an autocast region: autocast would recast the GEMMs of an fp32 LoRA branch.
+            with torch.autocast(x2d.device.type, enabled=False):
+                return torch_linear.backward(*args)
+        return torch_linear.backward(*args)
     return kernels.lora_backward(dy2d, x2d, wt.t(), lora_A, lora_B, xs, scaling, dropout_p, seed, need_dx)
+
+
+def _refuse_double_backward(dy: torch.Tensor, saved: tuple) -> None:
+    """Raise when the backward runs with ``create_graph=True`` (grad mode on inside it) and its result would need a
+    graph: the kernels' gradients are not differentiable, and a silently constant first gradient would give wrong
+    second-order gradients."""
+    if dy.requires_grad or any(t is not None and t.requires_grad for t in saved):
+        raise RuntimeError(
+            f"{_WHERE}: second-order gradients (double backward, create_graph=True) are not supported: the backward "
+            "is not differentiable; compute the gradient without create_graph=True"
+        )
 
 
 def _grads(ctx, dy, seed, lora_grads):
@@ -82,7 +105,9 @@ def _grads(ctx, dy, seed, lora_grads):
     saved (the same fields on ``ctx``). ``lora_grads(dy, x, weight, lora_A, lora_B, xs, seed, need_dx)`` returns
     ``(dx, dA, dB)`` with ``dx`` shaped as ``x``. ``W0`` and ``b`` (frozen in LoRA training) get theirs from cuBLAS
     when a caller asks."""
-    x, weight, lora_A, lora_B, xs, _ = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xs, _ = saved = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        _refuse_double_backward(dy, saved)
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     dx = dA = dB = dW = db = None
     if need_x or need_a or need_bb:
@@ -234,27 +259,97 @@ _lora_linear_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out, backend) -> None:
+def _check_seed(seed, device: torch.device) -> None:
+    """``seed`` is None, an int in ``[0, 2**63)``, or an int64 tensor of one element on ``device``: a few attribute
+    reads, never the tensor's value (on a GPU that would wait for the device)."""
+    if seed is None:
+        return
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64:
+            raise TypeError(
+                f"{_WHERE}: seed must be an int64 tensor (or a Python int), got a {seed.dtype} tensor; "
+                "convert it with seed.long()"
+            )
+        if seed.numel() != 1:
+            what = "an empty tensor" if seed.numel() == 0 else f"{seed.numel()} elements"
+            raise ValueError(f"{_WHERE}: seed must hold exactly one element, got {what} (shape {tuple(seed.shape)})")
+        if seed.device != device:
+            raise ValueError(
+                f"{_WHERE}: seed must be on x's device ({device}), got a tensor on {seed.device}; "
+                f"create it there or move it with seed.to({str(device)!r})"
+            )
+        return
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        if not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"{_WHERE}: seed must be in [0, 2**63) as a Python int, got {seed}")
+        return
+    raise TypeError(
+        f"{_WHERE}: seed must be None, a Python int or an int64 tensor of one element, got {type(seed).__name__}"
+    )
+
+
+def _check_scaling(scaling) -> float:
+    """``scaling`` as a finite float. A tensor must hold one element on the CPU and not require grad: its gradient would
+    be lost, and reading a GPU tensor's value would wait for the device."""
+    if type(scaling) is float:
+        value = scaling
+    elif isinstance(scaling, torch.Tensor):
+        if scaling.requires_grad:
+            raise ValueError(
+                f"{_WHERE}: scaling is a tensor that requires grad, but gradients with respect to scaling are not "
+                "supported; pass a Python float (or scaling.detach())"
+            )
+        if scaling.numel() != 1:
+            raise ValueError(f"{_WHERE}: scaling must hold one element, got a tensor of shape {tuple(scaling.shape)}")
+        if scaling.device.type != "cpu":
+            raise ValueError(
+                f"{_WHERE}: scaling must be a Python number or a CPU tensor, got a tensor on {scaling.device}: reading "
+                "its value on the host would wait for the device"
+            )
+        if scaling.dtype == torch.bool or scaling.is_complex():
+            raise TypeError(f"{_WHERE}: scaling must be a real number, got a {scaling.dtype} tensor")
+        value = float(scaling)
+    elif isinstance(scaling, numbers.Real) and not isinstance(scaling, bool):
+        try:
+            value = float(scaling)
+        except OverflowError:
+            value = math.inf
+    else:
+        raise TypeError(f"{_WHERE}: scaling must be a real number (int or float), got {type(scaling).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{_WHERE}: scaling must be finite, got {value}")
+    return value
+
+
+def _check_dropout(dropout_p, training) -> float:
+    """The dropout probability applied: ``dropout_p`` when ``training``, else 0 (``dropout_p`` is checked either way)."""
+    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0 and type(training) is bool:
+        return dropout_p if training else 0.0
+    if type(dropout_p) is not float and (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)):
+        raise TypeError(f"{_WHERE}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:  # NaN fails both comparisons
+        raise ValueError(f"{_WHERE}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if training is not True and training is not False and not (type(training) is int and training in (0, 1)):
+        raise TypeError(f"{_WHERE}: training must be a bool, got {type(training).__name__} {training!r}")
+    return float(dropout_p) if training else 0.0
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, fan_in_fan_out, backend) -> None:
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
-    K, N = check_base_layer("fastlora.lora_linear", tensors, x, weight, bias, fan_in_fan_out, backend)
+    K, N = check_base_layer(_WHERE, tensors, x, weight, bias, fan_in_fan_out, backend)
     if lora_A.dtype != lora_B.dtype:
-        raise TypeError(f"fastlora.lora_linear: lora_A.dtype ({lora_A.dtype}) and lora_B.dtype ({lora_B.dtype}) differ")
+        raise TypeError(f"{_WHERE}: lora_A.dtype ({lora_A.dtype}) and lora_B.dtype ({lora_B.dtype}) differ")
     if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(
-            f"fastlora.lora_linear: lora_A/lora_B dtype must be float32 or x.dtype ({x.dtype}), got {lora_A.dtype}"
-        )
+        raise TypeError(f"{_WHERE}: lora_A/lora_B dtype must be float32 or x.dtype ({x.dtype}), got {lora_A.dtype}")
     if lora_A.dim() != 2 or lora_A.shape[0] < 1:
-        raise ValueError(f"fastlora.lora_linear: lora_A must be [r, K] with rank r >= 1, got {tuple(lora_A.shape)}")
+        raise ValueError(f"{_WHERE}: lora_A must be [r, K] with rank r >= 1, got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
     if lora_A.shape[1] != K:
-        raise ValueError(f"fastlora.lora_linear: lora_A must be [r, K] = [{r}, {K}], got {tuple(lora_A.shape)}")
+        raise ValueError(f"{_WHERE}: lora_A must be [r, K] = [{r}, {K}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(
-            f"fastlora.lora_linear: lora_B must be [N, r] = [{N}, {r}] to match weight and lora_A, "
-            f"got {tuple(lora_B.shape)}"
+            f"{_WHERE}: lora_B must be [N, r] = [{N}, {r}] to match weight and lora_A, got {tuple(lora_B.shape)}"
         )
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"fastlora.lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
@@ -269,14 +364,14 @@ def lora_linear(
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    scaling: float,
+    scaling: float | torch.Tensor,
     dropout_p: float = 0.0,
     training: bool = False,
     *,
     fan_in_fan_out: bool = False,
     forward_impl: str = "auto",
     backend: str | None = None,
-    seed: torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x·W0ᵀ + b + scaling·(D(x)·lora_Aᵀ)·lora_Bᵀ``, differentiable in every tensor argument.
 
@@ -284,38 +379,77 @@ def lora_linear(
         x: ``[..., K]`` activations (fp16, bf16 or fp32; any strides).
         weight: frozen ``W0``, ``[N, K]`` as in ``nn.Linear``, or ``[K, N]`` with ``fan_in_fan_out=True``
             (GPT-2 ``Conv1D``); same dtype as ``x``. Never copied.
-        bias: ``[N]`` or None.
+        bias: ``[N]`` (``x.dtype`` or fp32) or None.
         lora_A, lora_B: ``[r, K]`` and ``[N, r]`` (PEFT's shapes), fp32 or ``x.dtype``.
-        scaling: ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA).
-        dropout_p: dropout on the LoRA branch's input, applied only when ``training``.
+        scaling: ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA): a finite real number, or a one-element CPU tensor
+            that does not require grad (no gradient flows to ``scaling``; a GPU tensor is refused, as reading it would
+            wait for the device).
+        dropout_p: dropout on the LoRA branch's input, in ``[0, 1)``, applied only when ``training`` (a bool).
         forward_impl: ``"onepass"``, ``"split"`` (shrink, then fused GEMM) or ``"auto"`` (by token count, rank and
             LoRA dtype).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``; defaults to ``FASTLORA_BACKEND`` or ``"auto"``.
-        seed: dropout seed (int64 tensor of one element on ``x.device``). When omitted, the Triton backend draws one
-            on the device from its default generator, the torch backend one on the host from the CPU generator (no
-            device work); ``torch.manual_seed`` makes either reproducible. The two backends draw different masks:
-            the Triton kernels' mask is the one ``fastlora.reference.dropout_mask`` reproduces bit for bit.
+        seed: dropout seed: a Python int in ``[0, 2**63)``, or an int64 tensor of exactly one element on
+            ``x.device`` whose 64 bits are the key (any value; other integer dtypes and tensors on another device
+            are refused rather than converted or moved, which would cost a launch or a copy per call). Checked on
+            every call, even when no dropout applies. When omitted, the Triton backend draws one on the device from
+            its default generator, the torch backend one on the host from the CPU generator (no device work);
+            ``torch.manual_seed`` makes either reproducible. The two backends draw different masks: the Triton
+            kernels' mask is the one ``fastlora.reference.dropout_mask`` reproduces bit for bit. The torch backend
+            reads a tensor seed's value on the host (on a GPU tensor, a synchronisation).
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type, dtype, shape, device or value (the message names it),
+            before anything is computed; the inputs are left as they were.
+        RuntimeError: a backward with ``create_graph=True`` (second-order gradients are not supported).
     """
-    backend = resolve_backend(x.device, backend)
-    if torch.is_autocast_enabled(x.device.type):
+    # Types and the scalar arguments first, before any attribute of a tensor argument is read.
+    if not (
+        isinstance(x, torch.Tensor)
+        and isinstance(weight, torch.Tensor)
+        and isinstance(lora_A, torch.Tensor)
+        and isinstance(lora_B, torch.Tensor)
+        and (bias is None or isinstance(bias, torch.Tensor))
+    ):
+        tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+        check_tensor_types(_WHERE, tensors, optional=("bias",))
+    device = x.device
+    _check_seed(seed, device)
+    scaling = _check_scaling(scaling)
+    p = _check_dropout(dropout_p, training)
+    backend = resolve_backend(device, backend)
+    if torch.is_autocast_enabled(device.type):
         # As nn.Linear under autocast: the base GEMM runs in the autocast dtype. fp32 LoRA weights stay fp32.
-        dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = torch.get_autocast_dtype(device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None and bias.dtype != torch.float32 else bias
         if lora_A.dtype != torch.float32:
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
-    _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out, backend)
+        if backend == "torch":
+            # The casts above are autocast's whole effect: inside, it would recast the GEMMs of an fp32 LoRA branch
+            # or bias and break the torch backend's dtype rules (the kernels never see autocast).
+            with torch.autocast(device.type, enabled=False):
+                return _lora_linear(
+                    x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out, forward_impl, backend, seed
+                )
+    return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out, forward_impl, backend, seed)
+
+
+def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out, forward_impl, backend, seed):
+    """``lora_linear`` once its scalar arguments are checked and autocast applied: the checks of the tensors, then the
+    entry point (custom op when compiling, autograd function when recording, the forward alone otherwise)."""
+    _check_inputs(x, weight, bias, lora_A, lora_B, fan_in_fan_out, backend)
     choose_forward_impl(1, lora_A.shape[0], forward_impl)  # validates the name and the rank limit early
-    p = float(dropout_p) if training else 0.0
     compiling = torch.compiler.is_compiling()
     if p == 0.0:
         seed = None
     elif seed is None:
         seed = torch_linear.draw_seed() if backend == "torch" and not compiling else draw_seed(x.device)
-    scaling = float(scaling)
+    elif type(seed) is int and (backend == "triton" or compiling):
+        # The kernels and the custom op read the seed from a tensor: a fill on the device, no copy from the host.
+        seed = torch.full((1,), seed, dtype=torch.int64, device=x.device)
     needs_grad = lora_B.requires_grad or lora_A.requires_grad or x.requires_grad
     needs_grad = needs_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if compiling:

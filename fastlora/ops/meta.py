@@ -142,6 +142,8 @@ def _host_batch(token_slots, slot_ranks, slot_scalings, token_scales):
     num_slots = ranks_host.numel()
     if scalings.numel() != num_slots:
         raise ValueError(f"BatchMeta: slot_scalings has {scalings.numel()} entries but slot_ranks has {num_slots}")
+    # Checked here, once per batch on the host: a layer reads these on the device, where a check would synchronise.
+    _check_finite(scalings, "slot_scalings", "slot")
     T = slots_host.numel()
     if T and (slots_host.min() < -1 or slots_host.max() >= num_slots):
         bad = slots_host[(slots_host < -1) | (slots_host >= num_slots)][0].item()
@@ -150,7 +152,17 @@ def _host_batch(token_slots, slot_ranks, slot_scalings, token_scales):
         token_scales = torch.as_tensor(token_scales, dtype=torch.float32).detach().to("cpu").reshape(-1)
         if token_scales.numel() != T:
             raise ValueError(f"BatchMeta: token_scales has {token_scales.numel()} entries for {T} tokens")
+        _check_finite(token_scales, "token_scales", "token")
     return slots_host, ranks_host, scalings, token_scales
+
+
+def _check_finite(values: torch.Tensor, name: str, what: str) -> None:
+    """``values`` (a host tensor, one entry per slot or token) are all finite; else a ValueError naming the first bad
+    entry."""
+    finite = torch.isfinite(values)
+    if not finite.all():
+        i = int(torch.nonzero(~finite)[0])
+        raise ValueError(f"BatchMeta: {name}[{i}] (the {what} {i}) is {values[i].item()}; it must be finite")
 
 
 def _group(slots_host: torch.Tensor, ranks_host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels, reference
-from .common import as_2d, check_base_layer, out_features, resolve_backend, weight_t
+from .common import as_2d, check_base_layer, check_tensor_types, out_features, resolve_backend, weight_t
 from .meta import KernelArgs
 
 MULTI_IMPLS = ("auto", "fused", "segmented")
@@ -30,15 +30,28 @@ MULTI_IMPLS = ("auto", "fused", "segmented")
 MULTI_FUSED_MAX_TOKENS = 64
 
 
-def _check_multi_inputs(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_scalings, fan_in_fan_out, backend):
-    where = "fastlora.multi_lora_linear"
-    for field in ("token_slots", "sorted_token_ids", "seg_offsets", "seg_slots", "num_tokens", "max_rank"):
+_WHERE = "fastlora.multi_lora_linear"
+_META_FIELDS = ("token_slots", "sorted_token_ids", "seg_offsets", "seg_slots", "num_tokens", "max_rank")
+
+
+def _check_multi_types(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_scalings) -> dict:
+    """``meta`` is a ``BatchMeta`` and every tensor argument (``meta``'s included) a tensor, checked before any attribute
+    of one is read; returns them by name for ``check_base_layer``."""
+    for field in _META_FIELDS:
         if not hasattr(meta, field):
-            raise TypeError(f"{where}: meta must be a fastlora.ops.BatchMeta, got {type(meta).__name__}")
+            raise TypeError(f"{_WHERE}: meta must be a fastlora.ops.BatchMeta, got {type(meta).__name__}")
     tensors = {"x": x, "weight": weight, "bias": bias, "a_pool": a_pool, "b_pool": b_pool,
                "slot_ranks": slot_ranks, "slot_scalings": slot_scalings, "meta.token_slots": meta.token_slots,
                "meta.sorted_token_ids": meta.sorted_token_ids, "meta.slot_ranks": meta.slot_ranks,
                "meta.token_scales": meta.token_scales}  # fmt: skip
+    check_tensor_types(_WHERE, tensors, ("bias", "slot_ranks", "slot_scalings", "meta.token_scales"))
+    return tensors
+
+
+def _check_multi_inputs(
+    x, weight, bias, a_pool, b_pool, meta, tensors, slot_ranks, slot_scalings, fan_in_fan_out, backend
+) -> None:
+    where = _WHERE
     K, N = check_base_layer(where, tensors, x, weight, bias, fan_in_fan_out, backend)
     if a_pool.dtype != b_pool.dtype:
         raise TypeError(f"{where}: a_pool.dtype ({a_pool.dtype}) and b_pool.dtype ({b_pool.dtype}) differ")
@@ -127,12 +140,20 @@ def multi_lora_linear(
     Returns:
         ``[..., N]`` in ``x.dtype``.
 
+    Every argument is checked before anything is computed (a non-tensor, a wrong dtype, shape or device raises a
+    TypeError or ValueError naming it). The values of the device tensors are not read: ``BatchMeta.build`` checks that
+    the scalings and token scales it is given are finite, on the host; a layer's own ``slot_scalings`` are its
+    caller's to keep finite.
+
     Inference only on the triton backend: with autograd recording and an input that requires grad it raises (run
     under ``torch.no_grad()``). The torch backend is differentiable. No call synchronises with the device on the
     triton backend: every grid is sized from ``meta``'s host integers.
     """
+    tensors = _check_multi_types(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_scalings)
     backend = resolve_backend(x.device, backend)
-    _check_multi_inputs(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_scalings, fan_in_fan_out, backend)
+    _check_multi_inputs(
+        x, weight, bias, a_pool, b_pool, meta, tensors, slot_ranks, slot_scalings, fan_in_fan_out, backend
+    )
     if impl == "auto" and meta.num_segments == 0:
         impl = "segmented"  # no token has an adapter: the vendor GEMM alone, nothing else is launched
     impl = choose_multi_impl(meta.num_tokens, impl)
