@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import regex
 
 ALL_LINEAR = "all-linear"
 _INIT_CHOICES = (True, False, "gaussian")
@@ -35,8 +38,20 @@ _UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "target_parameters", "layer_repl
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rank-stabilised LoRA."""
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rank-stabilised LoRA. Raises ``ValueError`` when the result
+    is not a finite float32 number: the kernels take the scaling as an fp32 scalar, and an infinite or NaN one turns
+    every output of the layer into inf/NaN."""
+    try:
+        scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+    except OverflowError:  # an integer too large for a float
+        scaling = math.inf
+    if not (math.isfinite(scaling) and abs(scaling) <= _FP32_MAX):
+        formula = "lora_alpha / sqrt(r)" if use_rslora else "lora_alpha / r"
+        raise ValueError(
+            f"lora_scaling: {formula} with r={r!r}, lora_alpha={lora_alpha!r} is {scaling!r}, not a finite float32 "
+            "number"
+        )
+    return float(scaling)
 
 
 @dataclasses.dataclass
@@ -48,7 +63,22 @@ class LoraConfig:
     the output head). ``rank_pattern`` / ``alpha_pattern``: a key matches a module name when
     ``re.match(rf"(.*\\.)?({key})$", name)``; the first matching key wins. ``layers_to_transform`` keeps only
     modules inside those layer indices (found after ``layers_pattern`` in the name, or the first numbered segment).
+    ``modules_to_save``: modules whose name ends with an entry (a plain string suffix, as in PEFT) are saved whole.
+
+    Construction checks every field (``TypeError`` for a value of the wrong type, ``ValueError`` for a wrong value,
+    both naming the field), since configs come from downloaded ``adapter_config.json`` files: ``lora_alpha`` and
+    ``alpha_pattern`` values must give a finite float32 scaling with every rank, and every regex (a ``target_modules``
+    or ``exclude_modules`` string, ``rank_pattern`` / ``alpha_pattern`` keys, ``layers_pattern`` and
+    ``modules_to_save`` entries, as PEFT interpolates them) is compiled once, here. Matching runs those regexes with
+    the ``regex`` module, which can be interrupted and releases the GIL for any match that runs over a millisecond:
+    a config gets ``MATCH_BUDGET_S`` seconds of matching in all, and a pattern that backtracks catastrophically is
+    refused with a ``ValueError`` naming it instead of freezing the process. Results are identical to PEFT's
+    matching with Python's ``re``.
     """
+
+    # The regexes compiled from the fields and the matching time left (a ``_Regexes``) live in a slot, outside
+    # ``__dict__``, so that ``LoraConfig(**vars(config))`` and ``dataclasses.asdict`` still see only the fields.
+    __slots__ = ("__dict__", "__weakref__", "_regexes")
 
     r: int = 8
     lora_alpha: float = 8
@@ -75,15 +105,13 @@ class LoraConfig:
         set_unsupported = [f"{k}={getattr(self, k)!r}" for k in _UNSUPPORTED_FIELDS if getattr(self, k)]
         if set_unsupported:
             raise NotImplementedError(f"LoraConfig: not supported by fastlora: {', '.join(set_unsupported)}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+        self._check_types()
+        if self.r < 1:
             raise ValueError(f"LoraConfig: r must be an integer >= 1, got {self.r!r}")
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            if rank < 1:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}")
+        self._check_scalings()
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in _BIAS_CHOICES:
@@ -102,6 +130,94 @@ class LoraConfig:
             )
         if self.target_modules is None:
             raise ValueError("LoraConfig: target_modules is required (a list of names, a regex, or 'all-linear')")
+        if self.modules_to_save and "" in self.modules_to_save:
+            # Every name ends with "": PEFT would save (and exclude from LoRA) every module of the model.
+            raise ValueError("LoraConfig: modules_to_save holds an empty name, which would name every module")
+        self._regexes = _Regexes()
+        self._compile_regexes()
+
+    def _check_types(self):
+        """Refuse values of the wrong type (a ``TypeError`` naming the field) and normalise sets and tuples of names
+        to lists, before any check compares or sorts them."""
+        for field in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, field)
+            allowed = "None or a list of str" if field == "modules_to_save" else "None, a str or a list of str"
+            if isinstance(value, (list, tuple, set, frozenset)):
+                if not all(isinstance(v, str) for v in value):
+                    raise TypeError(f"LoraConfig: {field} must be {allowed}, got {value!r}")
+                if not isinstance(value, list):
+                    setattr(self, field, sorted(value))
+            elif value is not None and (field == "modules_to_save" or not isinstance(value, str)):
+                raise TypeError(f"LoraConfig: {field} must be {allowed}, got {value!r}")
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        layers = self.layers_to_transform
+        if not (layers is None or _is_int(layers) or (isinstance(layers, list) and all(map(_is_int, layers)))):
+            raise TypeError(f"LoraConfig: layers_to_transform must be None, an int or a list of ints, got {layers!r}")
+        _check_number("r", self.r, integer=True)
+        _check_number("lora_alpha", self.lora_alpha)
+        _check_number("lora_dropout", self.lora_dropout, kind="a real number in [0, 1)")
+        for field in ("fan_in_fan_out", "use_rslora"):
+            # PEFT takes any truthy value (use_rslora="no" would be True); a JSON string here is a mistake.
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"LoraConfig: {field} must be True or False, got {getattr(self, field)!r}")
+        for field in ("bias", "task_type", "base_model_name_or_path"):
+            value = getattr(self, field)
+            if not (isinstance(value, str) or (value is None and field != "bias")):
+                allowed = "a str" if field == "bias" else "None or a str"
+                raise TypeError(f"LoraConfig: {field} must be {allowed}, got {value!r}")
+        for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+            patterns = getattr(self, field)
+            if not isinstance(patterns, dict):
+                raise TypeError(f"LoraConfig: {field} must be a dict of {{regex: value}}, got {patterns!r}")
+            for key, value in patterns.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"LoraConfig: {field} keys must be str (regexes), got {key!r}")
+                _check_number(f"{field}[{key!r}]", value, integer=integer)
+
+    def _check_scalings(self):
+        """Every (rank, alpha) pair a layer can get must give a finite float32 scaling: ``r`` or any ``rank_pattern``
+        rank with ``lora_alpha`` or any ``alpha_pattern`` value. The largest scaling of an alpha is the one with the
+        smallest rank, so that pair is the one checked (a config may hold thousands of patterns)."""
+        ranks = {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}
+        rank_field = min(ranks, key=ranks.__getitem__)
+        rank = ranks[rank_field]
+        alphas = {"lora_alpha": self.lora_alpha, **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()}}
+        for alpha_field, alpha in alphas.items():
+            if not _is_finite(alpha):
+                raise ValueError(f"LoraConfig: {alpha_field} must be a finite real number, got {alpha!r}")
+            try:
+                lora_scaling(rank, alpha, self.use_rslora)
+            except ValueError:
+                formula = f"/ sqrt({rank_field})" if self.use_rslora else f"/ {rank_field}"
+                raise ValueError(
+                    f"LoraConfig: {alpha_field}={alpha!r} gives a scaling {alpha_field} {formula} "
+                    f"(with {rank_field}={rank!r}) that is not a finite float32 number, the kernels' scaling type"
+                ) from None
+
+    def _compile_regexes(self):
+        """Compile every regex the fields hold, as PEFT builds them, so that a bad one fails here, naming it."""
+        regexes = self._regexes
+        for field in ("target_modules", "exclude_modules"):
+            value = getattr(self, field)
+            if isinstance(value, str) and not (field == "target_modules" and self.all_linear):
+                regexes.compile(field, value, _FULL)
+        for key in self.rank_pattern:
+            regexes.compile("rank_pattern", key, _PATTERN_KEY)
+        for key in self.alpha_pattern:
+            regexes.compile("alpha_pattern", key, _PATTERN_KEY)
+        for entry in self.modules_to_save or ():
+            regexes.compile("modules_to_save", entry, _INSIDE_SAVED)
+        if self.layers_to_transform is not None and self.layers_pattern:
+            for pattern in _as_list(self.layers_pattern):
+                regexes.compile("layers_pattern", pattern, _LAYERS_PATTERN)
+
+    def _matcher(self) -> _Regexes:
+        try:
+            return self._regexes
+        except AttributeError:  # an instance built without __init__ (unpickled from an older version)
+            self._regexes = _Regexes()
+            return self._regexes
 
     # ------------------------------------------------------------------------------------------------ matching
 
@@ -111,17 +227,21 @@ class LoraConfig:
         return isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
 
     def saves_module(self, name: str) -> bool:
-        """Whether the module called ``name`` is one of ``modules_to_save`` (its name ends with an entry)."""
+        """Whether the module called ``name`` is one of ``modules_to_save``: its name ends with an entry, as a plain
+        string (PEFT's rule, see ``names_module``)."""
         return any(names_module(key, name) for key in self.modules_to_save or ())
 
     def is_excluded(self, name: str) -> bool:
+        """Whether ``exclude_modules`` excludes the module called ``name``, or it lies inside (or is) a module of
+        ``modules_to_save``, which LoRA never targets (PEFT's ``check_target_module_exists``)."""
+        regexes = self._matcher()
         if self.exclude_modules:
             if isinstance(self.exclude_modules, str):
-                if re.fullmatch(self.exclude_modules, name):
+                if regexes.match("exclude_modules", self.exclude_modules, _FULL, name):
                     return True
             elif name in self.exclude_modules or any(name.endswith(f".{e}") for e in self.exclude_modules):
                 return True
-        return bool(self.modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in self.modules_to_save)
+        return any(regexes.match("modules_to_save", m, _INSIDE_SAVED, name) for m in self.modules_to_save or ())
 
     def matches(self, name: str) -> bool:
         """Whether the module called ``name`` is a target (for ``"all-linear"``, before the type check)."""
@@ -130,14 +250,14 @@ class LoraConfig:
         if isinstance(self.target_modules, str):
             if self.all_linear:
                 return True
-            return re.fullmatch(self.target_modules, name) is not None
+            return self._matcher().match("target_modules", self.target_modules, _FULL, name) is not None
         if name in self.target_modules:
             return True
         if not any(name.endswith(f".{t}") for t in self.target_modules):
             return False
         if self.layers_to_transform is None or self.layers_to_transform == []:
             return True
-        index = layer_index(name, self.layers_pattern)
+        index = layer_index(name, self.layers_pattern, _regexes=self._matcher())
         if index is None:
             return False
         if isinstance(self.layers_to_transform, int):
@@ -145,10 +265,12 @@ class LoraConfig:
         return index in self.layers_to_transform
 
     def rank_for(self, name: str) -> int:
-        return self.rank_pattern.get(_pattern_key(self.rank_pattern, name), self.r)
+        key = _pattern_key(self.rank_pattern, name, _field="rank_pattern", _regexes=self._matcher())
+        return self.rank_pattern.get(key, self.r)
 
     def alpha_for(self, name: str) -> float:
-        return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, name), self.lora_alpha)
+        key = _pattern_key(self.alpha_pattern, name, _field="alpha_pattern", _regexes=self._matcher())
+        return self.alpha_pattern.get(key, self.lora_alpha)
 
     def scaling_for(self, name: str) -> float:
         """The scaling of the layer called ``name``: ``lora_scaling`` of its rank and alpha."""
@@ -190,7 +312,12 @@ class LoraConfig:
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> LoraConfig:
         """Read a PEFT ``adapter_config.json``. Unsupported options with non-default values raise
-        ``NotImplementedError`` naming them; unknown keys are refused too, rather than ignored."""
+        ``NotImplementedError`` naming them; unknown keys are refused too, rather than ignored. Values are checked as
+        by ``LoraConfig(...)``: ``json.loads`` reads ``NaN``, ``Infinity`` and ``1e309`` as floats, refused there."""
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                f"LoraConfig.from_peft_dict: expected a dict of PEFT config fields, got {type(data).__name__}"
+            )
         peft_type = data.get("peft_type", "LORA")
         if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
             raise NotImplementedError(f"LoraConfig: peft_type {peft_type!r} is not LoRA")
@@ -212,27 +339,209 @@ class LoraConfig:
 
 
 def names_module(key: str, name: str) -> bool:
-    """PEFT's ``modules_to_save`` rule: ``key`` names the module ``name`` when the name ends with it."""
-    return re.match(rf"(^|.*\.){key}$", name) is not None
+    """PEFT's ``modules_to_save`` rule (``_set_trainable``): ``key`` names the module ``name`` when the name ends
+    with it as a plain string, with no dot boundary, so ``"classifier"`` also names ``"pre_classifier"``."""
+    return name.endswith(key)
 
 
-def _pattern_key(patterns: Iterable[str], name: str) -> str | None:
+def _pattern_key(
+    patterns: Iterable[str], name: str, *, _field: str = "pattern", _regexes: _Regexes | None = None
+) -> str | None:
     """PEFT's ``get_pattern_key``: the first key matching the end of ``name`` on a dot boundary."""
+    regexes = _regexes if _regexes is not None else _Regexes()
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if regexes.match(_field, key, _PATTERN_KEY, name):
             return key
     return None
 
 
-def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+def layer_index(name: str, layers_pattern: list[str] | str | None, *, _regexes: _Regexes | None = None) -> int | None:
     """The transformer-layer index in a module name, as PEFT finds it (the first numbered segment, or the number
     after one of ``layers_pattern``)."""
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        match = _FIRST_NUMBERED_SEGMENT.match(name)
     else:
+        regexes = _regexes if _regexes is not None else _Regexes()
         match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        for pattern in _as_list(layers_pattern):
+            match = regexes.match("layers_pattern", pattern, _LAYERS_PATTERN, name)
             if match is not None:
                 break
     return int(match.group("idx")) if match else None
+
+
+def _as_list(value: list[str] | str) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range, e.g. from a JSON literal with 400 digits
+        return False
+
+
+def _check_number(field: str, value: Any, *, integer: bool = False, kind: str | None = None) -> None:
+    """``TypeError`` unless ``value`` is a number; ``ValueError`` if it is a bool (an ``int`` subclass, so ``True``
+    would silently mean 1) or, for an ``integer`` field, a float."""
+    kind = kind or ("an integer >= 1" if integer else "a finite real number")
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"LoraConfig: {field} must be {kind}, got {value!r}")
+    if isinstance(value, bool) or (integer and not isinstance(value, int)):
+        raise ValueError(f"LoraConfig: {field} must be {kind}, got {value!r}")
+
+
+# How PEFT builds a regex from a config value: (prefix, suffix, fullmatch). ``target_modules`` / ``exclude_modules``
+# strings must match the whole name; pattern keys the end of it on a dot boundary (``get_pattern_key``); a module
+# inside one of ``modules_to_save`` is never a LoRA target; ``layers_pattern`` is followed by the layer index.
+_FULL = ("", "", True)
+_PATTERN_KEY = (r"(.*\.)?(", r")$", False)
+_INSIDE_SAVED = (r"(^|.*\.)", r"($|\..*)", False)
+_LAYERS_PATTERN = (r"(?:^|.*?\.)", r"\.(?P<idx>\d+)\.", False)
+# Lazy ``.*?``: the first numbered segment is the layer index, not a nested one (an expert index in a MoE model).
+_FIRST_NUMBERED_SEGMENT = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+_FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max; this module does not import torch
+# Total CPU time one config may spend matching module names with its regexes. Normal configs spend milliseconds on
+# a large model; a pattern that backtracks catastrophically would otherwise hold a thread (and, with Python's re, the
+# GIL) for minutes.
+MATCH_BUDGET_S = 1.0
+# A match still running after this long goes on without the GIL, so other threads (serving requests) run meanwhile.
+_GIL_SLICE_S = 0.001
+# Match results a config remembers (names x patterns): a few models' worth.
+_MAX_REMEMBERED = 100_000
+# The ``regex`` module expands counted repeats when compiling (``(?:a{1000}){1000}`` takes 300 MB), and compiling
+# cannot be interrupted: bound the product of the counts, and the length, of a pattern from a config.
+_MAX_REPEAT_PRODUCT = 10_000
+_MAX_PATTERN_LEN = 100_000
+_COUNTED_REPEAT = re.compile(r"\{(\d*),?(\d*)\}")
+# Syntax Python's re takes literally but the regex module reads as a POSIX class or a fuzzy-matching constraint:
+# the same pattern would select other modules than in PEFT. Module names hold neither brackets nor braces.
+_ENGINE_DIFFERENCE = re.compile(r"\[:\^?\w*:\]|(?<!\\)\{(?!\d*,?\d*\})")
+
+
+class _Regexes:
+    """The compiled regexes of one ``LoraConfig`` and the matching time they have left (``MATCH_BUDGET_S`` in all).
+
+    Patterns are compiled by ``(field, pattern, template)``, so a field changed after construction is compiled (and
+    checked) on first use. Matching uses the ``regex`` module, which reads Python ``re`` syntax the same way (what it
+    reads differently is refused when compiling) and stops after ``timeout`` seconds. Results are remembered, so
+    matching the same model again (loading a second adapter file with this config) costs no budget. Time is this
+    thread's time, so a busy process does not use up the budget of a config that only waits for the GIL."""
+
+    def __init__(self):
+        self.budget = MATCH_BUDGET_S
+        self.left = self.budget
+        self._compiled: dict[tuple, Any] = {}
+        self._results: dict[tuple, Any] = {}
+        self._spent: dict[tuple[str, str], float] = {}
+
+    def compile(self, field: str, pattern: str, template: tuple[str, str, bool]):
+        compiled = self._compiled.get((field, pattern, template))
+        if compiled is None:
+            compiled = self._compiled[field, pattern, template] = _compile(field, pattern, template)
+        return compiled
+
+    def match(self, field: str, pattern: str, template: tuple[str, str, bool], name: str):
+        """``re.match`` (or ``re.fullmatch``) of ``pattern`` built with ``template`` on ``name``; ``ValueError``
+        naming the pattern that used up the budget."""
+        key = (field, pattern, template, name)
+        if key in self._results:
+            return self._results[key]
+        compiled = self.compile(field, pattern, template)
+        if self.left <= 0:
+            raise self._exhausted(field, pattern)
+        method = compiled.fullmatch if template[2] else compiled.match
+        # Holding the GIL, wall time is this thread's time, and perf_counter is ten times cheaper than thread_time.
+        start = time.perf_counter()
+        try:
+            try:
+                # Almost every match takes microseconds: releasing the GIL for each would make a loading thread
+                # queue for the GIL thousands of times, so it is released only for a match that runs longer.
+                found = method(name, timeout=min(self.left, _GIL_SLICE_S))
+            except TimeoutError:
+                locked, unlocked = time.perf_counter() - start, time.thread_time()
+                try:
+                    if self.left - locked <= 0:
+                        raise
+                    found = method(name, timeout=self.left - locked, concurrent=True)
+                finally:  # without the GIL, wall time would count the wait to get it back
+                    self._charge(field, pattern, locked + time.thread_time() - unlocked)
+            else:
+                self._charge(field, pattern, time.perf_counter() - start)
+        except TimeoutError:
+            self.left = 0.0
+            raise self._exhausted(field, pattern) from None
+        if len(self._results) < _MAX_REMEMBERED:
+            self._results[key] = found
+        return found
+
+    def _charge(self, field: str, pattern: str, seconds: float) -> None:
+        self.left -= seconds
+        self._spent[field, pattern] = self._spent.get((field, pattern), 0.0) + seconds
+
+    def _exhausted(self, field: str, pattern: str) -> ValueError:
+        """The error for a spent budget: it names the pattern that took most of it, or else the config's many
+        patterns together."""
+        if self._spent:
+            (field, pattern), spent = max(self._spent.items(), key=lambda item: item[1])
+            if spent < self.budget / 2 and len(self._spent) > 1:
+                return ValueError(
+                    f"LoraConfig: matching module names with this config's {len(self._spent)} regexes takes too long "
+                    f"(over {self.budget:g} s; the slowest is the {_what(field)} {pattern!r}); refusing it"
+                )
+        return ValueError(
+            f"LoraConfig: the {_what(field)} {pattern!r} takes too long to match module names "
+            f"(over {self.budget:g} s); refusing it"
+        )
+
+
+def _what(field: str) -> str:
+    """How an error message names a regex of ``field``."""
+    return _REGEX_KINDS.get(field, f"{field} pattern")
+
+
+_REGEX_KINDS = {
+    "rank_pattern": "rank_pattern key",
+    "alpha_pattern": "alpha_pattern key",
+    "pattern": "pattern key",
+    "modules_to_save": "modules_to_save entry",
+    "layers_pattern": "layers_pattern entry",
+}
+
+
+def _compile(field: str, pattern: str, template: tuple[str, str, bool]):
+    """``pattern`` inside ``template``, compiled with the ``regex`` module, once it is known to be small enough to
+    compile, to mean the same to both engines, and to be valid for Python's ``re`` (PEFT's engine); ``ValueError``
+    naming the field and the pattern otherwise."""
+    if len(pattern) > _MAX_PATTERN_LEN:
+        raise ValueError(
+            f"LoraConfig: the {_what(field)} {pattern[:40]!r}... is {len(pattern)} characters long "
+            f"(at most {_MAX_PATTERN_LEN})"
+        )
+    where = f"LoraConfig: the {_what(field)} {pattern!r}"
+    product = 1
+    for low, high in _COUNTED_REPEAT.findall(pattern):
+        count = high or low  # {m}, {m,}: m; {m,n}, {,n}: n
+        product *= max(1, int(count)) if len(count) < 10 else _MAX_REPEAT_PRODUCT + 1
+        if product > _MAX_REPEAT_PRODUCT:
+            raise ValueError(f"{where} repeats too much (its counted repeats multiply to over {_MAX_REPEAT_PRODUCT})")
+    prefix, suffix, _ = template
+    source = prefix + pattern + suffix
+    if difference := _ENGINE_DIFFERENCE.search(pattern):
+        raise ValueError(
+            f"{where} contains {difference.group()!r}, which Python's re (PEFT's matcher) reads literally but the "
+            "regex module does not; escape the bracket or brace"
+        )
+    try:
+        re.compile(source)
+    except (re.error, RecursionError, OverflowError, ValueError) as e:
+        raise ValueError(f"{where} is not a valid regular expression: {e}") from None
+    try:
+        return regex.compile(source)
+    except (regex.error, RecursionError, OverflowError, ValueError) as e:
+        raise ValueError(f"{where} is not a valid regular expression: {e}") from None
