@@ -126,9 +126,12 @@ def test_fastlora_adapter_loads_into_peft_and_matches_peft_save(arch, tmp_path, 
                 param.copy_(ours[key])
     peft_model.save_pretrained(tmp_path / "peft")
     _assert_same_tensors(ours, _saved(tmp_path / "peft"))
-    for directory in ("fastlora", "peft"):
-        with safe_open(tmp_path / directory / "adapter_model.safetensors", "pt") as f:
-            assert f.metadata() == {"format": "pt"}
+    # PEFT's metadata, plus (ours only) the record of the config fields the weights were saved with.
+    with safe_open(tmp_path / "peft" / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with safe_open(tmp_path / "fastlora" / "adapter_model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert metadata.pop(fastlora.peft_format.SAVED_CONFIG_KEY) and metadata == {"format": "pt"}
     ours_config = json.loads((tmp_path / "fastlora" / "adapter_config.json").read_text())
     peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     # PEFT holds target_modules as a set, so its order in the file is arbitrary.
