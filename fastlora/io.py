@@ -8,7 +8,10 @@ A directory holds ``adapter_config.json`` (the PEFT ``LoraConfig``) and ``adapte
   module (``Conv1D`` layers included: the LoRA shapes do not depend on the base weight's layout);
 - ``bias="lora_only"``: ``base_model.model.<module>.base_layer.bias`` for every adapted module with a bias;
   ``bias="all"``: every ``.bias`` entry of the model's state dict, adapted modules under ``.base_layer.bias``;
-- ``modules_to_save``: ``base_model.model.<module>.<name>`` for every entry of that module's state dict.
+- ``modules_to_save``: ``base_model.model.<module>.<name>`` for every entry of that module's state dict (for a
+  module that shares parameters with the input embedding, its own trained copies);
+- an output embedding (``lm_head``) with LoRA, when ``target_modules`` names an embedding layer as PEFT's
+  ``save_embedding_layers="auto"`` detects it: its base layer, ``base_model.model.lm_head.base_layer.weight``.
 
 Loading validates everything (files, config, every key and shape) before the model changes, so a bad adapter
 raises and leaves the model exactly as it was. Reading the files themselves is ``fastlora.peft_format``'s
@@ -16,6 +19,11 @@ raises and leaves the model exactly as it was. Reading the files themselves is `
 ``original_module.*`` / ``modules_to_save.*`` biases PEFT writes when ``bias="all"`` meets ``modules_to_save`` are
 read (and the base copies ignored) but never written; embedding layers PEFT saves after a vocabulary resize are
 unexpected keys (skipped with a warning under ``strict=False``).
+
+A saved ``lm_head.base_layer.weight`` is loaded as PEFT loads it, into the base layer, with one difference: when the
+layer's weight is tied to the input embedding and the saved weight differs from it, the layer gets its own copy
+(with a warning) instead of writing through the tie into the embedding. Equal to the model's weight (the usual case,
+the base model's own head), it changes nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +44,15 @@ from torch import nn
 from .config import LoraConfig
 from .layers import LoraLinear
 from .model import adapted_modules, apply_lora, find_targets, is_conv1d, lora_layers, modules_to_save
-from .peft_format import CONFIG_NAME, PREFIX, SAFETENSORS_NAME, listing, read_adapter, read_adapter_file
+from .peft_format import (
+    CONFIG_NAME,
+    PREFIX,
+    SAFETENSORS_NAME,
+    listing,
+    read_adapter,
+    read_adapter_file,
+    saved_config_metadata,
+)
 
 __all__ = ["load_adapter", "read_adapter", "save_adapter"]
 
@@ -69,6 +85,9 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, config:
     state = model.state_dict(keep_vars=True)
     for key, (name, _) in _extra_entries(model, config, set(layers)).items():
         tensors[PREFIX + key] = state[name]
+    if _saves_embedding_layers(model, config):
+        for key, (name, attr, _) in _base_layer_entries(model, set(layers), {}).items():
+            tensors[PREFIX + key] = getattr(model.get_submodule(name), attr)
     tensors = _unaliased({key: t.detach().to("cpu").contiguous() for key, t in tensors.items()})
 
     data = config.to_peft_dict()
@@ -84,7 +103,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, config:
     directory.mkdir(parents=True, exist_ok=True)
     weights_tmp, config_tmp = _temp_path(directory, SAFETENSORS_NAME), _temp_path(directory, CONFIG_NAME)
     try:
-        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        save_file(tensors, weights_tmp, metadata=saved_config_metadata(data))
         _fsync(weights_tmp)
         with open(config_tmp, "w") as f:
             f.write(json.dumps(data, indent=2, sort_keys=True))
@@ -178,19 +197,36 @@ def load_adapter(
     keys, with a warning; shapes must match either way. Every check runs before the model changes: on any error it is
     left exactly as it was.
     """
-    adapter = read_adapter_file(path_or_dir, config=config, allow_pickle=allow_pickle)
-    config, weights_path, source = adapter.config, adapter.weights_path, adapter.tensors
-
     layers = dict(lora_layers(model))
     has_lora = bool(layers) or getattr(model, "fastlora_config", None) is not None
-    try:
-        if has_lora:
-            expected = _expected_for_lora_model(model, config, layers)
-        else:
-            expected = _expected_for_plain_model(model, config)
-    except (ValueError, NotImplementedError) as e:
-        raise type(e)(f"load_adapter: the adapter ({adapter.config_origin}) does not fit the model: {e}") from e
+    plan = {}
 
+    def usable_keys(config: LoraConfig) -> set[str]:
+        # What the model can take for this config, known before any tensor of the file is read.
+        origin = "the given config" if given_config is not None else str(_config_path(path_or_dir))
+        try:
+            if has_lora:
+                expected = _expected_for_lora_model(model, config, layers)
+            else:
+                expected = _expected_for_plain_model(model, config)
+        except (ValueError, NotImplementedError) as e:
+            raise type(e)(f"load_adapter: the adapter ({origin}) does not fit the model: {e}") from e
+        layer_names = {key.rpartition(".lora_A.weight")[0] for key in expected if key.endswith(".lora_A.weight")}
+        plan["expected"], plan["base"] = expected, _base_layer_entries(model, layer_names, expected)
+        return set(expected) | set(plan["base"])
+
+    given_config = config
+    adapter = read_adapter_file(path_or_dir, config=config, allow_pickle=allow_pickle, keys=usable_keys)
+    config, weights_path, source = adapter.config, adapter.weights_path, adapter.tensors
+    expected = plan["expected"]
+    base_entries = {k: v for k, v in plan["base"].items() if k in source}
+    for key, (name, attr, shape) in base_entries.items():
+        file_key, tensor = source[key]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"load_adapter: {weights_path}: {file_key!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{shape} (for {name}.{attr})"
+            )
     common = sorted(set(expected) & set(source))
     for key in common:
         name, shape = expected[key]
@@ -201,7 +237,7 @@ def load_adapter(
                 f"{shape} (for {name!r})"
             )
     missing = listing(set(expected) - set(source))
-    unexpected = listing(source[k][0] for k in set(source) - set(expected))
+    unexpected = listing(adapter.skipped)
     if strict and (missing or unexpected):
         raise ValueError(
             f"load_adapter: {weights_path} does not fit the model: missing keys: {missing or 'none'}; unexpected "
@@ -219,7 +255,35 @@ def load_adapter(
     with torch.no_grad():
         for key in common:
             tensors[expected[key][0]].copy_(source[key][1])
+        for key, (name, attr, _) in base_entries.items():
+            _load_base_tensor(model, name, attr, source[key][1], weights_path)
     return model
+
+
+def _config_path(path_or_dir: str | os.PathLike) -> Path:
+    path = Path(path_or_dir)
+    return (path if path.is_dir() else path.parent) / CONFIG_NAME
+
+
+def _load_base_tensor(model: nn.Module, name: str, attr: str, value: torch.Tensor, weights_path: Path) -> None:
+    """Put a saved ``<name>.base_layer.<attr>`` into LoRA layer ``name``, as PEFT does, but never through a tie."""
+    layer = model.get_submodule(name)
+    current = getattr(layer, attr)
+    value = value.to(device=current.device, dtype=current.dtype)
+    if torch.equal(current, value):
+        return
+    if attr == "weight" and getattr(layer, "shared_weight", False):
+        warnings.warn(
+            f"load_adapter: {weights_path}: {name}.base_layer.weight differs from the model's {name}.weight, which is "
+            f"shared with another module (tied embeddings); {name!r} gets its own copy of the saved weight and the "
+            "tie is broken (set config.tie_word_embeddings=False before saving the model with transformers)",
+            UserWarning,
+            stacklevel=3,
+        )
+        layer.weight = nn.Parameter(value.clone(), requires_grad=current.requires_grad)
+        layer.shared_weight = False
+    else:
+        current.copy_(value)
 
 
 def _expected_for_plain_model(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -232,6 +296,13 @@ def _expected_for_plain_model(model: nn.Module, config: LoraConfig) -> dict[str,
         fan_in_fan_out = is_conv1d(model.get_submodule(name))  # apply_lora's rule: Conv1D weights are [in, out]
         out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
         r = config.rank_for(name)
+        if r > max(in_features, out_features):
+            # Checked before anything is allocated: apply_lora would otherwise allocate A and B of that rank.
+            raise ValueError(
+                f"layer {name!r} ({in_features} -> {out_features}) would get rank r={r}, more than "
+                f"max(in_features, out_features) = {max(in_features, out_features)}; a rank larger than the layer's "
+                "dimensions has no meaning"
+            )
         expected[f"{name}.lora_A.weight"] = (f"{name}.lora_A", (r, in_features))
         expected[f"{name}.lora_B.weight"] = (f"{name}.lora_B", (out_features, r))
     expected.update(_extra_entries(model, config, set(targets)))
@@ -296,3 +367,40 @@ def _extra_entries(model: nn.Module, config: LoraConfig, targets: set[str]) -> d
 
 def _within(name: str, ancestor: str) -> bool:
     return name == ancestor or name.startswith(f"{ancestor}.")
+
+
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _saves_embedding_layers(model: nn.Module, config: LoraConfig) -> bool:
+    """PEFT's ``save_embedding_layers="auto"``: whether ``target_modules`` targets an embedding layer, by PEFT's
+    test (a list holding ``"embed_tokens"`` or ``"lm_head"``; a regex matching a module of that name)."""
+    target = config.target_modules
+    if not isinstance(target, str):
+        return any(name in target for name in _EMBEDDING_LAYER_NAMES)
+    if config.all_linear:
+        return False  # PEFT expands it to names that leave the output head out
+    pattern = re.compile(rf"(.*\.)?({'|'.join(_EMBEDDING_LAYER_NAMES)})$")
+    return any(pattern.match(n) and re.fullmatch(target, n) for n, _ in model.named_modules())
+
+
+def _base_layer_entries(
+    model: nn.Module, layers: set[str], expected: dict
+) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """``{saved key: (layer name, "weight" or "bias", stored shape)}`` of the base layer of the output embedding, when
+    it is one of ``layers``: what PEFT saves for an embedding it adapts (keys already in ``expected`` left out)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return {}
+    entries = {}
+    for name in layers:
+        module = model.get_submodule(name)
+        if module is not head and getattr(module, "_base_module", None) is not head:
+            continue
+        for attr in ("weight", "bias"):
+            tensor = getattr(module, attr, None)
+            key = f"{name}.base_layer.{attr}"
+            if tensor is not None and key not in expected:
+                entries[key] = (name, attr, tuple(tensor.shape))
+    return entries

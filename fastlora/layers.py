@@ -12,6 +12,8 @@ initialisation, so adapters move between the two without conversion. The base we
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -74,6 +76,19 @@ class LoraLinear(AdaptedLinear):
             raise ValueError(f"LoraLinear: lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if init_lora_weights not in INIT_CHOICES:
             raise ValueError(f"LoraLinear: init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"LoraLinear: use_rslora must be a bool, got {type(use_rslora).__name__} {use_rslora!r}")
+        if (
+            not isinstance(lora_alpha, numbers.Real)
+            or isinstance(lora_alpha, bool)
+            or not math.isfinite(float(lora_alpha))
+        ):
+            raise TypeError(f"LoraLinear: lora_alpha must be a finite real number, got {lora_alpha!r}")
+        if lora_dtype is not None and not (isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point):
+            raise TypeError(
+                f"LoraLinear: lora_dtype must be a floating-point torch.dtype (such as torch.float32) or None, got "
+                f"{lora_dtype!r}"
+            )
         super().__init__(weight, bias, fan_in_fan_out)
         in_features, out_features = self.in_features, self.out_features
         self.r = r
@@ -83,6 +98,9 @@ class LoraLinear(AdaptedLinear):
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.merged = False
         self.disabled = False  # set by fastlora.disable_adapters: the forward is the base layer's
+        # Set by fastlora.apply_lora when ``weight`` is also another module's parameter (an lm_head tied to the input
+        # embedding): merging then writes into a copy, never through the tie.
+        self.shared_weight = False
         self.init_lora_weights = init_lora_weights
         # PEFT keeps adapter weights in fp32 unless told otherwise; the kernels take either.
         dtype = lora_dtype or (torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype)
@@ -102,19 +120,29 @@ class LoraLinear(AdaptedLinear):
         fan_in_fan_out: bool = False,
         lora_dtype: torch.dtype | None = None,
     ) -> LoraLinear:
-        """Wrap ``linear`` (an ``nn.Linear``, or any module with ``weight``/``bias``; a GPT-2 ``Conv1D`` with
-        ``fan_in_fan_out=True``). Its parameters are shared, not copied, and frozen."""
-        if not isinstance(getattr(linear, "weight", None), torch.Tensor):
+        """Wrap ``linear``: an ``nn.Linear``, a GPT-2 ``Conv1D`` (with ``fan_in_fan_out=True``), or another linear
+        layer, that is a module with a 2-D ``weight`` and a ``bias`` attribute (``None`` allowed). Anything else (an
+        ``nn.Embedding``, a convolution) raises ``TypeError``. Its parameters are shared, not copied, and frozen."""
+        weight = getattr(linear, "weight", None)
+        if not (
+            isinstance(linear, nn.Module)
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and hasattr(linear, "bias")
+            and not isinstance(linear, (nn.Embedding, nn.EmbeddingBag))
+        ):
             raise TypeError(
-                f"LoraLinear.from_linear: expected a linear layer with a weight, got {type(linear).__name__}"
+                f"LoraLinear.from_linear: expected a linear layer (nn.Linear, transformers Conv1D, or a module with a "
+                f"2-D weight and a bias attribute), got {type(linear).__name__}"
             )
-        linear.weight.requires_grad_(False)
-        if linear.bias is not None:
-            linear.bias.requires_grad_(False)
         layer = cls(
             linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, fan_in_fan_out,
             lora_dtype,
         )  # fmt: skip
+        # Frozen only once the arguments are accepted: a refused call leaves the layer as it was.
+        linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
         layer._keep_base_module(linear)
         return layer
 
@@ -150,30 +178,74 @@ class LoraLinear(AdaptedLinear):
         return (self.weight_nk().float() + sign * self.delta_weight()).to(self.weight.dtype)
 
     @torch.no_grad()
-    def _apply_delta(self, sign: float) -> None:
+    def _checked_merged_weight(self, sign: float) -> torch.Tensor:
         new = self.merged_weight(sign)
         if not torch.isfinite(new).all():
             raise ValueError(
                 "LoraLinear: merging would put non-finite values into the weight (overflow in "
                 f"{self.weight.dtype}, or NaN/Inf in the adapter); the weight is left unchanged"
             )
-        self.weight_nk().copy_(new)
+        return new
+
+    @torch.no_grad()
+    def _untied_copy(self, new: torch.Tensor) -> nn.Parameter:
+        """A new parameter laid out as ``weight`` holding ``new`` (``[out, in]``)."""
+        copy = torch.empty_like(self.weight)
+        (copy.t() if self.fan_in_fan_out else copy).copy_(new)
+        return nn.Parameter(copy, requires_grad=self.weight.requires_grad)
 
     def merge(self) -> None:
         """``W0 += s·B·A``, accumulated in fp32 and rounded once to the weight's dtype. Refuses (and changes
-        nothing) if the result would not be finite."""
+        nothing) if the result would not be finite.
+
+        A ``shared_weight`` layer (its weight is also another module's, as a tied ``lm_head``'s is the input
+        embedding's) merges into a new parameter of its own, with a ``UserWarning`` that the tie is broken: the other
+        module keeps its values, so the model computes what it computed unmerged. ``unmerge`` puts the shared
+        parameter back."""
         if self.merged:
             raise RuntimeError("LoraLinear.merge: the adapter is already merged")
-        self._apply_delta(+1.0)
+        new = self._checked_merged_weight(+1.0)
+        if self.shared_weight:
+            warnings.warn(
+                "LoraLinear.merge: this layer's weight is shared with another module (tied embeddings); the merged "
+                "weight goes into a copy of its own, so the tie is broken while merged and the other module keeps "
+                "its values. After merge_and_unload, set config.tie_word_embeddings=False before saving or "
+                "reloading the model with transformers (merge_and_unload does it for the output embedding)",
+                UserWarning,
+                stacklevel=2,
+            )
+            # Kept off the module tree: the tied original is the other module's parameter, not this layer's.
+            object.__setattr__(self, "_tied_weight", self.weight)
+            self.weight = self._untied_copy(new)
+        else:
+            self.weight_nk().copy_(new)
         self.merged = True
 
     def unmerge(self) -> None:
         """``W0 -= s·B·A`` in fp32. Exact in fp32 up to rounding; in fp16/bf16 the weight may differ from the
-        original by a rounding step, as with any merge that is not stored separately."""
+        original by a rounding step, as with any merge that is not stored separately. A ``shared_weight`` layer gets
+        its shared parameter back, exactly."""
         if not self.merged:
             raise RuntimeError("LoraLinear.unmerge: the adapter is not merged")
-        self._apply_delta(-1.0)
+        tied = self.__dict__.get("_tied_weight")
+        if tied is not None:
+            self.weight = tied
+            del self.__dict__["_tied_weight"]
+        else:
+            self.weight_nk().copy_(self._checked_merged_weight(-1.0))
         self.merged = False
+
+    @torch.no_grad()
+    def commit_merge(self) -> None:
+        """Make the base weight ``W0 + s·B·A`` for good (merging first if needed) and re-initialise A and B as at
+        creation: a fresh adapter on the updated base (Chain-of-LoRA). A ``shared_weight`` layer keeps its merged copy
+        and is no longer tied."""
+        if not self.merged:
+            self.merge()
+        self.__dict__.pop("_tied_weight", None)
+        self.shared_weight = False
+        self.merged = False
+        self.reset_lora_parameters(self.init_lora_weights)
 
     def unwrap(self, merge: bool = False) -> nn.Module:
         """The wrapped base module (the one given to ``from_linear``, else an ``nn.Linear``) holding this layer's

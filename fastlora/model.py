@@ -7,11 +7,18 @@ PEFT's semantics; ``apply_lora``, ``load_adapter`` / ``save_adapter`` and ``Mult
 The swap keeps every module path, so the base model's ``state_dict`` keys are unchanged and only ``.lora_A`` /
 ``.lora_B`` entries are added. It is all-or-nothing: targets are resolved and validated before the first module
 is replaced.
+
+Where PEFT would train or load a copy, fastlora does too, and where a parameter is shared (an ``lm_head`` tied to the
+input embedding) it never writes through the tie: a module of ``modules_to_save`` whose parameters are shared with a
+module outside it trains its own copies (as PEFT's ``ModulesToSaveWrapper`` does), and a ``LoraLinear`` whose base
+weight is shared merges into its own copy (PEFT merges into the shared tensor and so changes the embedding too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -46,16 +53,48 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if m is head} if head is not None else set()
 
 
+# The heads PEFT's ``PeftModelForSequenceClassification`` / ``...ForTokenClassification`` /
+# ``...ForQuestionAnswering`` add to ``modules_to_save``; a name the model lacks is skipped.
+_TASK_MODULES = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def _task_modules(config: LoraConfig) -> tuple[str, ...]:
+    task = config.task_type
+    return _TASK_MODULES.get(str(getattr(task, "value", task)), ())
+
+
+def _with_task_modules(config: LoraConfig) -> LoraConfig:
+    """``config`` with its task's head names added to ``modules_to_save``, as PEFT adds (and saves) them."""
+    extra = [name for name in _task_modules(config) if name not in (config.modules_to_save or ())]
+    if not extra:
+        return config
+    return dataclasses.replace(config, modules_to_save=[*(config.modules_to_save or ()), *extra])
+
+
+def _within(name: str, ancestor: str) -> bool:
+    return name == ancestor or name.startswith(f"{ancestor}.")
+
+
 def adapted_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules ``config`` adapts in ``model``, with PEFT's semantics: the linear layers (``nn.Linear``,
     transformers ``Conv1D``, or a linear layer fastlora has already wrapped) whose names ``config`` matches; with
     ``target_modules="all-linear"``, every linear layer but the output head. A module ``config`` names that is not a
-    linear layer raises ``NotImplementedError`` (as PEFT refuses it), unless ``"all-linear"`` matched it."""
+    linear layer raises ``NotImplementedError`` (as PEFT refuses it), unless ``"all-linear"`` matched it.
+
+    Modules of ``modules_to_save`` (with the task's heads: ``classifier`` / ``score`` for ``task_type="SEQ_CLS"``)
+    and everything inside them are trained fully, never adapted: PEFT leaves them out as well (and fails on the few
+    names its dot-bounded exclusion misses, such as DistilBERT's ``pre_classifier``)."""
+    config = _with_task_modules(config)
     linear = (*_linear_types(), AdaptedLinear)
     excluded = _output_head_names(model) if config.all_linear else set()
+    saved = [name for name, _ in model.named_modules() if name and config.saves_module(name)]
     targets = []
     for name, module in model.named_modules():
-        if not name or name in excluded or not config.matches(name):
+        if not name or name in excluded or not config.matches(name) or any(_within(name, s) for s in saved):
             continue
         if isinstance(module, linear):
             targets.append(name)
@@ -98,22 +137,93 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple | None:
+    if tensor.numel() == 0 or tensor.device.type == "meta":
+        return None
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
+def _parameter_owners(model: nn.Module) -> dict[tuple, list[str]]:
+    """Every parameter name of ``model``, duplicates included, grouped by the memory the parameter lives in."""
+    owners: dict[tuple, list[str]] = {}
+    for full, param in model.named_parameters(remove_duplicate=False):
+        if (key := _storage_key(param)) is not None:
+            owners.setdefault(key, []).append(full)
+    return owners
+
+
+def shared_parameters(model: nn.Module, name: str, owners: dict[tuple, list[str]] | None = None) -> dict[str, list]:
+    """``{parameter name: [names elsewhere]}`` for the parameters of module ``name`` whose memory is also a parameter
+    of a module outside it (a tied ``lm_head`` and input embedding). Parameter names are relative to ``name``."""
+    owners = _parameter_owners(model) if owners is None else owners
+    shared = {}
+    for pname, param in model.get_submodule(name).named_parameters(remove_duplicate=False):
+        outside = [n for n in owners.get(_storage_key(param), ()) if not _within(n, name)]
+        if outside:
+            shared[pname] = outside
+    return shared
+
+
+def _fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:
+    """``config`` with ``fan_in_fan_out`` corrected to the targets' weight layout, with PEFT's warnings: PEFT sets it
+    per target as it goes (False for ``nn.Linear``, True for ``Conv1D``) and saves the last value. A copy: the
+    caller's config is left alone (PEFT corrects the user's object in place)."""
+    value = config.fan_in_fan_out
+    for name in targets:
+        conv1d = is_conv1d(model.get_submodule(name))
+        if value and not conv1d:
+            warnings.warn(
+                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out "
+                "to False.",
+                stacklevel=3,
+            )
+            value = False
+        elif conv1d and not value:
+            warnings.warn(
+                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+                stacklevel=3,
+            )
+            value = True
+    return config if value == config.fan_in_fan_out else dataclasses.replace(config, fan_in_fan_out=value)
+
+
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Swap every module ``config`` targets for a ``LoraLinear`` around it, in place, and freeze everything but the
     LoRA weights, the biases ``config.bias`` asks for and ``config.modules_to_save``. Returns ``model``.
 
-    The weight layout follows the module type whatever ``config.fan_in_fan_out`` says, as in PEFT (which warns and
-    corrects it): ``Conv1D`` weights are ``[in, out]``, ``nn.Linear`` weights ``[out, in]``. The config is kept as ``model.fastlora_config`` for ``save_adapter``.
+    As in PEFT, ``task_type`` ``"SEQ_CLS"`` / ``"TOKEN_CLS"`` adds ``classifier`` and ``score`` to
+    ``modules_to_save`` (``"QUESTION_ANS"``: ``qa_outputs``), skipping names the model lacks; an entry the caller
+    listed that names no module raises (PEFT ignores it silently). A module to save whose parameters are shared with a
+    module outside it (``modules_to_save=["lm_head"]`` with tied embeddings) gets its own trainable copies, as PEFT
+    trains a copy: training and loading then leave the embedding untouched.
+
+    The weight layout follows the module type whatever ``config.fan_in_fan_out`` says: ``Conv1D`` weights are
+    ``[in, out]``, ``nn.Linear`` weights ``[out, in]``; as PEFT does, a ``fan_in_fan_out`` that contradicts it is
+    corrected with a warning. The corrected config (task heads included) is kept as ``model.fastlora_config`` for
+    ``save_adapter``; the caller's object is not changed.
+
+    A ``LoraLinear`` whose base weight is shared with another module (``lm_head`` as a target with tied embeddings) is
+    marked ``shared_weight``: merging it unties it rather than writing into the embedding (see ``LoraLinear.merge``).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"apply_lora: config must be a fastlora.LoraConfig, got {type(config).__name__}")
     if getattr(model, "fastlora_config", None) is not None or any(True for _ in lora_layers(model)):
         raise ValueError("apply_lora: the model already has LoRA layers; unload them first")
+    config = _with_task_modules(config)
     saved_modules = modules_to_save(model, config)
+    targets = find_targets(model, config)
+    config = _fan_in_fan_out(model, config, targets)
+    outermost = [n for n in saved_modules if not any(_within(n, o) and n != o for o in saved_modules)]
+    untied = {}
     replacements = {}
     requires_grad = {param: param.requires_grad for param in model.parameters()}
+    owners = _parameter_owners(model)
     try:
-        for name in find_targets(model, config):
+        for name in outermost:
+            for pname in shared_parameters(model, name, owners):
+                original = model.get_parameter(f"{name}.{pname}")
+                untied[f"{name}.{pname}"] = (original, nn.Parameter(original.detach().clone()))
+        for name in targets:
             module = model.get_submodule(name)
             replacements[name] = LoraLinear.from_linear(
                 module,
@@ -129,6 +239,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
         raise
+    for full, (_, copy) in untied.items():
+        _set_parameter(model, full, copy)
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in replacements.items():
@@ -137,6 +249,9 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             layer.bias.requires_grad_(True)
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    owners = _parameter_owners(model)
+    for name, layer in replacements.items():
+        layer.shared_weight = "weight" in shared_parameters(model, name, owners)
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -144,16 +259,27 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     for module in saved_modules.values():
         for param in module.parameters():
             param.requires_grad_(True)
+    if untied:
+        # The shared originals, for ``disable_adapters`` (the base model computes with them, as PEFT's
+        # ``ModulesToSaveWrapper`` falls back to its original module).
+        model._fastlora_untied = {full: original for full, (original, _) in untied.items()}
     model.fastlora_config = config
     return model
 
 
+def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, param)
+
+
 def modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
-    """``{name: module}`` of the modules ``config.modules_to_save`` names (trained fully and saved with the adapter);
-    raises if an entry names no module of the model."""
-    names = config.modules_to_save or []
+    """``{name: module}`` of the modules ``config.modules_to_save`` names (trained fully and saved with the adapter),
+    with PEFT's rule (``LoraConfig.saves_module``: the name ends with an entry) and the task's heads added. Raises if
+    an entry the config lists names no module, unless the task adds it (PEFT skips those, and ignores the others)."""
+    config = _with_task_modules(config)
     found = {n: m for n, m in model.named_modules() if n and config.saves_module(n)}
-    missing = [k for k in names if not any(names_module(k, n) for n in found)]
+    task = _task_modules(config)
+    missing = [k for k in config.modules_to_save or () if k not in task and not any(names_module(k, n) for n in found)]
     if missing:
         raise ValueError(f"apply_lora: modules_to_save names modules the model lacks: {missing}")
     return found
@@ -167,43 +293,85 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _take_out(model: nn.Module, merge: bool) -> nn.Module:
+def _untied_embeddings(model: nn.Module) -> bool:
+    """Whether the model's config ties its embeddings but its output embedding no longer shares the input's weight."""
+    config = getattr(model, "config", None)
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not getattr(config, "tie_word_embeddings", False) or not callable(get_in) or not callable(get_out):
+        return False
+    try:
+        emb_in, emb_out = get_in(), get_out()
+    except (NotImplementedError, AttributeError):
+        return False
+    w_in, w_out = getattr(emb_in, "weight", None), getattr(emb_out, "weight", None)
+    return w_in is not None and w_out is not None and _storage_key(w_in) != _storage_key(w_out)
+
+
+def _take_out(model: nn.Module, merge: bool, caller: str) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         set_submodule(model, name, layer.unwrap(merge=merge))
-    if hasattr(model, "fastlora_config"):
-        del model.fastlora_config
+    for attr in ("fastlora_config", "_fastlora_untied"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if _untied_embeddings(model):
+        # What PEFT's merge_and_unload does when a copy diverged: transformers would otherwise tie the weights again
+        # when the model is saved and reloaded, and lose the trained output embedding.
+        model.config.tie_word_embeddings = False
+        warnings.warn(
+            f"{caller}: the output embedding no longer shares the input embedding's weight (it holds a trained or "
+            "merged copy); model.config.tie_word_embeddings is set to False so that saving and reloading with "
+            "transformers keeps both",
+            UserWarning,
+            stacklevel=3,
+        )
     return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight (fp32 accumulation) and put the base modules back. In place.
 
-    Every merge is checked before any is applied: a non-finite result raises and leaves the model unchanged."""
+    Every merge is checked before any is applied: a non-finite result raises and leaves the model unchanged. A layer
+    whose weight is tied to another module (``lm_head`` and the input embedding) comes back with its merged weight as
+    its own, untied copy; the embedding keeps its values, so the merged model computes what the unmerged one did (PEFT
+    merges into the tied tensor and changes the embedding too). Modules of ``modules_to_save`` keep their trained
+    values (for a tied one, its trained copy), as in PEFT. When the output embedding ends up untied,
+    ``model.config.tie_word_embeddings`` is set to False, with a warning."""
     for name, layer in lora_layers(model):
         if layer.merged:
             continue
         if not torch.isfinite(layer.merged_weight()).all():
             raise ValueError(f"merge_and_unload: merging {name!r} would put non-finite values in its weight")
-    return _take_out(model, merge=True)
+    return _take_out(model, merge=True, caller="merge_and_unload")
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging (unmerging merged ones) and put the base modules back. In place."""
-    return _take_out(model, merge=False)
+    """Remove every adapter without merging (unmerging merged ones) and put the base modules back. In place.
+
+    As in PEFT, modules of ``modules_to_save`` keep their trained values; a tied one keeps its trained copy (and
+    ``model.config.tie_word_embeddings`` is set to False, with a warning)."""
+    return _take_out(model, merge=False, caller="unload")
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes as its base model; merged adapters are unmerged and merged back."""
+    """Within the block the model computes as its base model; merged adapters are unmerged and merged back. Modules of
+    ``modules_to_save`` that were given their own copies of shared parameters compute with the shared originals (as
+    PEFT's wrapper falls back to its original module); the others were trained in place and keep their values."""
     layers = [layer for _, layer in lora_layers(model)]
     merged = [layer for layer in layers if layer.merged]
+    untied = dict(getattr(model, "_fastlora_untied", {}))
+    copies = {name: model.get_parameter(name) for name in untied}
     for layer in merged:
         layer.unmerge()
     for layer in layers:
         layer.disabled = True
+    for name, original in untied.items():
+        _set_parameter(model, name, original)
     try:
         yield model
     finally:
+        for name, copy in copies.items():
+            _set_parameter(model, name, copy)
         for layer in layers:
             layer.disabled = False
         for layer in merged:

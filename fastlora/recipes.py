@@ -75,11 +75,19 @@ def llrd_param_groups(model: nn.Module, base_lr: float, decay: float) -> list[di
 def merge_and_reinit(model: nn.Module) -> int:
     """A Chain-of-LoRA step: merge each adapter into its base weight, then re-initialise A and B (as at creation)
     to keep training a fresh adapter on the updated base. With the default init (B = 0) the model's function is
-    unchanged. Reset the optimizer state of the LoRA parameters afterwards. Returns the number of layers."""
-    layers = [layer for _, layer in lora_layers(model)]
-    for layer in layers:
-        if not layer.merged:
-            layer.merge()
-        layer.merged = False  # the delta now belongs to the base weight
-        layer.reset_lora_parameters(layer.init_lora_weights)
+    unchanged. Reset the optimizer state of the LoRA parameters afterwards. Returns the number of layers.
+
+    All or nothing: every layer's merged weight is computed and checked (finite in the weight's dtype) before any
+    layer changes; if one is not, ``ValueError`` names it and every weight and LoRA parameter is left as it was. A
+    layer whose weight is tied to another module (see ``LoraLinear.merge``) keeps its merged weight as its own copy."""
+    layers = list(lora_layers(model))
+    for name, layer in layers:
+        # One layer's merged weight at a time: checking them all costs a second merge, not a second copy of the model.
+        if not layer.merged and not torch.isfinite(layer.merged_weight()).all():
+            raise ValueError(
+                f"merge_and_reinit: merging layer {name!r} would put non-finite values into its weight (overflow in "
+                f"{layer.weight.dtype}, or NaN/Inf in the adapter); no layer was changed"
+            )
+    for _, layer in layers:
+        layer.commit_merge()
     return len(layers)
