@@ -105,3 +105,16 @@ def expected_rows(build, dirs: dict, rows: list, ids: torch.Tensor) -> torch.Ten
             cache[name] = oracle_logits(build, None if name is None else dirs[name], ids)
         out.append(cache[name][i])
     return torch.stack(out)
+
+
+def lora_tensors(
+    layers: dict[str, tuple[int, int]], ranks: dict[str, int], seed: int, prefix: str = "base_model.model."
+) -> dict[str, torch.Tensor]:
+    """Random PEFT-keyed LoRA weights of the given ranks for layers ``{name: (in_features, out_features)}``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, r in ranks.items():
+        k, n = layers[name]
+        out[f"{prefix}{name}.lora_A.weight"] = torch.randn(r, k, generator=g)
+        out[f"{prefix}{name}.lora_B.weight"] = torch.randn(n, r, generator=g)
+    return out

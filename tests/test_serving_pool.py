@@ -19,6 +19,7 @@ from serving_helpers import (
     IDS,
     adapter_state_dict,
     assert_logits_close,
+    lora_tensors,
     oracle_logits,
     random_adapter,
 )
@@ -35,14 +36,8 @@ one_layer_llama = functools.partial(tiny_llama, num_hidden_layers=1)
 LAYERS = {"l0": (16, 24), "l1": (16, 8)}  # name: (in_features, out_features)
 
 
-def _tensors(ranks: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, r in ranks.items():
-        k, n = LAYERS[name]
-        out[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, k, generator=g)
-        out[f"base_model.model.{name}.lora_B.weight"] = torch.randn(n, r, generator=g)
-    return out
+def _tensors(ranks: dict[str, int], seed: int, **kwargs) -> dict[str, torch.Tensor]:
+    return lora_tensors(LAYERS, ranks, seed, **kwargs)
 
 
 def _small_pool(**kwargs) -> AdapterPool:

@@ -19,10 +19,19 @@ batch (``num_return_sequences``, beam search) repeat each row's adapter to its c
 Calling the wrapped model directly, outside the wrapper, computes the base model.
 
 Limits: inference only (calls run under ``torch.no_grad``); each row uses one adapter for all its tokens. A linear
-layer must see its tokens row-major, rows in the batch's order (``[B, L, ...]``, or those flattened): models that
-reorder or regroup tokens before a target layer (token packing, mixture-of-experts routing) are not supported, as
-their rows would get other rows' adapters; only a row count that is not a multiple of the call's rows is detected
-(it raises).
+layer must see its tokens row-major, rows in the batch's order: models that reorder or regroup tokens before a target
+layer (token packing, mixture-of-experts routing) are not supported, as their rows would get other rows' adapters.
+Both ends are guarded. At construction, a layer inside routed experts (a module list named ``experts``: Mixtral's
+``block_sparse_moe.experts.N.w1``, Qwen2-MoE's ``mlp.experts.N.gate_proj``) is refused when ``target_modules`` names
+it, and left out with a warning under ``"all-linear"`` (the routers see every token in order and are served). At
+run time, every forward of the wrapped model records its ``[B, L]`` (``input_ids`` / ``inputs_embeds``), and a layer
+input must be ``[B, l, ...]`` with ``l <= L``, or the ``B·L`` tokens flattened (``[B]`` only when ``L`` is 1):
+anything else raises ``ValueError`` rather than serve rows with other rows' adapters. Compiled forwards (the whole
+model under ``torch.compile``) and replayed decode steps skip the run-time check; their metadata is built for the
+call's own shapes.
+
+``unwrap()`` gives the model back; the wrapper then refuses every call (``RuntimeError``) rather than silently serve
+the base model, and a second ``unwrap()`` returns the same model and changes nothing.
 
 Decode steps run from CUDA graphs by default (``cuda_graphs``; ``fastlora.serving.graphs``): ``generate`` keeps a static
 KV cache per batch size and replays each decode step, whose adapter metadata sits in fixed-size device buffers
@@ -34,7 +43,9 @@ metadata the compiled layers read, so they trace without graph breaks.
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -47,10 +58,11 @@ from ..model import adapted_modules, find_targets, is_conv1d, lora_layers, set_s
 from ..ops import BatchMeta, StaticBatch
 from .graphs import DecodeGraphs
 from .linear import MultiLoraLinear, reset_batch_meta, set_batch_meta
-from .pool import AdapterInfo, AdapterLease, AdapterPool, PoolLayer
+from .pool import BASE, AdapterInfo, AdapterLease, AdapterPool, PoolLayer, timeout_seconds
 
-# PEFT's name for "no adapter" in a mixed batch (``adapter_names=[..., "__base__", ...]``), accepted as None.
-BASE = "__base__"
+# The name of the module list holding a mixture-of-experts block's routed experts, in transformers' models (Mixtral's
+# ``block_sparse_moe.experts``, Qwen2-MoE's ``mlp.experts``) and the custom models that follow them.
+EXPERTS = "experts"
 
 
 class _Rows:
@@ -69,6 +81,7 @@ class _Rows:
         self.row_slots = lease.row_slots
         self.row_scales = row_scales
         self.base_only = all(slot < 0 for slot in self.row_slots)
+        self.forward_shape: tuple[int, int] | None = None  # [B, L] of the wrapped model's running forward
         self.metas: dict[tuple[int, int, torch.device], BatchMeta] = {}
         self.static: dict[tuple[int, int, torch.device], BatchMeta] = {}
 
@@ -79,6 +92,8 @@ class _Rows:
             # A layer of another pool: a second wrapped model run inside this call (an assistant model in assisted
             # generation) computes its base model, as it would outside any call.
             return None
+        if self.forward_shape is not None and not torch.compiler.is_compiling():
+            self._check_layout(pool, shape)
         key = (shape[0] if shape else 1, math.prod(shape[1:]), device)
         meta = self.static.get(key)
         if meta is not None:
@@ -91,6 +106,23 @@ class _Rows:
             meta = BatchMeta.build(slots, self.lease.slot_ranks, self.lease.slot_scalings, scales, device=device)
             self.metas[key] = meta
         return meta
+
+    def _check_layout(self, pool: PoolLayer, shape: tuple[int, ...]) -> None:
+        """Refuse a layer input that is not the running forward's rows in order: ``[B, l, ...]`` with ``l <= L``, or
+        its ``B·L`` tokens flattened. A 1-D input of ``B`` tokens in a forward of more than one position could be one
+        position per row or ``B`` routed tokens, so it is refused too."""
+        batch, length = self.forward_shape
+        if len(shape) >= 2:
+            ok = shape[0] == batch and math.prod(shape[1:]) <= length
+        else:
+            ok = math.prod(shape) == batch * length
+        if not ok:
+            raise ValueError(
+                f"MultiLoraModel: layer {pool.name!r} sees {math.prod(shape)} tokens (leading shape {list(shape)}) "
+                f"in a forward of [{batch}, {length}]: they are not the forward's rows in order (routed or packed "
+                "tokens are not supported: rows would get other rows' adapters); leave this layer out of "
+                "target_modules"
+            )
 
     def _token_rows(self, pool: PoolLayer, key: tuple[int, int, torch.device]) -> tuple[list[int], list[float] | None]:
         """The slot (and scale) of every token of a layer input of ``key``'s rows and positions."""
@@ -160,11 +192,13 @@ class MultiLoraModel:
     """Serve many LoRA adapters over one transformers causal LM; each row of a batch may use a different adapter.
 
     ``target_modules``: the layers adapters may adapt, as in ``LoraConfig`` (names or suffixes, a regex, or
-    ``"all-linear"``); an adapter may target any subset of them. ``max_adapters``: device slots (adapters resident
+    ``"all-linear"``); an adapter may target any subset of them. Layers inside routed experts are refused (left out,
+    with a warning, under ``"all-linear"``; module docstring). ``max_adapters``: device slots (adapters resident
     at once; a batch may use at most this many distinct adapters). ``max_rank``: the largest rank an adapter may
     have. ``dtype``: the dtype of the adapter pool (default: the model's dtype; see ``AdapterPool``). The pool lives
     on the model's device: move the model before wrapping it. ``acquire_timeout``: how long a call waits for slots
-    pinned by other threads' calls before ``TimeoutError`` (default: as long as it takes).
+    pinned by other threads' calls before ``TimeoutError``: None (the default) or ``inf``, as long as it takes; calls
+    that wait are served first come, first served (``AdapterPool.acquire``).
 
     ``model`` is modified in place (its target layers become ``MultiLoraLinear``); ``unwrap()`` restores it. Memory:
     ``max_adapters · max_rank · (K + N)`` elements of ``dtype`` per target layer, plus the CPU tier.
@@ -180,9 +214,15 @@ class MultiLoraModel:
         acquire_timeout: float | None = None,
         cuda_graphs: bool = True,
     ):
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(
+                f"MultiLoraModel: dtype must be a torch.dtype (such as torch.float16) or None, got {dtype!r}"
+            )
+        timeout_seconds(acquire_timeout, "MultiLoraModel: acquire_timeout")
         if any(isinstance(m, MultiLoraLinear) for m in model.modules()) or any(True for _ in lora_layers(model)):
             raise ValueError("MultiLoraModel: the model already has LoRA layers; unload or unwrap them first")
-        targets = find_targets(model, LoraConfig(target_modules=target_modules))
+        config = LoraConfig(target_modules=target_modules)
+        targets = _unrouted(model, find_targets(model, config), config.all_linear)
         modules = {name: model.get_submodule(name) for name in targets}
         devices = {m.weight.device for m in modules.values()}
         if len(devices) != 1:
@@ -197,7 +237,7 @@ class MultiLoraModel:
         self.acquire_timeout = acquire_timeout
         self.pool = AdapterPool(
             shapes, max_adapters=max_adapters, max_rank=max_rank, device=devices.pop(),
-            dtype=dtype or first.weight.dtype, select=self._selected,
+            dtype=dtype or first.weight.dtype, select=self._selected, base_weight=self._base_weight,
         )  # fmt: skip
         for name, module in modules.items():
             layer = MultiLoraLinear.from_linear(module, self.pool.layers[name], fan_in_fan_out=is_conv1d(module))
@@ -206,6 +246,8 @@ class MultiLoraModel:
         self.graphs = DecodeGraphs(model, prepare=self._prepare_decode)
         self._static: dict[tuple[int, int, bool, torch.device], StaticBatch] = {}
         self._compiled = False
+        self._unwrapped = False
+        self._forward_hook = model.register_forward_pre_hook(self._record_forward, with_kwargs=True)
 
     # -------------------------------------------------------------------------------------------- adapters
 
@@ -220,7 +262,9 @@ class MultiLoraModel:
     ) -> AdapterInfo:
         """Register an adapter (a PEFT-format directory or weights file, or a state dict with PEFT's keys plus
         ``config``); it is validated against the model first and uploaded on first use. See
-        ``AdapterPool.register``."""
+        ``AdapterPool.register``. A copy of an adapted layer's base weight in the adapter (PEFT saves
+        ``lm_head.base_layer.weight`` with an adapter of the output head) must equal the model's own."""
+        self._check_wrapped("load_adapter")
         if name == BASE:
             raise ValueError(f"MultiLoraModel.load_adapter: {BASE!r} means 'no adapter' in adapter_names")
         return self.pool.register(name, path_or_state_dict, config=config, replace=replace, allow_pickle=allow_pickle)
@@ -258,6 +302,7 @@ class MultiLoraModel:
         replayed from a CUDA graph captured for its batch size (``DecodeGraphs``; ``cuda_graphs`` overrides the
         model's default for this call). The rows' adapters may change from step to step, and adapters may be loaded,
         unloaded and evicted between steps: the graph reads the batch's metadata and the pool's slots in place."""
+        self._check_wrapped("__call__")
         batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
         with (
             self._rows(adapter_names, adapter_scales, batch, [(batch, _positions(input_ids, kwargs))]),
@@ -285,6 +330,7 @@ class MultiLoraModel:
         CUDA graph (``DecodeGraphs``); the tokens are those of the eager run. Beam search, assisted generation and a
         cache passed in by the caller run eagerly (a caller's ``StaticCache`` is still replayed over). On a CPU the
         same static cache and fixed-size metadata run eagerly."""
+        self._check_wrapped("generate")
         batch = _batch_size(input_ids, generate_kwargs.get("inputs_embeds"))
         positions = _positions(input_ids, generate_kwargs)
         copies = max(generate_kwargs.get("num_return_sequences") or 1, generate_kwargs.get("num_beams") or 1)
@@ -298,6 +344,7 @@ class MultiLoraModel:
     def static_cache(self, max_cache_len: int):
         """A transformers ``StaticCache`` for the wrapped model, ``max_cache_len`` positions per row, for a serving
         loop that calls the model step by step (see ``__call__``)."""
+        self._check_wrapped("static_cache")
         return self.graphs.static_cache(max_cache_len)
 
     def compile(self, *module_names: str, **compile_kwargs) -> None:
@@ -305,22 +352,58 @@ class MultiLoraModel:
         its decoder layers, ``"model.layers.0"``), with ``compile_kwargs``; every call then prepares the fixed-size
         metadata its compiled layers read, so that they trace without graph breaks (``fullgraph=True`` works) and
         a batch of another adapter mix but the same sizes reuses the compiled code."""
+        self._check_wrapped("compile")
         modules = [self.model.get_submodule(name) for name in module_names] or [self.model]
         for module in modules:
             module.compile(**compile_kwargs)
         self._compiled = True
 
     def unwrap(self) -> nn.Module:
-        """Put the model's original layers back and return it; this wrapper is unusable afterwards."""
+        """Put the model's original layers back and return it. The wrapper is unusable afterwards: its calls,
+        ``generate``, ``load_adapter``, ``static_cache`` and ``compile`` raise ``RuntimeError``. Unwrapping again
+        returns the same model and changes nothing (it may have been wrapped anew meanwhile)."""
+        if self._unwrapped:
+            return self.model
         for name, module in list(self.model.named_modules()):
-            if isinstance(module, MultiLoraLinear):
+            if isinstance(module, MultiLoraLinear) and module.pool is self.pool.layers.get(name):
                 set_submodule(self.model, name, module.unwrap())
+        self._forward_hook.remove()
+        self.graphs.clear()
+        self._unwrapped = True
         return self.model
 
     def __repr__(self) -> str:
         return f"MultiLoraModel({type(self.model).__name__}, {self.pool!r})"
 
     # ------------------------------------------------------------------------------------------------ internals
+
+    def _check_wrapped(self, what: str) -> None:
+        if self._unwrapped:
+            raise RuntimeError(
+                f"MultiLoraModel: the model was unwrapped; {what} would compute the base model only. Wrap the model "
+                "in a new MultiLoraModel to serve adapters again"
+            )
+
+    def _record_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the wrapped model: the ``[B, L]`` of the forward that the running call makes, which its
+        layer inputs are checked against (``_Rows._check_layout``). Compiled forwards skip it: a compiled graph
+        cannot read the context variable, and their metadata is prepared for the call's own shapes."""
+        if torch.compiler.is_compiling():
+            return
+        rows = _ROWS.get()
+        if rows is None or rows.model is not self:
+            return
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        is_tokens = isinstance(ids, torch.Tensor) and ids.dim() >= 2
+        rows.forward_shape = (ids.shape[0], ids.shape[1]) if is_tokens else None
+
+    def _base_weight(self, module: str, which: str) -> torch.Tensor | None:
+        """The base model's ``weight`` / ``bias`` of the adapted layer ``module`` (validation compares copies with it)."""
+        return getattr(self.model.get_submodule(module), which, None)
 
     def _selected(self, config: LoraConfig) -> list[str]:
         """The modules PEFT would adapt in the model for ``config`` (its ``MultiLoraLinear`` layers count as the
@@ -358,21 +441,31 @@ class _RowsContext:
     def __enter__(self) -> _Rows:
         if _ROWS.get() is not None:
             raise RuntimeError("MultiLoraModel: a call is already running in this thread (calls do not nest)")
+        # An exception (KeyboardInterrupt included) between the grant and the ``try`` drops the lease with this frame,
+        # and a lease collected while held unpins itself (``AdapterLease``).
         lease = self.model.pool.acquire(self.names, timeout=self.model.acquire_timeout)
-        self.rows = _Rows(self.model, lease, self.scales)
         try:
-            self.rows.prebuild(self.shapes)
+            rows = _Rows(self.model, lease, self.scales)
+            rows.prebuild(self.shapes)
+            rows_token = _ROWS.set(rows)
+            try:
+                meta_token = set_batch_meta(rows)
+            except BaseException:
+                _ROWS.reset(rows_token)
+                raise
         except BaseException:
             lease.release()
             raise
-        self.tokens = (_ROWS.set(self.rows), set_batch_meta(self.rows))
-        return self.rows
+        self.rows, self.tokens = rows, (rows_token, meta_token)
+        return rows
 
     def __exit__(self, *exc) -> None:
         rows_token, meta_token = self.tokens
-        reset_batch_meta(meta_token)
-        _ROWS.reset(rows_token)
-        self.rows.lease.release()
+        try:
+            reset_batch_meta(meta_token)
+            _ROWS.reset(rows_token)
+        finally:
+            self.rows.lease.release()
 
 
 def _positions(input_ids: torch.Tensor | None, kwargs: dict) -> int:
@@ -392,6 +485,11 @@ def _row_names(adapter_names, batch: int) -> list[str | None]:
         return [None] * batch
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names] * batch
+    if not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(
+            "MultiLoraModel: adapter_names must be a list or tuple with one entry per row (or one str for every row), "
+            f"got {type(adapter_names).__name__}: rows need an order"
+        )
     names = list(adapter_names)
     if len(names) != batch:
         raise ValueError(f"MultiLoraModel: adapter_names has {len(names)} entries for a batch of {batch} rows")
@@ -404,6 +502,14 @@ def _row_names(adapter_names, batch: int) -> list[str | None]:
 def _row_scales(adapter_scales, batch: int) -> tuple[float, ...] | None:
     if adapter_scales is None:
         return None
+    if not isinstance(adapter_scales, (list, tuple)):
+        raise TypeError(
+            "MultiLoraModel: adapter_scales must be a list or tuple with one entry per row, got "
+            f"{type(adapter_scales).__name__}"
+        )
+    for scale in adapter_scales:
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+            raise TypeError(f"MultiLoraModel: adapter_scales entries must be numbers or None, got {scale!r}")
     scales = [1.0 if s is None else float(s) for s in adapter_scales]
     if len(scales) != batch:
         raise ValueError(f"MultiLoraModel: adapter_scales has {len(scales)} entries for a batch of {batch} rows")
@@ -414,3 +520,37 @@ def _row_scales(adapter_scales, batch: int) -> tuple[float, ...] | None:
 
 def _finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
+
+
+def _unrouted(model: nn.Module, targets: list[str], all_linear: bool) -> list[str]:
+    """``targets`` without the layers inside routed experts (module docstring): refused when named, skipped with a
+    warning under ``"all-linear"``."""
+    routed = [name for name in targets if _in_routed_experts(model, name)]
+    if not routed:
+        return targets
+    if not all_linear:
+        raise NotImplementedError(
+            f"MultiLoraModel: target module {routed[0]!r} sits inside routed experts (a module list named "
+            f"{EXPERTS!r}; {len(routed)} such targets): each expert sees only the tokens routed to it, not the batch's "
+            "rows in order, so their adapters cannot be served per row; leave the experts out of target_modules"
+        )
+    kept = [name for name in targets if name not in set(routed)]
+    if not kept:
+        raise ValueError("MultiLoraModel: every linear layer of the model sits inside routed experts; nothing to serve")
+    warnings.warn(
+        f"MultiLoraModel: target_modules='all-linear' leaves out {len(routed)} layers inside routed experts (such as "
+        f"{routed[0]!r}): their tokens are routed, not the batch's rows in order; adapters that target them are refused",
+        UserWarning,
+        stacklevel=3,
+    )
+    return kept
+
+
+def _in_routed_experts(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == EXPERTS and isinstance(
+            model.get_submodule(".".join(parts[: i + 1])), (nn.ModuleList, nn.ModuleDict)
+        ):
+            return True
+    return False

@@ -18,8 +18,19 @@ recently used slot that no running batch pins. The batch's slots stay pinned (re
 released; a batch asking for more distinct adapters than ``max_adapters`` is an error, and a batch that fits but finds
 too many slots pinned by other batches waits for them (``timeout`` to bound the wait).
 
+**Fairness.** Waiting batches are served in arrival order: a batch that has to wait takes a place in a queue, and a
+later batch waits behind it even if it could be served now (otherwise a batch needing many slots could wait forever
+while small batches keep taking them). A batch that can be served when nobody waits goes at once; a batch of base
+rows only pins nothing and never waits.
+
+**Leases.** A lease unpins its slots when released, and also when it is garbage collected while still held: an
+exception (``KeyboardInterrupt`` included) that lands between a grant and the caller's ``try`` cannot leak a pin once
+the lease is dropped. Each slot keeps the set of leases pinning it, so releasing is idempotent step by step: an
+interrupted ``release`` leaves the lease held and releasable, never marked released while still pinning a slot.
+
 **Validation.** ``register`` checks the adapter completely before the pool changes (``fastlora.serving.validation``):
-a bad adapter raises and leaves the pool, its slots and every registered adapter exactly as they were.
+a bad adapter raises and leaves the pool, its slots and every registered adapter exactly as they were. The pool
+copies what it keeps, so the caller's tensors can change afterwards without reaching the served adapter.
 
 **Threads.** One lock guards the pool's state. Weights are written into a slot only while no batch pins it: a running
 forward never sees its adapters change. ``unregister`` (and ``register(..., replace=True)``) of an adapter that a
@@ -35,11 +46,15 @@ under the pool's lock, so another thread's ``acquire`` waits for it (an asynchro
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
+import math
+import numbers
 import threading
 import time
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -47,7 +62,22 @@ import torch
 
 from ..config import LoraConfig
 from ..peft_format import listing
-from .validation import AdapterSource, LayerWeights, read_adapter_source, validate_adapter
+from .validation import AdapterSource, BaseWeight, LayerWeights, read_adapter_source, validate_adapter
+
+# The name of "no adapter" in a mixed batch (PEFT's ``adapter_names=[..., "__base__", ...]``): never an adapter's name.
+BASE = "__base__"
+
+
+def timeout_seconds(timeout: Any, where: str) -> float | None:
+    """``timeout`` checked as a wait bound: None (no bound) or a real number of seconds ``>= 0`` (``inf``: no bound)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"{where}: timeout must be None or a number of seconds, got {timeout!r}")
+    value = float(timeout)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{where}: timeout must be None or a number of seconds >= 0, got {timeout!r}")
+    return None if math.isinf(value) else value
 
 
 class UnknownAdapterError(KeyError):
@@ -116,18 +146,26 @@ class AdapterLease:
         self.slot_scalings: tuple[float, ...] = slot_scalings
         self.versions: dict[str, int] = versions  # which registration of each name the batch runs
         self._released = False
+        # What the pool's slots hold for this lease: a plain object, so that the safety net below does not keep the
+        # lease alive. It is set up before the pool pins anything, so a pin can never outlive a dropped lease.
+        self._token = object()
+        self._pinned = tuple(sorted(set(slots.values())))
+        self._finalizer = weakref.finalize(self, pool._orphaned, self._token, self._pinned)
+        self._finalizer.atexit = False
 
     @property
     def released(self) -> bool:
         return self._released
 
     def release(self) -> None:
-        """Unpin the batch's slots (idempotent, also when threads release the same lease at once)."""
+        """Unpin the batch's slots (idempotent, also when threads release the same lease at once, and after a
+        release interrupted part way: the lease is marked released only once every slot is unpinned)."""
         with self.pool._cond:
             if self._released:
                 return
+            self.pool._unpin(self._token, self._pinned)
             self._released = True
-            self.pool._release(set(self.slots.values()))
+            self._finalizer.detach()
 
     def __enter__(self) -> AdapterLease:
         return self
@@ -149,6 +187,10 @@ class AdapterPool:
     the LoRA branch in fp32; pass ``dtype=torch.float32`` to do the same at twice the pool memory). ``select`` maps a
     config to the module names it adapts in the model (PEFT's matching over the model's linear layers); modules it
     selects outside ``layers`` make an adapter invalid. By default only ``layers`` are considered.
+
+    ``base_weight(module, "weight" | "bias")`` gives the base model's tensor of an adapted layer (None: it has none):
+    with it, an adapter may carry copies of its layers' base weights (PEFT saves ``lm_head.base_layer.weight`` with an
+    adapter of the output head) as long as they equal the model's. Without it such keys are refused.
     """
 
     def __init__(
@@ -160,12 +202,15 @@ class AdapterPool:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         select: Callable[[LoraConfig], Iterable[str]] | None = None,
+        base_weight: BaseWeight | None = None,
     ):
         for arg, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"AdapterPool: {arg} must be an integer >= 1, got {value!r}")
         if not layers:
             raise ValueError("AdapterPool: no layers to adapt")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"AdapterPool: dtype must be a torch.dtype (such as torch.float16), got {dtype!r}")
         if not dtype.is_floating_point:
             raise ValueError(f"AdapterPool: dtype must be floating point, got {dtype}")
         self.max_adapters = max_adapters
@@ -173,6 +218,7 @@ class AdapterPool:
         self.device = torch.device(device)
         self.dtype = dtype
         self._select = select or (lambda config: [name for name in layers if config.matches(name)])
+        self._base_weight = base_weight
         self._shapes = {name: tuple(shape) for name, shape in layers.items()}
         # Every layer's per-slot ranks and scalings are rows of one [layers, slots] tensor, so an upload sets a slot's
         # column for all layers with one copy instead of two small writes per layer.
@@ -190,7 +236,11 @@ class AdapterPool:
         self._cond = threading.Condition(threading.RLock())
         self._entries: dict[str, _Entry] = {}
         self._slot_entry: list[_Entry | None] = [None] * max_adapters
-        self._pins = [0] * max_adapters
+        # Per slot, the tokens of the leases pinning it: a set, so that unpinning a lease twice (a release interrupted
+        # and retried, or the safety net after it) removes it once.
+        self._holders: list[set[object]] = [set() for _ in range(max_adapters)]
+        self._waiting: deque[object] = deque()  # tickets of the acquires that wait, first come first served
+        self._orphans: deque[tuple[object, tuple[int, ...]]] = deque()  # leases collected while held
         self._lru: OrderedDict[int, None] = OrderedDict()  # occupied slots, least recently used first
         self._slot_ranks = [0] * max_adapters
         self._slot_scalings = [0.0] * max_adapters
@@ -219,7 +269,14 @@ class AdapterPool:
     def pinned(self) -> dict[int, int]:
         """``{slot: number of running batches pinning it}`` for the pinned slots."""
         with self._cond:
-            return {s: n for s, n in enumerate(self._pins) if n}
+            self._drain_orphans()
+            return {s: len(h) for s, h in enumerate(self._holders) if h}
+
+    @property
+    def waiting(self) -> int:
+        """How many ``acquire`` calls wait for their turn or for slots."""
+        with self._cond:
+            return len(self._waiting)
 
     def info(self, name: str) -> AdapterInfo:
         with self._cond:
@@ -244,7 +301,7 @@ class AdapterPool:
             return (
                 f"AdapterPool(layers={len(self.layers)}, max_adapters={self.max_adapters}, max_rank={self.max_rank}, "
                 f"dtype={self.dtype}, device={self.device}, registered={len(self._entries)}, "
-                f"resident={sum(e is not None for e in self._slot_entry)}, pinned={sum(map(bool, self._pins))})"
+                f"resident={sum(e is not None for e in self._slot_entry)}, pinned={sum(map(bool, self._holders))})"
             )
 
     # -------------------------------------------------------------------------------------------- registration
@@ -270,11 +327,14 @@ class AdapterPool:
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"AdapterPool.register: the adapter name must be a non-empty str, got {name!r}")
+        if name == BASE:
+            raise ValueError(f"AdapterPool.register: {BASE!r} is reserved: it means 'no adapter' in a batch's names")
         self._check_new_name(name, replace)
-        config, tensors, origin = read_adapter_source(adapter, config, allow_pickle)
+        config, tensors, origin = read_adapter_source(adapter, config, allow_pickle, self._shapes)
+        config = copy.deepcopy(config)  # the caller's config may change later; the served scalings must not
         layers = validate_adapter(
             name, config, tensors, origin, shapes=self._shapes, select=self._select, max_rank=self.max_rank,
-            dtype=self.dtype, pin=self._pin_host,
+            dtype=self.dtype, pin=self._pin_host, base_weight=self._base_weight,
         )  # fmt: skip
         entry = _Entry(
             name, config, layers, rank=max(w.rank for w in layers.values()), scaling=config.scaling, version=0
@@ -312,63 +372,106 @@ class AdapterPool:
         """Make the adapters of a batch resident and pin them; returns a lease whose ``row_slots`` gives each
         requested name's slot (``-1`` for None). Release it (or use it as a context manager) when the batch is done.
 
-        Raises ``UnknownAdapterError`` (a ``KeyError``) for an unknown name and ``ValueError`` when the batch needs more distinct adapters than
-        ``max_adapters``. When it fits but other batches pin too many slots, waits for them to release (at most
-        ``timeout`` seconds, then ``TimeoutError``).
+        ``names``: a list or tuple of adapter names (None: a base row). Raises ``UnknownAdapterError`` (a
+        ``KeyError``) for an unknown name and ``ValueError`` when the batch needs more distinct adapters than
+        ``max_adapters``. When it fits but other batches pin too many slots, or earlier batches wait, waits its turn
+        (first come, first served) for at most ``timeout`` seconds (None or ``inf``: no bound), then
+        ``TimeoutError``.
         """
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise TypeError(
+                "AdapterPool.acquire: names must be a list or tuple of adapter names (str) or None, one per row, got "
+                f"{type(names).__name__} {names!r}"
+            )
         names = list(names)
+        for name in names:
+            if name is not None and not isinstance(name, str):
+                raise TypeError(f"AdapterPool.acquire: names must be str or None, got {name!r}")
+        wait = timeout_seconds(timeout, "AdapterPool.acquire")
         wanted = list(dict.fromkeys(n for n in names if n is not None))
         if len(wanted) > self.max_adapters:
             raise ValueError(
                 f"AdapterPool.acquire: the batch uses {len(wanted)} distinct adapters but the pool has "
                 f"max_adapters={self.max_adapters} slots; split the batch or build the pool with more slots"
             )
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if wait is None else time.monotonic() + wait
+        ticket = None
         with self._cond:
-            while True:
-                entries = [self._entry(n) for n in wanted]
-                missing = [e for e in entries if e.slot is None]
-                free = [s for s, e in enumerate(self._slot_entry) if e is None]
-                using = {e.slot for e in entries}
-                evictable = [s for s in self._lru if self._pins[s] == 0 and s not in using]
-                if len(missing) <= len(free) + len(evictable):
-                    break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(
-                        f"AdapterPool.acquire: waited {timeout} s for {len(missing)} free slots; running batches pin "
-                        f"{sum(map(bool, self._pins))} of {self.max_adapters}"
-                    )
-                self._cond.wait(remaining)
-            for entry in missing:
-                slot = free.pop(0) if free else self._evict(evictable.pop(0))
-                self._upload(entry, slot)
-            for entry in entries:
-                self._pins[entry.slot] += 1
-                self._lru.move_to_end(entry.slot)
-                if entry.ready is not None:
-                    torch.cuda.current_stream(self.device).wait_event(entry.ready)
-            slots = {e.name: e.slot for e in entries}
-            return AdapterLease(
-                self, tuple(-1 if n is None else slots[n] for n in names), slots, tuple(self._slot_ranks),
-                tuple(self._slot_scalings), {e.name: e.version for e in entries},
-            )  # fmt: skip
+            try:
+                while True:
+                    self._drain_orphans()
+                    entries = [self._entry(n) for n in wanted]
+                    missing = [e for e in entries if e.slot is None]
+                    free = [s for s, e in enumerate(self._slot_entry) if e is None]
+                    using = {e.slot for e in entries}
+                    evictable = [s for s in self._lru if not self._holders[s] and s not in using]
+                    # A batch of base rows pins nothing, so it cannot take a slot from a waiting batch.
+                    turn = not entries or (self._waiting[0] is ticket if self._waiting else True)
+                    if turn and len(missing) <= len(free) + len(evictable):
+                        break
+                    if ticket is None:
+                        ticket = object()
+                        self._waiting.append(ticket)
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(
+                            f"AdapterPool.acquire: waited {timeout} s for {len(missing)} free slots; running batches "
+                            f"pin {sum(map(bool, self._holders))} of {self.max_adapters}, "
+                            f"{len(self._waiting) - 1} earlier batches wait"
+                        )
+                    self._cond.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
+                for entry in missing:
+                    slot = free.pop(0) if free else self._evict(evictable.pop(0))
+                    self._upload(entry, slot)
+                slots = {e.name: e.slot for e in entries}
+                lease = AdapterLease(
+                    self, tuple(-1 if n is None else slots[n] for n in names), slots, tuple(self._slot_ranks),
+                    tuple(self._slot_scalings), {e.name: e.version for e in entries},
+                )  # fmt: skip
+                for entry in entries:
+                    self._holders[entry.slot].add(lease._token)
+                    self._lru.move_to_end(entry.slot)
+                    if entry.ready is not None:
+                        torch.cuda.current_stream(self.device).wait_event(entry.ready)
+                return lease
+            finally:
+                if ticket is not None:
+                    # Served, timed out or failed: the next batch in line may be served now.
+                    self._waiting.remove(ticket)
+                    self._cond.notify_all()
 
-    def _release(self, slots: set[int]) -> None:
+    def _unpin(self, token: object, slots: tuple[int, ...]) -> None:
+        """Remove the lease ``token`` from ``slots``' holders. Every step can be repeated: a release interrupted part
+        way and retried, or followed by the lease's safety net, unpins each slot once."""
         with self._cond:
             stream = event = None
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and any(token in self._holders[s] for s in slots):
                 stream = torch.cuda.current_stream(self.device)
                 event = torch.cuda.Event()
                 event.record(stream)
             for slot in slots:
-                self._pins[slot] -= 1
-                if event is not None:
-                    self._slot_events[slot][stream] = event
+                holders = self._holders[slot]
+                if token in holders:
+                    if event is not None:
+                        self._slot_events[slot][stream] = event
+                    holders.discard(token)
                 entry = self._slot_entry[slot]
-                if self._pins[slot] == 0 and entry is not None and entry.removed:
+                if not holders and entry is not None and entry.removed:
                     self._free(slot)
             self._cond.notify_all()
+
+    def _orphaned(self, token: object, slots: tuple[int, ...]) -> None:
+        """A lease was garbage collected while still held. The collector may run this in the middle of the pool's own
+        locked code (in this thread): the lease is then queued and unpinned at the next safe point."""
+        self._orphans.append((token, slots))
+        # ``Condition._is_owned``: whether this thread holds the pool's lock (what ``Condition.wait`` checks too).
+        if not self._cond._is_owned():
+            with self._cond:
+                self._drain_orphans()
+
+    def _drain_orphans(self) -> None:
+        while self._orphans:
+            self._unpin(*self._orphans.popleft())
 
     # --------------------------------------------------------------------------------------- slots (locked)
 
@@ -383,7 +486,7 @@ class AdapterPool:
     def _retire(self, entry: _Entry) -> None:
         """``entry`` leaves the registry: free its slot now, or at the last release of the batches pinning it."""
         entry.removed = True
-        if entry.slot is not None and self._pins[entry.slot] == 0:
+        if entry.slot is not None and not self._holders[entry.slot]:
             self._free(entry.slot)
 
     def _free(self, slot: int) -> None:
