@@ -228,7 +228,7 @@ def test_bad_regexes_are_refused_when_the_config_is_built(what, changes, pattern
     with pytest.raises(ValueError, match=re.escape(f"the {what} {pattern!r}")) as error:
         _config(**changes(pattern))
     assert fragment in str(error.value)
-    assert time.perf_counter() - start < 1
+    assert time.perf_counter() - start < 5  # refused, not compiled (that takes minutes and gigabytes)
 
 
 def test_overlong_regex_is_refused():
@@ -242,7 +242,7 @@ def test_catastrophic_regex_for_python_re_is_answered_quickly():
     start = time.perf_counter()
     assert not any(config.matches(name) for name in ("a" * 40, "model.layers.0.self_attn.q_proj" * 2))
     assert config.matches("a" * 40 + "Z")
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 5  # microseconds; Python's re would take minutes
 
 
 def test_a_regex_changed_after_construction_is_checked_when_used():
@@ -293,16 +293,16 @@ def test_slow_regex_releases_the_gil(monkeypatch):
             errors.append(e)
 
     thread = threading.Thread(target=load)
-    gaps, last = [], time.perf_counter()
+    wakeups = 0
     thread.start()
     while thread.is_alive():
         time.sleep(0.002)
-        now = time.perf_counter()
-        gaps.append(now - last)
-        last = now
+        wakeups += 1
     thread.join()
     assert len(errors) == 1 and "target_modules" in str(errors[0])
-    assert max(gaps) < 0.25, max(gaps)
+    # Holding the GIL for its 0.5 s, the match would let this thread wake once or twice; a loaded machine slows the
+    # wake-ups of a free one to no fewer than some dozens.
+    assert wakeups >= 10, wakeups
 
 
 def test_matching_the_same_names_again_costs_no_budget(monkeypatch):
