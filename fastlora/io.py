@@ -43,7 +43,16 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers import LoraLinear
-from .model import adapted_modules, apply_lora, find_targets, is_conv1d, lora_layers, modules_to_save
+from .model import (
+    adapted_modules,
+    apply_lora,
+    find_targets,
+    is_conv1d,
+    lora_layers,
+    modules_to_save,
+    storage_key,
+    within,
+)
 from .peft_format import (
     CONFIG_NAME,
     PREFIX,
@@ -156,8 +165,8 @@ def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen = set()
     out = {}
     for key, tensor in tensors.items():
-        storage = (tensor.device, tensor.untyped_storage().data_ptr())
-        out[key] = tensor.clone() if storage in seen and tensor.numel() else tensor
+        storage = storage_key(tensor)
+        out[key] = tensor.clone() if storage is not None and storage in seen else tensor
         seen.add(storage)
     return out
 
@@ -352,7 +361,7 @@ def _extra_entries(model: nn.Module, config: LoraConfig, targets: set[str]) -> d
     if config.bias != "none":
         for key, tensor in state.items():
             module = key.rpartition(".")[0]
-            if not (key == "bias" or key.endswith(".bias")) or any(_within(module, m) for m in saved):
+            if not (key == "bias" or key.endswith(".bias")) or any(within(module, m) for m in saved):
                 continue
             if module in targets:
                 entries[f"{module}.base_layer.bias"] = (key, tuple(tensor.shape))
@@ -363,10 +372,6 @@ def _extra_entries(model: nn.Module, config: LoraConfig, targets: set[str]) -> d
             if key.startswith(f"{name}."):
                 entries[key] = (key, tuple(tensor.shape))
     return entries
-
-
-def _within(name: str, ancestor: str) -> bool:
-    return name == ancestor or name.startswith(f"{ancestor}.")
 
 
 _EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")

@@ -75,7 +75,8 @@ def _with_task_modules(config: LoraConfig) -> LoraConfig:
     return dataclasses.replace(config, modules_to_save=[*(config.modules_to_save or ()), *extra])
 
 
-def _within(name: str, ancestor: str) -> bool:
+def within(name: str, ancestor: str) -> bool:
+    """Whether the module called ``name`` is ``ancestor`` or lies inside it."""
     return name == ancestor or name.startswith(f"{ancestor}.")
 
 
@@ -94,7 +95,7 @@ def adapted_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = [name for name, _ in model.named_modules() if name and config.saves_module(name)]
     targets = []
     for name, module in model.named_modules():
-        if not name or name in excluded or not config.matches(name) or any(_within(name, s) for s in saved):
+        if not name or name in excluded or not config.matches(name) or any(within(name, s) for s in saved):
             continue
         if isinstance(module, linear):
             targets.append(name)
@@ -137,7 +138,8 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple | None:
+def storage_key(tensor: torch.Tensor) -> tuple | None:
+    """What tells tensors sharing memory apart: ``(device, storage pointer)``; None for empty and meta tensors."""
     if tensor.numel() == 0 or tensor.device.type == "meta":
         return None
     return tensor.device, tensor.untyped_storage().data_ptr()
@@ -147,7 +149,7 @@ def _parameter_owners(model: nn.Module) -> dict[tuple, list[str]]:
     """Every parameter name of ``model``, duplicates included, grouped by the memory the parameter lives in."""
     owners: dict[tuple, list[str]] = {}
     for full, param in model.named_parameters(remove_duplicate=False):
-        if (key := _storage_key(param)) is not None:
+        if (key := storage_key(param)) is not None:
             owners.setdefault(key, []).append(full)
     return owners
 
@@ -158,7 +160,7 @@ def shared_parameters(model: nn.Module, name: str, owners: dict[tuple, list[str]
     owners = _parameter_owners(model) if owners is None else owners
     shared = {}
     for pname, param in model.get_submodule(name).named_parameters(remove_duplicate=False):
-        outside = [n for n in owners.get(_storage_key(param), ()) if not _within(n, name)]
+        outside = [n for n in owners.get(storage_key(param), ()) if not within(n, name)]
         if outside:
             shared[pname] = outside
     return shared
@@ -213,7 +215,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     saved_modules = modules_to_save(model, config)
     targets = find_targets(model, config)
     config = _fan_in_fan_out(model, config, targets)
-    outermost = [n for n in saved_modules if not any(_within(n, o) and n != o for o in saved_modules)]
+    outermost = [n for n in saved_modules if not any(within(n, o) and n != o for o in saved_modules)]
     untied = {}
     replacements = {}
     requires_grad = {param: param.requires_grad for param in model.parameters()}
@@ -304,7 +306,7 @@ def _untied_embeddings(model: nn.Module) -> bool:
     except (NotImplementedError, AttributeError):
         return False
     w_in, w_out = getattr(emb_in, "weight", None), getattr(emb_out, "weight", None)
-    return w_in is not None and w_out is not None and _storage_key(w_in) != _storage_key(w_out)
+    return w_in is not None and w_out is not None and storage_key(w_in) != storage_key(w_out)
 
 
 def _take_out(model: nn.Module, merge: bool, caller: str) -> nn.Module:
@@ -327,6 +329,17 @@ def _take_out(model: nn.Module, merge: bool, caller: str) -> nn.Module:
     return model
 
 
+def check_merges(model: nn.Module, caller: str) -> None:
+    """Raise, naming the layer, if merging any unmerged LoRA layer of ``model`` would put non-finite values into its
+    weight; changes nothing. One layer's merged weight at a time: a second merge's work, not a copy of the model."""
+    for name, layer in lora_layers(model):
+        if not layer.merged and not torch.isfinite(layer.merged_weight()).all():
+            raise ValueError(
+                f"{caller}: merging layer {name!r} would put non-finite values into its weight (overflow in "
+                f"{layer.weight.dtype}, or NaN/Inf in the adapter); no layer was changed"
+            )
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight (fp32 accumulation) and put the base modules back. In place.
 
@@ -336,11 +349,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merges into the tied tensor and changes the embedding too). Modules of ``modules_to_save`` keep their trained
     values (for a tied one, its trained copy), as in PEFT. When the output embedding ends up untied,
     ``model.config.tie_word_embeddings`` is set to False, with a warning."""
-    for name, layer in lora_layers(model):
-        if layer.merged:
-            continue
-        if not torch.isfinite(layer.merged_weight()).all():
-            raise ValueError(f"merge_and_unload: merging {name!r} would put non-finite values in its weight")
+    check_merges(model, "merge_and_unload")
     return _take_out(model, merge=True, caller="merge_and_unload")
 
 

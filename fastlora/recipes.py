@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import lora_layers
+from .model import check_merges, lora_layers
 
 
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
@@ -80,14 +80,8 @@ def merge_and_reinit(model: nn.Module) -> int:
     All or nothing: every layer's merged weight is computed and checked (finite in the weight's dtype) before any
     layer changes; if one is not, ``ValueError`` names it and every weight and LoRA parameter is left as it was. A
     layer whose weight is tied to another module (see ``LoraLinear.merge``) keeps its merged weight as its own copy."""
-    layers = list(lora_layers(model))
-    for name, layer in layers:
-        # One layer's merged weight at a time: checking them all costs a second merge, not a second copy of the model.
-        if not layer.merged and not torch.isfinite(layer.merged_weight()).all():
-            raise ValueError(
-                f"merge_and_reinit: merging layer {name!r} would put non-finite values into its weight (overflow in "
-                f"{layer.weight.dtype}, or NaN/Inf in the adapter); no layer was changed"
-            )
-    for _, layer in layers:
+    check_merges(model, "merge_and_reinit")
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
         layer.commit_merge()
     return len(layers)

@@ -20,7 +20,6 @@ The weights kept are always the pool's own copies: a caller changing its tensors
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -227,18 +226,13 @@ def _finite_scaling(where: str, config: LoraConfig, module: str | None) -> float
         alpha = config.alpha_for(module)
         field = "lora_alpha" if alpha is config.lora_alpha else "alpha_pattern"
     layer = "the default scaling" if module is None else f"module {module!r}"
-    try:
-        scaling = config.scaling if module is None else config.scaling_for(module)
-        finite = math.isfinite(torch.tensor(scaling, dtype=torch.float32).item())
-        detail = repr(scaling)
-    except (ValueError, TypeError, ArithmeticError, RuntimeError) as error:
-        finite, detail = False, str(error)
-    if not finite:
+    try:  # lora_scaling refuses a scaling that is not finite in float32
+        return config.scaling if module is None else config.scaling_for(module)
+    except (ValueError, TypeError, ArithmeticError) as error:
         raise ValueError(
-            f"{where}: {layer}: the scaling from {field}={alpha!r} is not finite in float32 ({detail}): every row "
+            f"{where}: {layer}: the scaling from {field}={alpha!r} is not finite in float32 ({error}): every row "
             f"served with it would be NaN or infinite; fix {field}"
-        )
-    return float(scaling)
+        ) from error
 
 
 def _owned(tensor: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:
