@@ -12,6 +12,12 @@ python=${PYTHON:-python3}
 start=$SECONDS
 
 if [ ! -x "$venv/bin/python" ]; then
+  # torch 2.11's CUDA wheel and its CUDA packages take about 6 GB once installed, more while pip unpacks them.
+  free_gb=$(df -Pk . | awk 'NR == 2 {print int($4 / 1048576)}')
+  if [ "$free_gb" -lt 12 ]; then
+    echo "ci_oldest: $free_gb GB free here; the oldest pair's venv needs about 12 GB while it installs" >&2
+    exit 1
+  fi
   "$python" -m venv "$venv"
 fi
 py="$venv/bin/python"
