@@ -184,3 +184,42 @@ def multi_lora_linear_reference(
         xs = ((x2d[rows].to(lora_dtype) @ a.t()) * scale).to(lora_dtype)
         y = y.index_add(0, rows, (xs @ b.t()).to(y.dtype))
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# Mixture-of-experts layers: rows sorted by expert, each with its expert's own adapter (``fastlora.grouped_lora_linear``).
+
+
+def grouped_lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    offsets,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """``y[m] = x[m]·W_eᵀ + b_e + s·(D(x)[m]·A_eᵀ)·B_eᵀ`` for the rows ``m`` of expert ``e``, ``offsets[e] <= m <
+    offsets[e + 1]``.
+
+    ``x [S, K]`` (rows sorted by expert), ``weight [E, N, K]`` (``[E, K, N]`` when ``transposed``, as GPT-OSS stores
+    it), ``bias [E, N]`` or None, ``lora_A [E, r, K]``, ``lora_B [E, N, r]``, ``offsets``: ``E + 1`` row offsets. The
+    dropout mask is the dense layer's over the ``[S, K]`` rows (``dropout_mask``). The LoRA branch computes in the LoRA
+    weights' dtype. A loop over the experts, plain and differentiable: the CPU path and the oracle, not fast (it reads
+    ``offsets`` on the host).
+    """
+    offsets = offsets.tolist() if isinstance(offsets, torch.Tensor) else list(offsets)
+    xd = dropout(x, dropout_p, seed) if dropout_p > 0.0 else x
+    rows = []
+    for e in range(len(offsets) - 1):
+        lo, hi = offsets[e], offsets[e + 1]
+        w = weight[e] if transposed else weight[e].t()
+        y = x[lo:hi] @ w
+        if bias is not None:
+            y = y + bias[e]
+        y = y + (scaling * ((xd[lo:hi].to(lora_A.dtype) @ lora_A[e].t()) @ lora_B[e].t())).to(y.dtype)
+        rows.append(y)
+    N = weight.shape[2] if transposed else weight.shape[1]
+    return torch.cat(rows) if rows else x.new_zeros((0, N))

@@ -39,7 +39,7 @@ from .gpu_compile import (
     resources,
     uses_tma,
 )
-from .kernels import SMEM_LIMIT, GpuKernel, backward, expand, multi_lora, onepass, shrink, smem_limit, wgrad
+from .kernels import SMEM_LIMIT, GpuKernel, backward, expand, grouped, multi_lora, onepass, shrink, smem_limit, wgrad
 
 # (activation dtype, LoRA weight dtype): fp16 behaves as bf16 for registers and shared memory.
 DTYPES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32"))
@@ -257,9 +257,50 @@ def kernel_specs() -> list[KernelSpec]:
         gemm_min_block_m=64,
         arch_constexprs=pdl,
     )  # fmt: skip
+    # Mixture-of-experts layers (``kernels/grouped.py``): rows sorted by expert, one expert per tile; BLOCK_M comes from
+    # the tile list (16, 32 or 64 rows; 32 at most under dropout). The backward reads B and A through transposed views.
+    tiles = {"tile_expert_ptr": "i32", "tile_start_ptr": "i32", "offsets_ptr": "i32", "seed_ptr": "i64"}
+    grouped_shrink_spec = KernelSpec(
+        grouped.SHRINK_GPU_KERNEL,
+        tuple(
+            Site(name, {"x_ptr": "act", "w_ptr": "lora", "out_ptr": "fp32", **tiles}, unit,
+                 {**common, "DROPOUT": dropout, "BLOCK_M": block_m, "BLOCK_R": block_r})
+            for name, unit, dropout, block_m, block_r in (
+                ("fwd xa=D(x)·A_eᵀ rows 32", ("stride_xk", "stride_wk", "stride_or"), True, 32, 16),
+                ("fwd xa=x·A_eᵀ rows 64", ("stride_xk", "stride_wk", "stride_or"), False, 64, 64),
+                ("bwd dxa=s·dy·B_e rows 16", ("stride_xk", "stride_wr", "stride_or"), False, 16, 16),
+            )
+        ),
+    )  # fmt: skip
+    grouped_expand_spec = KernelSpec(
+        grouped.EXPAND_GPU_KERNEL,
+        tuple(
+            Site(name, {"u_ptr": "fp32", "v_ptr": "lora", "y_ptr": "act", "bias_ptr": "act", **tiles}, unit,
+                 {**common, "HAS_BIAS": bias, "DROPOUT": dropout, "BLOCK_M": block_m, "BLOCK_R": block_r})
+            for name, unit, bias, dropout, block_m, block_r in (
+                ("fwd y+=s·xa·B_eᵀ+b_e rows 64", ("stride_ur", "stride_vr", "stride_yn", "stride_bn"), True, False,
+                 64, 64),
+                ("fwd y+=s·xa·B_eᵀ rows 16", ("stride_ur", "stride_vr", "stride_yn", "stride_bn"), False, False, 16,
+                 16),
+                ("bwd dx+=D'(dxa·A_e) rows 32", ("stride_ur", "stride_vn", "stride_yn", "stride_bn"), False, True, 32,
+                 16),
+            )
+        ),
+    )  # fmt: skip
+    grouped_wgrad_spec = KernelSpec(
+        grouped.WGRAD_GPU_KERNEL,
+        (
+            Site("dA_e=dxa_eᵀ·D(x_e)", {"u_ptr": "fp32", "v_ptr": "act", "out_ptr": "lora", "offsets_ptr": "i32",
+                                       "seed_ptr": "i64"},
+                 ("stride_ur", "stride_vh", "stride_oh"), {**common, "DROPOUT": True, "BLOCK_R": 16}),
+            Site("dB_eᵀ=s·xa_eᵀ·dy_e", {"u_ptr": "fp32", "v_ptr": "act", "out_ptr": "lora", "offsets_ptr": "i32",
+                                       "seed_ptr": "i64"},
+                 ("stride_ur", "stride_vh", "stride_or"), {**common, "DROPOUT": False, "BLOCK_R": 64}),
+        ),
+    )  # fmt: skip
     return [
         shrink_spec, expand_spec, onepass_spec, wgrad_spec, dy_spec, dx_spec, multi_shrink_spec, multi_expand_spec,
-        multi_fused_spec,
+        multi_fused_spec, grouped_shrink_spec, grouped_expand_spec, grouped_wgrad_spec,
     ]  # fmt: skip
 
 

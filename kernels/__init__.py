@@ -6,7 +6,7 @@ memory a block may use per architecture (``smem_limit`` prunes configs against o
 ``recording_launches`` collects the launches made in a block (kernel name, bytes moved), on every backend.
 """
 
-from . import backward, expand, multi_lora, onepass, shrink, wgrad
+from . import backward, expand, grouped, multi_lora, onepass, shrink, wgrad
 from ._common import (
     SMEM_LIMIT,
     GpuKernel,
@@ -19,6 +19,7 @@ from ._common import (
 )
 from .backward import MAX_FUSED_RANK, lora_backward, lora_dx_da, lora_dy, lora_grad_sum
 from .expand import lora_expand
+from .grouped import grouped_expand_, grouped_shrink, grouped_wgrad, tile_list, tile_rows
 from .multi_lora import MAX_SEGMENT_TOKENS as MULTI_MAX_SEGMENT_TOKENS
 from .multi_lora import decode_splits as multi_decode_splits
 from .multi_lora import multi_lora_expand, multi_lora_fused, multi_lora_shrink
@@ -38,11 +39,17 @@ GPU_KERNELS: tuple[GpuKernel, ...] = (
     multi_lora.SHRINK_GPU_KERNEL,
     multi_lora.EXPAND_GPU_KERNEL,
     multi_lora.FUSED_GPU_KERNEL,
+    grouped.SHRINK_GPU_KERNEL,
+    grouped.EXPAND_GPU_KERNEL,
+    grouped.WGRAD_GPU_KERNEL,
 )
 
 __all__ = [
     "GPU_KERNELS",
     "GpuKernel",
+    "grouped_expand_",
+    "grouped_shrink",
+    "grouped_wgrad",
     "Launch",
     "in_launch",
     "is_interpreting",
@@ -66,4 +73,6 @@ __all__ = [
     "recording_launches",
     "SMEM_LIMIT",
     "smem_limit",
+    "tile_list",
+    "tile_rows",
 ]

@@ -1,6 +1,8 @@
 """The ops: validation, backend dispatch, ``torch.library`` registration and autograd, one file per op.
 
 - ``lora_linear`` (``fastlora.ops.linear``): one adapter, forward and backward, for training;
+- ``grouped_lora_linear`` (``fastlora.ops.grouped``): one adapter per expert of a mixture-of-experts layer, rows
+  sorted by expert (``route``), forward and backward, for training;
 - ``multi_lora_linear`` (``fastlora.ops.multi``): every token with the adapter of its own pool slot, for serving;
   ``BatchMeta`` (``fastlora.ops.meta``) describes which slot each token of a batch uses, ``StaticBatch`` keeps one
   in fixed-size device buffers for CUDA graphs and ``torch.compile``;
@@ -9,6 +11,7 @@
 """
 
 from .common import BACKENDS, TORCH_DTYPES, TRITON_DTYPES, resolve_backend
+from .grouped import Routing, grouped_linear, grouped_lora_linear, route
 from .linear import FORWARD_IMPLS, ONEPASS_MAX_TOKENS, choose_forward_impl, draw_seed, lora_linear
 from .meta import BatchMeta, StaticBatch
 from .multi import MULTI_FUSED_MAX_TOKENS, MULTI_IMPLS, choose_multi_impl, multi_lora_linear
@@ -22,11 +25,15 @@ __all__ = [
     "TORCH_DTYPES",
     "TRITON_DTYPES",
     "BatchMeta",
+    "Routing",
     "StaticBatch",
     "choose_forward_impl",
     "choose_multi_impl",
     "draw_seed",
+    "grouped_linear",
+    "grouped_lora_linear",
     "lora_linear",
     "multi_lora_linear",
     "resolve_backend",
+    "route",
 ]

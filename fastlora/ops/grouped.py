@@ -1,0 +1,272 @@
+"""``grouped_lora_linear``: LoRA on the fused expert weights of a mixture-of-experts layer, forward and backward.
+
+A mixture-of-experts layer sends each token to ``top_k`` of ``E`` experts. ``Routing`` sorts the routed (token,
+expert) pairs by expert, once per layer call, from the router's own choice (``top_k_index``): row ``m`` of the sorted
+order belongs to expert ``e`` when ``offsets[e] <= m < offsets[e + 1]``. Over those rows
+
+    y[m] = x[m]·W_eᵀ + b_e + s·(D(x)[m]·A_eᵀ)·B_eᵀ
+
+with ``weight [E, N, K]`` (``[E, K, N]`` when ``transposed``, GPT-OSS's layout), ``lora_A [E, r, K]`` and
+``lora_B [E, N, r]`` (any strides). ``ΔW_e = s·B_e·A_e`` is never formed.
+
+How it runs on the Triton backend. The base GEMMs stay the model's own kind: ``torch.nn.functional.grouped_mm`` (or
+``torch._grouped_mm``), the grouped GEMM transformers runs for its experts, on CUDA; elsewhere a loop over the experts.
+The LoRA terms are ``fastlora.kernels.grouped``'s kernels around it: a grouped shrink writes ``xa = D(x)·A_eᵀ``
+(``[S, r]``, fp32), and a grouped expand adds ``s·xa·B_eᵀ`` and the bias into the base GEMM's output in place. The
+backward computes ``dx = dy·W_e`` with the same grouped GEMM and adds ``D'(s·dy·B_e·A_e)`` into it in place (a shrink
+and an expand), and ``dA_e``, ``dB_e`` with the grouped wgrad kernel: fixed-order sums, so two runs give bitwise-equal
+gradients. Launches per call: 3 forward (base GEMM, shrink, expand), 5 backward (base GEMM, shrink, expand, two
+wgrads), plus the tile list (a few small device ops, once per ``Routing``).
+
+Saved for the backward: ``x`` (which the caller's graph holds anyway), the weights, ``xa`` (``[S, r]`` fp32) and the
+dropout seed: the mask is regenerated, never stored. The base weights and bias are frozen: a ``weight`` or ``bias``
+that requires grad is refused.
+
+The torch backend runs ``fastlora.reference.grouped_lora_linear_reference`` under autograd (same mask, same math).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from .. import kernels, reference
+from .common import TORCH_DTYPES, TRITON_DTYPES, check_tensor_types, resolve_backend
+from .linear import _check_dropout, _check_scaling, _check_seed, draw_seed
+
+_WHERE = "fastlora.grouped_lora_linear"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Routing:
+    """The routed (token, expert) pairs of one mixture-of-experts call, sorted by expert.
+
+    ``rows [S]``: the token of each sorted row (``S = tokens · top_k``); ``order [S]``: the position of each sorted row
+    in the flattened ``top_k_index`` (``order // top_k`` is its token), so ``weights.reshape(-1)[order]`` are the rows'
+    routing weights; ``experts [S]``: each row's expert; ``offsets [E + 1]`` int32: expert ``e`` owns rows ``offsets[e] .. offsets[e + 1] - 1``.
+    Built on the device without a host synchronisation (``route``)."""
+
+    rows: torch.Tensor
+    order: torch.Tensor
+    experts: torch.Tensor
+    offsets: torch.Tensor
+    num_experts: int
+    top_k: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.numel()
+
+    @functools.cached_property
+    def inverse(self) -> torch.Tensor:
+        """The sorted row of each flattened ``(token, k)`` pair: ``out_sorted[inverse]`` restores the router's order."""
+        inverse = torch.empty_like(self.order)
+        inverse[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        return inverse
+
+    def tiles(self, narrow: bool) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``(block_m, (tile_expert, tile_start))``: the tile list the grouped kernels walk (``kernels.tile_list``),
+        built once per tile height; ``narrow``: dropout or an fp32 operand (``kernels.tile_rows``)."""
+        block_m = kernels.tile_rows(self.num_rows, self.num_experts, narrow)
+        cache = self.__dict__.setdefault("_tiles", {})
+        if block_m not in cache:
+            cache[block_m] = kernels.tile_list(self.offsets, self.num_rows, block_m)
+        return block_m, cache[block_m]
+
+
+def route(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+    """``Routing`` of the router's choice ``top_k_index [T, top_k]`` (expert ids in ``[0, num_experts)``): a stable sort
+    of the ``T·top_k`` pairs by expert, so rows of one expert keep their token order."""
+    if not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2:
+        shape = tuple(top_k_index.shape) if isinstance(top_k_index, torch.Tensor) else type(top_k_index).__name__
+        raise ValueError(f"fastlora.route: top_k_index must be a [tokens, top_k] tensor, got {shape}")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        raise TypeError(f"fastlora.route: top_k_index must hold integer expert ids, got {top_k_index.dtype}")
+    if type(num_experts) is not int or num_experts < 1:
+        raise ValueError(f"fastlora.route: num_experts must be a positive int, got {num_experts!r}")
+    top_k = top_k_index.shape[1]
+    flat = top_k_index.reshape(-1)
+    experts, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(num_experts + 1, device=flat.device, dtype=experts.dtype)
+    offsets = torch.searchsorted(experts, bounds).to(torch.int32)
+    return Routing(order // top_k, order, experts, offsets, num_experts, top_k)
+
+
+# --- the base grouped GEMM ------------------------------------------------------------------------------------------
+
+
+def _grouped_mm_fn():
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _runs_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether PyTorch's grouped GEMM takes these operands: CUDA, sm_80 or newer, bf16 (its CUDA kernels' dtype), and
+    16-byte aligned strides."""
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or _grouped_mm_fn() is None:
+        return False
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    aligned = all(s % 8 == 0 or d == 1 for t in (x, w) for s, d in zip(t.stride(), t.shape) if s != 1)
+    return aligned and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+
+
+def base_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``out[m] = x[m] · w[e]`` for the rows of each expert: ``x [S, K]``, ``w [E, K, N]`` (any strides), ``offsets
+    [E + 1]``. PyTorch's grouped GEMM where it runs (``_runs_grouped_mm``), else one ``mm`` per expert with rows (which
+    reads ``offsets`` on the host)."""
+    if _runs_grouped_mm(x, w):
+        return _grouped_mm_fn()(x, w, offs=offsets[1:])
+    bounds = offsets.tolist()
+    parts = [x[bounds[e] : bounds[e + 1]] @ w[e] for e in range(w.shape[0]) if bounds[e + 1] > bounds[e]]
+    return torch.cat(parts) if parts else x.new_empty((0, w.shape[2]))
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: Routing, transposed: bool = False
+) -> torch.Tensor:
+    """``y[m] = x[m]·W_eᵀ + b_e`` over rows sorted by expert, without an adapter: an experts projection fastlora does
+    not adapt, differentiable by autograd (``weight [E, N, K]``, or ``[E, K, N]`` with ``transposed``)."""
+    y = base_grouped_mm(x, _w_t(weight, transposed), routing.offsets)
+    if bias is not None:
+        y = y + bias[routing.experts].to(y.dtype)
+    return y
+
+
+def _w_t(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``[E, K, N]``: the base weight as the forward GEMM's right operand."""
+    return weight if transposed else weight.transpose(1, 2)
+
+
+# --- autograd -------------------------------------------------------------------------------------------------------
+
+
+def _narrow(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float) -> bool:
+    return dropout_p > 0.0 or torch.float32 in (x.dtype, lora_A.dtype)
+
+
+class _GroupedLoraFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, seed, transposed):
+        block_m, tiles = routing.tiles(_narrow(x, lora_A, dropout_p))
+        offsets = routing.offsets
+        y = base_grouped_mm(x, _w_t(weight, transposed), offsets)
+        xa = kernels.grouped_shrink(x, lora_A, offsets, tiles, block_m, 1.0, dropout_p, seed)
+        kernels.grouped_expand_(y, xa, lora_B, offsets, tiles, block_m, scaling, bias)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.routing, ctx.scaling, ctx.dropout_p, ctx.transposed = routing, scaling, dropout_p, transposed
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        routing, s, p = ctx.routing, ctx.scaling, ctx.dropout_p
+        offsets = routing.offsets
+        dy = dy.contiguous()
+        dx = dA = dB = None
+        need_dx, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        if need_dx or need_a:
+            block_m, tiles = routing.tiles(_narrow(x, lora_A, p))
+            dxa = kernels.grouped_shrink(dy, lora_B.transpose(1, 2), offsets, tiles, block_m, s)
+        if need_dx:
+            w_t = _w_t(weight, ctx.transposed)
+            dx = base_grouped_mm(dy, w_t.transpose(1, 2), offsets)
+            kernels.grouped_expand_(dx, dxa, lora_A.transpose(1, 2), offsets, tiles, block_m, 1.0, None, p, seed)
+        if need_a:
+            dA = kernels.grouped_wgrad(dxa, x, offsets, torch.empty_like(lora_A), 1.0, p, seed)
+        if need_b:
+            dB = torch.empty_like(lora_B)
+            kernels.grouped_wgrad(xa, dy, offsets, dB.transpose(1, 2), s)
+        return dx, None, None, dA, dB, None, None, None, None, None
+
+
+# --- the op ---------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, routing, transposed, backend) -> None:
+    tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    check_tensor_types(_WHERE, tensors, optional=("bias",))
+    if not isinstance(routing, Routing):
+        raise TypeError(
+            f"{_WHERE}: routing must be a fastlora.ops.Routing (from route()), got {type(routing).__name__}"
+        )
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    devices["routing"] = routing.offsets.device
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{_WHERE}: all tensors must be on one device, got {devices}")
+    allowed = TRITON_DTYPES if backend == "triton" else TORCH_DTYPES
+    if x.dtype not in allowed:
+        raise TypeError(f"{_WHERE}: x.dtype must be one of {allowed} on the {backend} backend, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{_WHERE}: weight.dtype ({weight.dtype}) must equal x.dtype ({x.dtype})")
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"{_WHERE}: x must be [rows, K] with K >= 1 (rows sorted by expert), got {tuple(x.shape)}")
+    if x.shape[0] != routing.num_rows:
+        raise ValueError(f"{_WHERE}: x has {x.shape[0]} rows, but the routing sorts {routing.num_rows}")
+    E = routing.num_experts
+    layout = "[E, K, N] (transposed=True)" if transposed else "[E, N, K]"
+    if weight.dim() != 3 or weight.shape[0] != E:
+        raise ValueError(f"{_WHERE}: weight must be {layout} with E={E} experts, got {tuple(weight.shape)}")
+    K = x.shape[1]
+    K_w, N = (weight.shape[1], weight.shape[2]) if transposed else (weight.shape[2], weight.shape[1])
+    if K_w != K:
+        raise ValueError(f"{_WHERE}: weight {tuple(weight.shape)} read as {layout} has K={K_w}, but x has K={K}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{_WHERE}: {name} requires grad, but the expert weights are frozen here (only lora_A and lora_B "
+                f"train); call {name}.requires_grad_(False)"
+            )
+    if bias is not None and (tuple(bias.shape) != (E, N) or bias.dtype not in (x.dtype, torch.float32)):
+        raise ValueError(f"{_WHERE}: bias must be [E, N] = [{E}, {N}] in x.dtype or float32, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")  # fmt: skip
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(
+            f"{_WHERE}: lora_A and lora_B must share a dtype, float32 or x.dtype ({x.dtype}), got {lora_A.dtype} and "
+            f"{lora_B.dtype}"
+        )
+    if lora_A.dim() != 3 or lora_A.shape[0] != E or lora_A.shape[1] < 1 or lora_A.shape[2] != K:
+        raise ValueError(f"{_WHERE}: lora_A must be [E, r, K] = [{E}, r, {K}] with r >= 1, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[1]
+    if tuple(lora_B.shape) != (E, N, r):
+        raise ValueError(f"{_WHERE}: lora_B must be [E, N, r] = [{E}, {N}, {r}], got {tuple(lora_B.shape)}")
+
+
+def grouped_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    routing: Routing,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    transposed: bool = False,
+    seed: int | torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y[m] = x[m]·W_eᵀ + b_e + s·(D(x)[m]·A_eᵀ)·B_eᵀ`` over rows sorted by expert (see the module docstring).
+
+    ``x [S, K]`` in ``routing``'s sorted order; ``weight [E, N, K]`` (``[E, K, N]`` with ``transposed``) and ``bias
+    [E, N]`` frozen; ``lora_A [E, r, K]``, ``lora_B [E, N, r]`` in fp32 or ``x``'s dtype, any strides. Dropout applies
+    when ``training`` and ``dropout_p > 0``, with a fresh seed from torch's generator unless ``seed`` is given.
+    Differentiable in ``x``, ``lora_A`` and ``lora_B``. Returns ``[S, N]`` in ``x``'s dtype."""
+    check_tensor_types(_WHERE, {"x": x}, ())
+    backend = resolve_backend(x.device, backend)
+    _check_inputs(x, weight, bias, lora_A, lora_B, routing, transposed, backend)
+    scaling = _check_scaling(scaling)
+    p = _check_dropout(dropout_p, training)
+    _check_seed(seed, x.device)
+    if p > 0.0 and seed is None:
+        seed = draw_seed(x.device)
+    elif isinstance(seed, int):
+        seed = torch.tensor([seed], dtype=torch.int64, device=x.device)
+    if backend == "torch":
+        return reference.grouped_lora_linear_reference(
+            x, weight, bias, lora_A, lora_B, routing.offsets, scaling, p, seed, transposed
+        )
+    if seed is None:
+        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+    return _GroupedLoraFunction.apply(x, weight, bias, lora_A, lora_B, routing, scaling, p, seed.reshape(1), transposed)
