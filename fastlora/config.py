@@ -1,13 +1,19 @@
 """``LoraConfig``: PEFT's LoRA configuration, with PEFT's field names and PEFT's module-matching semantics.
 
 A config saved by PEFT (``adapter_config.json``) loads into a ``LoraConfig`` and a ``LoraConfig`` saves as one that
-PEFT reads. Fields this library cannot honour exactly (DoRA, PiSSA/OLoRA/LoftQ initialisation, LoRA biases,
-parameter targeting, ...) raise ``NotImplementedError`` naming the field: never a silent change of the math.
+PEFT reads. Fields this library cannot honour exactly (DoRA, PiSSA/OLoRA/LoftQ initialisation, LoRA biases, ...)
+raise ``NotImplementedError`` naming the field: never a silent change of the math.
 ``lora_scaling`` is the ``alpha / r`` (or ``alpha / sqrt(r)``) every layer multiplies its update by.
+
+``target_parameters`` (LoRA on parameters rather than modules: the fused 3-D expert weights and the router weights of
+mixture-of-experts models) follows PEFT 0.21: ``LoraConfig.targets_parameter`` is its matching rule, and
+``moe_recipe`` the rewrite PEFT applies to a config when it meets a model (transformers v5's fused MoE layers, and
+PEFT's default ``target_modules``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -27,14 +33,14 @@ _IGNORED_PEFT_FIELDS = {
 }  # fmt: skip
 # PEFT fields whose non-default values change the math in ways fastlora does not implement.
 _UNSUPPORTED_DEFAULTS = {
-    "use_dora": False, "lora_bias": False, "target_parameters": None, "loftq_config": {}, "use_qalora": False,
+    "use_dora": False, "lora_bias": False, "loftq_config": {}, "use_qalora": False,
     "trainable_token_indices": None, "eva_config": None, "corda_config": None, "alora_invocation_tokens": None,
     "arrow_config": None, "qalora_group_size": 16, "ensure_weight_tying": False, "layers_pattern_regex": None,
     "layer_replication": None, "lora_ga_config": None, "velora_config": None, "monteclora_config": None,
     "use_bdlora": None, "kasa_config": None,
 }  # fmt: skip
 # Of those, the ones a user is most likely to pass to ``LoraConfig`` directly are fields, so they fail by name.
-_UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "target_parameters", "layer_replication")
+_UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "layer_replication")
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -64,6 +70,9 @@ class LoraConfig:
     ``re.match(rf"(.*\\.)?({key})$", name)``; the first matching key wins. ``layers_to_transform`` keeps only
     modules inside those layer indices (found after ``layers_pattern`` in the name, or the first numbered segment).
     ``modules_to_save``: modules whose name ends with an entry (a plain string suffix, as in PEFT) are saved whole.
+    ``target_parameters``: a list of parameter names, matched like a ``target_modules`` list against a parameter's
+    full name (see ``targets_parameter``); with it, ``target_modules`` may be ``None`` (PEFT then adds the default
+    modules of some model types, see ``moe_recipe``) or ``[]`` (no module).
 
     Construction checks every field (``TypeError`` for a value of the wrong type, ``ValueError`` for a wrong value,
     both naming the field), since configs come from downloaded ``adapter_config.json`` files: ``lora_alpha`` and
@@ -128,8 +137,11 @@ class LoraConfig:
                 "LoraConfig: layers_to_transform / layers_pattern cannot be used when target_modules is a str "
                 "(a regex or 'all-linear'), as in PEFT"
             )
-        if self.target_modules is None:
+        if self.target_modules is None and not self.target_parameters:
             raise ValueError("LoraConfig: target_modules is required (a list of names, a regex, or 'all-linear')")
+        if self.target_parameters and self.fan_in_fan_out:
+            # A targeted parameter is used as stored; PEFT's ParamWrapper refuses the flag rather than ignore it.
+            raise ValueError("LoraConfig: fan_in_fan_out=True cannot be used with target_parameters, as in PEFT")
         if self.modules_to_save and "" in self.modules_to_save:
             # Every name ends with "": PEFT would save (and exclude from LoRA) every module of the model.
             raise ValueError("LoraConfig: modules_to_save holds an empty name, which would name every module")
@@ -149,6 +161,13 @@ class LoraConfig:
                     setattr(self, field, sorted(value))
             elif value is not None and (field == "modules_to_save" or not isinstance(value, str)):
                 raise TypeError(f"LoraConfig: {field} must be {allowed}, got {value!r}")
+        value = self.target_parameters
+        if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+            if not isinstance(value, list):
+                self.target_parameters = sorted(value)
+        elif value is not None:
+            # A str would read as a list of one-letter names; PEFT does not take a regex here either.
+            raise TypeError(f"LoraConfig: target_parameters must be None or a list of str, got {value!r}")
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
         layers = self.layers_to_transform
@@ -244,8 +263,10 @@ class LoraConfig:
         return any(regexes.match("modules_to_save", m, _INSIDE_SAVED, name) for m in self.modules_to_save or ())
 
     def matches(self, name: str) -> bool:
-        """Whether the module called ``name`` is a target (for ``"all-linear"``, before the type check)."""
-        if self.is_excluded(name):
+        """Whether the module called ``name`` is a target (for ``"all-linear"``, before the type check). With
+        ``target_modules=None`` (allowed with ``target_parameters``) no module is: ``moe_recipe`` gives the modules
+        PEFT would add for the model's type."""
+        if self.is_excluded(name) or self.target_modules is None:
             return False
         if isinstance(self.target_modules, str):
             if self.all_linear:
@@ -264,11 +285,39 @@ class LoraConfig:
             return index == self.layers_to_transform
         return index in self.layers_to_transform
 
+    def targets_parameter(self, module_name: str, param_name: str) -> bool:
+        """Whether the parameter ``param_name`` registered directly on the module called ``module_name`` is one of
+        ``target_parameters``, by PEFT's rule (``BaseTuner._inject_parameters``): its full name
+        ``f"{module_name}.{param_name}"`` equals an entry or ends with ``"." + entry``.
+
+        Nothing else applies to parameters in PEFT: ``exclude_modules``, ``layers_to_transform`` / ``layers_pattern``
+        and ``modules_to_save`` select modules only, so ``layers_to_transform=[0]`` still targets the experts of every
+        layer. The rank and alpha of a targeted parameter are ``rank_for`` / ``alpha_for`` of that full name (PEFT's
+        pattern key), so ``rank_pattern={"gate_up_proj": 4}`` applies and ``{"experts": 4}`` does not.
+
+        Names are those of the model without adapters; PEFT's rule differs for a module with ``torch.nn.utils
+        .parametrize`` parametrizations (exact names only), which the caller must handle. A match on a parameter of the
+        root module (``module_name == ""``) raises ``ValueError``, as PEFT cannot wrap it either."""
+        if not self.target_parameters:
+            return False
+        key = f"{module_name}.{param_name}"
+        if key not in self.target_parameters and not any(key.endswith(f".{t}") for t in self.target_parameters):
+            return False
+        if not module_name:
+            raise ValueError(
+                f"LoraConfig: target_parameters={self.target_parameters!r} names the parameter {param_name!r} of the "
+                "model's root module, which PEFT cannot wrap"
+            )
+        return True
+
     def rank_for(self, name: str) -> int:
+        """The rank of the module called ``name`` (or of a targeted parameter, by its full name): the value of the
+        first ``rank_pattern`` key matching it, else ``r``."""
         key = _pattern_key(self.rank_pattern, name, _field="rank_pattern", _regexes=self._matcher())
         return self.rank_pattern.get(key, self.r)
 
     def alpha_for(self, name: str) -> float:
+        """The alpha of the module (or parameter) called ``name``, as ``rank_for`` finds its rank."""
         key = _pattern_key(self.alpha_pattern, name, _field="alpha_pattern", _regexes=self._matcher())
         return self.alpha_pattern.get(key, self.lora_alpha)
 
@@ -295,6 +344,8 @@ class LoraConfig:
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             "target_modules": sorted(target) if isinstance(target, list) else target,
+            # PEFT keeps the list as given (it is matched as a set).
+            "target_parameters": None if self.target_parameters is None else list(self.target_parameters),
             "exclude_modules": self.exclude_modules,
             "fan_in_fan_out": self.fan_in_fan_out,
             "bias": self.bias,
@@ -336,6 +387,170 @@ class LoraConfig:
         if unknown:
             raise NotImplementedError(f"LoraConfig: unknown PEFT options (not implemented here): {', '.join(unknown)}")
         return cls(**kwargs)
+
+
+# PEFT 0.21.2 with transformers 5.24 (``peft/utils/transformers_weight_conversion.py``): transformers v5 fused the
+# experts of these model types into 3-D parameters and made the router a custom module, and PEFT rewrites the
+# v4 recipes naming the old ``nn.Linear`` layers. Model type -> style: PEFT's copy of transformers'
+# ``_MODEL_TO_CONVERSION_PATTERN`` (with ``"mixtral"`` added), kept where the style has a rewrite. ``qwen2_moe`` itself
+# is not a key there, so PEFT leaves Qwen2-MoE configs alone.
+MOE_RECIPE_STYLES = {
+    **dict.fromkeys(("minimax", "minimax_m2", "mixtral"), "mixtral"),
+    **dict.fromkeys(
+        (
+            "Dots3NoteTextModel", "afmoe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe",
+            "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm4v_moe", "longcat_flash", "solar_open", "mellum",
+            "qwen3_moe", "beam", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_omni_moe_text", "qwen3_next",
+            "hunyuan_v1_moe", "flex_olmo", "olmoe", "sarvam_mla", "exaone_moe", "cohere2_moe", "UnlimitedOcrTextModel",
+        ),
+        "qwen2_moe",
+    ),
+}  # fmt: skip
+# Old target name -> new target parameter (``_MOE_TARGET_MODULE_MAPPING``); the first matching entry wins.
+_MOE_RENAMES = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen2_moe": {
+        "gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"
+    },
+}  # fmt: skip
+# Fused parameter -> the old targets it concatenates (``_MOE_FUSED_TARGETS``): their LoRAs stack, rank and alpha add.
+_MOE_FUSED = {"mixtral": {"gate_up_proj": ("w1", "w3")}, "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")}}
+# The ``target_modules`` PEFT picks for a model type when a config has none, which only a config with
+# ``target_parameters`` may lack here (``peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``).
+_PEFT_DEFAULT_TARGETS = {
+    **dict.fromkeys(("t5", "mt5"), ("q", "v")),
+    **dict.fromkeys(
+        ("bart", "opt", "gptj", "gpt_neo", "llama", "llama4", "mistral", "mixtral", "stablelm", "gemma", "gemma2",
+         "gemma3_text", "qwen2", "qwen3"),
+        ("q_proj", "v_proj"),
+    ),
+    **dict.fromkeys(("gpt2", "gpt_bigcode"), ("c_attn",)),
+    **dict.fromkeys(("bloom", "gpt_neox", "chatglm", "RefinedWebModel", "RefinedWeb", "falcon"), ("query_key_value",)),
+    "blip-2": ("q", "v", "q_proj", "v_proj"),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "layoutlm"), ("query", "value")),
+    "deberta-v2": ("query_proj", "value_proj"),
+    "deberta": ("in_proj",),
+    "mpt": ("Wqkv",),
+    "btlm": ("c_proj", "c_attn"),
+    "codegen": ("qkv_proj",),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "rwkv": ("key", "value", "receptance", "output"),
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
+}  # fmt: skip
+
+
+def moe_recipe(
+    config: LoraConfig,
+    model_type: str | None,
+    *,
+    module_names: Iterable[str],
+    parameter_names: Iterable[str],
+    linear_names: Iterable[str],
+    transformers_v5: bool = True,
+) -> LoraConfig:
+    """The config PEFT 0.21 ends up with when it injects ``config`` into a model of type ``model_type``
+    (``model.config.model_type``; ``None`` for a model without one): a new ``LoraConfig``, ``config`` is left alone
+    (PEFT rewrites its own in place, then saves the result). The facts come from the model as strings:
+    ``module_names`` and ``parameter_names`` as ``model.named_modules()`` / ``model.named_parameters()`` list them,
+    and ``linear_names``, the modules ``target_modules="all-linear"`` selects (every ``nn.Linear`` / ``Conv1D`` but
+    the output head).
+
+    Under transformers v5 (``BaseTuner.inject_adapter``, so in ``get_peft_model`` and when loading alike), for the
+    model types of ``MOE_RECIPE_STYLES`` (Mixtral, MiniMax: ``w1 w3 w2 gate``; Qwen3-MoE, OLMoE, DeepSeek-V2/V3,
+    GLM-4-MoE, Qwen3-Next, ... : ``gate_proj up_proj down_proj gate``; not Qwen2-MoE itself, not GPT-OSS), the v4
+    names move from ``target_modules`` to ``target_parameters``: ``w1`` / ``w3`` (``gate_proj`` / ``up_proj``)
+    -> ``gate_up_proj``, ``w2`` (``down_proj``) -> ``down_proj``, ``gate`` -> ``gate.weight``; an entry ending with
+    ``"." + old name`` moves too, as the bare new name. The two halves of ``gate_up_proj`` must both be named
+    (``ValueError`` otherwise), and their fused LoRA gets ``rank_pattern`` / ``alpha_pattern`` key
+    ``.*\\.gate_up_proj`` with ``2 * r`` and ``2 * lora_alpha`` (added after the caller's keys, so a caller's key
+    matching ``gate_up_proj`` wins). A string ``target_modules`` is first resolved to leaf names: ``"all-linear"`` to
+    the leaf names of ``linear_names`` plus the four old names, so the experts and the router are targeted too; a
+    regex to the leaf names of the modules and parameters it matches, plus an old expert name when it matches
+    ``<container of gate_up_proj / down_proj>.<old name>``. Leaf names select every module with that name: a regex
+    naming one layer's ``q_proj`` selects every ``q_proj``, as in PEFT. A regex matching nothing stays as it is.
+
+    Then, as PEFT's ``_prepare_adapter_config``: ``target_modules=None`` (with ``target_parameters``) becomes PEFT's
+    default modules for ``model_type``, if it has some. Any other config comes back equal to ``config``.
+    """
+    changes: dict[str, Any] = {}
+    if transformers_v5 and model_type in MOE_RECIPE_STYLES:
+        changes = _rewrite_moe_targets(config, model_type, module_names, parameter_names, linear_names)
+    if changes.get("target_modules", config.target_modules) is None and model_type in _PEFT_DEFAULT_TARGETS:
+        default = _PEFT_DEFAULT_TARGETS[model_type]
+        changes["target_modules"] = default if isinstance(default, str) else sorted(default)
+    fields = {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return type(config)(**{**fields, **changes})
+
+
+def _rewrite_moe_targets(
+    config: LoraConfig,
+    model_type: str,
+    module_names: Iterable[str],
+    parameter_names: Iterable[str],
+    linear_names: Iterable[str],
+) -> dict[str, Any]:
+    """PEFT's ``_convert_peft_config_moe``: the fields ``moe_recipe`` changes for a model type of
+    ``MOE_RECIPE_STYLES`` (none for a regex that matches nothing)."""
+    style = MOE_RECIPE_STYLES[model_type]
+    renames, fused = _MOE_RENAMES[style], _MOE_FUSED[style]
+    target_modules = config.target_modules
+    if isinstance(target_modules, str):
+        target_modules = _resolve_string_targets(config, renames, module_names, parameter_names, linear_names)
+        if not target_modules:
+            return {}
+    modules, parameters = set(), set(config.target_parameters or ())
+    named: dict[str, set[str]] = {new: set() for new in fused}
+    for target in target_modules or ():
+        old = next((old for old in renames if target == old or target.endswith(f".{old}")), None)
+        if old is None:
+            modules.add(target)
+            continue
+        parameters.add(renames[old])
+        if renames[old] in fused:
+            named[renames[old]].add(old)
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    for new, olds in fused.items():
+        if 0 < len(named[new]) < len(olds):
+            raise ValueError(
+                f"moe_recipe: cannot convert the target(s) {', '.join(sorted(named[new]))} of this {model_type} model "
+                f"without also targeting {', '.join(sorted(set(olds) - named[new]))}: transformers v5 fuses them into "
+                f"{new} (PEFT refuses this config too)"
+            )
+        if len(named[new]) == len(olds) > 1:
+            key = rf".*\.{re.escape(new)}"
+            rank_pattern[key] = config.r * len(olds)
+            alpha_pattern[key] = config.lora_alpha * len(olds)
+    return {
+        "target_modules": sorted(modules),
+        "target_parameters": sorted(parameters),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+    }
+
+
+def _resolve_string_targets(
+    config: LoraConfig,
+    renames: Mapping[str, str],
+    module_names: Iterable[str],
+    parameter_names: Iterable[str],
+    linear_names: Iterable[str],
+) -> list[str]:
+    """PEFT's ``_resolve_string_target_modules``: the leaf names a string ``target_modules`` stands for on a model
+    whose v4 expert layers are gone (none when a regex matches nothing)."""
+    if config.all_linear:
+        return sorted({name.rpartition(".")[2] for name in linear_names} | renames.keys())
+    parameter_names = list(parameter_names)
+    matched = {name.rpartition(".")[2] for name in (*module_names, *parameter_names) if config.matches(name)}
+    containers: dict[str, set[str]] = {}
+    for name in parameter_names:
+        container, _, leaf = name.rpartition(".")
+        containers.setdefault(leaf, set()).add(container)
+    for old, new in renames.items():
+        if old not in matched and any(config.matches(f"{c}.{old}") for c in containers.get(new, ())):
+            matched.add(old)
+    return sorted(matched)
 
 
 def names_module(key: str, name: str) -> bool:

@@ -240,7 +240,6 @@ def test_no_match_and_non_linear_targets_raise(models):
         ("init_lora_weights", "pissa"),
         ("init_lora_weights", "olora"),
         ("lora_bias", True),
-        ("target_parameters", ["mlp.experts.gate_up_proj"]),
         ("layer_replication", [[0, 2], [1, 3]]),
         ("frobnicate", 3),
     ],
