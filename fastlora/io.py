@@ -42,14 +42,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig
-from .layers import LoraLinear
+from .layers import LoraExperts, LoraLinear, LoraParameter, expert_layout
 from .model import (
     adapted_modules,
+    adapted_parameters,
     apply_lora,
     find_targets,
     is_conv1d,
     lora_layers,
     modules_to_save,
+    moe_config,
+    parameter_layers,
     storage_key,
     within,
 )
@@ -83,14 +86,19 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, config:
             "config=fastlora.LoraConfig(...)"
         )
     layers = dict(lora_layers(model))
-    if not layers:
+    param_layers = dict(parameter_layers(model))
+    if not layers and not param_layers:
         raise ValueError("save_adapter: the model has no LoRA layers; nothing to save")
     config = _config_for_layers(model, config, layers)
+    config = _config_for_parameter_layers(model, config, param_layers)
 
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    for key, (lora_A, lora_B) in _parameter_tensors(param_layers).items():
+        tensors[f"{PREFIX}{key}.lora_A.weight"] = lora_A
+        tensors[f"{PREFIX}{key}.lora_B.weight"] = lora_B
     state = model.state_dict(keep_vars=True)
     for key, (name, _) in _extra_entries(model, config, set(layers)).items():
         tensors[PREFIX + key] = state[name]
@@ -124,6 +132,63 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, config:
         for tmp in (weights_tmp, config_tmp):
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def peft_keys(module: str, params: list[str]) -> dict[str, str]:
+    """``{parameter: saved key prefix}`` of the parameters of ``module`` PEFT adapts with ``target_parameters``, in the
+    module's registration order: PEFT nests one ``ParamWrapper`` per parameter, the first innermost, so the first of
+    ``n`` is saved under ``<module>`` + ``.base_layer`` × ``(n - 1)``, the last under ``<module>``."""
+    return {p: module + ".base_layer" * (len(params) - 1 - i) for i, p in enumerate(params)}
+
+
+def _parameter_tensors(param_layers: dict[str, nn.Module]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{saved key prefix: (lora_A, lora_B)}`` in PEFT's layout for every ``target_parameters`` layer."""
+    out = {}
+    for name, layer in param_layers.items():
+        if isinstance(layer, LoraParameter):
+            out[name] = (layer.lora_A, layer.lora_B)
+            continue
+        for p, key in peft_keys(name, list(layer.lora)).items():
+            out[key] = layer.lora[p].to_peft()
+    return out
+
+
+def _parameter_layer_targets(param_layers: dict[str, nn.Module]) -> dict[str, dict[str, tuple]]:
+    """``{module: {parameter: (r, lora_alpha, use_rslora, scaling)}}`` of the model's ``target_parameters`` layers."""
+    out = {}
+    for name, layer in param_layers.items():
+        adapters = {layer.parameter_name: layer} if isinstance(layer, LoraParameter) else dict(layer.lora.items())
+        out[name] = {p: (a.r, a.lora_alpha, a.use_rslora, a.scaling) for p, a in adapters.items()}
+    return out
+
+
+def _config_for_parameter_layers(model: nn.Module, config: LoraConfig, param_layers: dict) -> LoraConfig:
+    """``config``, checked against the model's ``target_parameters`` layers, with exact-name rank/alpha patterns
+    where needed."""
+    selected = adapted_parameters(model, config)
+    have = {name: list(targets) for name, targets in _parameter_layer_targets(param_layers).items()}
+    if {m: sorted(p) for m, p in selected.items()} != {m: sorted(p) for m, p in have.items()}:
+        raise ValueError(
+            "save_adapter: the config's target_parameters do not describe the model's parameter LoRA layers; the "
+            f"config selects {selected}, the model has {have}"
+        )
+    rank_pattern, alpha_pattern = {}, {}
+    for name, targets in _parameter_layer_targets(param_layers).items():
+        for p, (r, alpha, rslora, _) in targets.items():
+            key = f"{name}.{p}"
+            if rslora != config.use_rslora:
+                raise ValueError(f"save_adapter: {key} has use_rslora={rslora} but the config says {config.use_rslora}")
+            if config.rank_for(key) != r:
+                rank_pattern[re.escape(key)] = r
+            if config.alpha_for(key) != alpha:
+                alpha_pattern[re.escape(key)] = alpha
+    if not rank_pattern and not alpha_pattern:
+        return config
+    return dataclasses.replace(
+        config,
+        rank_pattern={**rank_pattern, **config.rank_pattern},
+        alpha_pattern={**alpha_pattern, **config.alpha_pattern},
+    )
 
 
 def _config_for_layers(model: nn.Module, config: LoraConfig, layers: dict[str, LoraLinear]) -> LoraConfig:
@@ -207,21 +272,27 @@ def load_adapter(
     left exactly as it was.
     """
     layers = dict(lora_layers(model))
-    has_lora = bool(layers) or getattr(model, "fastlora_config", None) is not None
+    param_layers = dict(parameter_layers(model))
+    has_lora = bool(layers) or bool(param_layers) or getattr(model, "fastlora_config", None) is not None
     plan = {}
 
     def usable_keys(config: LoraConfig) -> set[str]:
         # What the model can take for this config, known before any tensor of the file is read.
         origin = "the given config" if given_config is not None else str(_config_path(path_or_dir))
         try:
+            config = moe_config(model, config)
             if has_lora:
                 expected = _expected_for_lora_model(model, config, layers)
+                params = _expected_parameters(model, config, param_layers)
             else:
                 expected = _expected_for_plain_model(model, config)
+                params = _expected_parameters(model, config, None)
         except (ValueError, NotImplementedError) as e:
             raise type(e)(f"load_adapter: the adapter ({origin}) does not fit the model: {e}") from e
         layer_names = {key.rpartition(".lora_A.weight")[0] for key in expected if key.endswith(".lora_A.weight")}
         plan["expected"], plan["base"] = expected, _base_layer_entries(model, layer_names, expected)
+        plan["convert"] = {key: convert for key, (_, _, convert) in params.items()}
+        expected.update({key: (name, shape) for key, (name, shape, _) in params.items()})
         return set(expected) | set(plan["base"])
 
     given_config = config
@@ -263,7 +334,9 @@ def load_adapter(
     tensors = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key in common:
-            tensors[expected[key][0]].copy_(source[key][1])
+            value = source[key][1]
+            convert = plan["convert"].get(key)
+            tensors[expected[key][0]].copy_(convert(value) if convert is not None else value)
         for key, (name, attr, _) in base_entries.items():
             _load_base_tensor(model, name, attr, source[key][1], weights_path)
     return model
@@ -298,7 +371,7 @@ def _load_base_tensor(model: nn.Module, name: str, attr: str, value: torch.Tenso
 def _expected_for_plain_model(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{saved key: (state-dict name after apply_lora, shape)}`` for a model ``apply_lora(model, config)`` would
     adapt; ``find_targets`` raises when the config names modules the model lacks."""
-    targets = find_targets(model, config)
+    targets = find_targets(model, config, adapted_parameters(model, config))
     expected = {}
     for name in targets:
         weight = model.get_submodule(name).weight
@@ -342,6 +415,58 @@ def _expected_for_lora_model(
         expected[f"{name}.lora_A.weight"] = (f"{name}.lora_A", tuple(layer.lora_A.shape))
         expected[f"{name}.lora_B.weight"] = (f"{name}.lora_B", tuple(layer.lora_B.shape))
     expected.update(_extra_entries(model, config, set(layers)))
+    return expected
+
+
+def _expected_parameters(
+    model: nn.Module, config: LoraConfig, param_layers: dict[str, nn.Module] | None
+) -> dict[str, tuple[str, tuple[int, ...], object]]:
+    """``{saved key: (state-dict name, saved shape, converter or None)}`` of the ``target_parameters`` layers: those
+    ``apply_lora(model, config)`` would make (``param_layers`` None), or, checked against ``config``, the model's own.
+    A converter turns PEFT's layout into the layer's (``ExpertAdapter.from_peft``)."""
+    selected = adapted_parameters(model, config)
+    if param_layers is not None:
+        have = _parameter_layer_targets(param_layers)
+        if {m: sorted(p) for m, p in selected.items()} != {m: sorted(p) for m, p in have.items()}:
+            raise ValueError(
+                f"target_parameters={config.target_parameters!r} selects {selected}, but the model's parameter LoRA "
+                f"layers are { ({m: list(p) for m, p in have.items()}) } (unload the model's adapter to load another)"
+            )
+        for name, targets in have.items():
+            if param_layers[name].merged:
+                raise ValueError(f"layer {name!r} is merged; unmerge it before loading new weights")
+            for p, (r, alpha, _, scaling) in targets.items():
+                key = f"{name}.{p}"
+                if config.rank_for(key) != r or not math.isclose(config.scaling_for(key), scaling, rel_tol=1e-6):
+                    raise ValueError(
+                        f"{key} has r={r}, lora_alpha={alpha}; the adapter's config gives r={config.rank_for(key)}, "
+                        f"lora_alpha={config.alpha_for(key)}"
+                    )
+    expected = {}
+    for name, params in selected.items():
+        module = model.get_submodule(name)
+        base = module.base_module if isinstance(module, (LoraExperts, LoraParameter)) else module
+        shapes = {p: tuple(getattr(base, p).shape) for p in params}
+        if all(len(shape) == 3 for shape in shapes.values()):
+            for p, key in peft_keys(name, params).items():
+                E, k, n = expert_layout(base, p)
+                r = config.rank_for(f"{name}.{p}")
+                expected[f"{key}.lora_A.weight"] = (
+                    f"{name}.lora.{p}.lora_A",
+                    (r * E, k),
+                    lambda t, E=E, r=r, k=k: t.reshape(E, r, k),
+                )
+                expected[f"{key}.lora_B.weight"] = (
+                    f"{name}.lora.{p}.lora_B",
+                    (n, r * E),
+                    lambda t, E=E, r=r, n=n: t.reshape(n, r, E).permute(2, 0, 1),
+                )
+        elif len(params) == 1 and len(shapes[params[0]]) == 2:
+            out_features, in_features = shapes[params[0]]
+            r = config.rank_for(f"{name}.{params[0]}")
+            expected[f"{name}.lora_A.weight"] = (f"{name}.lora_A", (r, in_features), None)
+            expected[f"{name}.lora_B.weight"] = (f"{name}.lora_B", (out_features, r), None)
+        # anything else: apply_lora refuses it, naming it
     return expected
 
 

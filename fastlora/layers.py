@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import lora_scaling
-from .ops import lora_linear
+from .ops import grouped_linear, grouped_lora_linear, lora_linear, route
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -282,3 +282,398 @@ class LoraLinear(AdaptedLinear):
             f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}, "
             f"dtype={self.weight.dtype}, lora_dtype={self.lora_A.dtype}"
         )
+
+
+# --- mixture-of-experts layers -------------------------------------------------------------------------------------
+
+
+def _init_lora_pair(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, init_lora_weights: bool | str) -> None:
+    """PEFT's initialisation of one adapter, on ``lora_A`` viewed as its ``[rows, in]`` matrix (kaiming-uniform's fan-in
+    is the input size) and ``lora_B`` as ``[out, rows]`` (see ``LoraLinear.reset_lora_parameters``)."""
+    a2d = lora_A.view(-1, lora_A.shape[-1])
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(a2d, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(a2d, a=math.sqrt(5))
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(lora_B.view(-1, lora_B.shape[-1]), a=math.sqrt(5))
+    else:
+        nn.init.zeros_(lora_B)
+
+
+def _check_adapter_args(where: str, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_dtype) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{where}: rank r must be an integer >= 1, got {r!r}")
+    if not isinstance(lora_alpha, numbers.Real) or isinstance(lora_alpha, bool) or not math.isfinite(float(lora_alpha)):
+        raise TypeError(f"{where}: lora_alpha must be a finite real number, got {lora_alpha!r}")
+    if not isinstance(lora_dropout, numbers.Real) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"{where}: lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if init_lora_weights not in INIT_CHOICES:
+        raise ValueError(f"{where}: init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"{where}: use_rslora must be a bool, got {type(use_rslora).__name__} {use_rslora!r}")
+    if lora_dtype is not None and not (isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point):
+        raise TypeError(f"{where}: lora_dtype must be a floating-point torch.dtype or None, got {lora_dtype!r}")
+
+
+def _default_lora_dtype(weight: torch.Tensor, lora_dtype: torch.dtype | None) -> torch.dtype:
+    """fp32 adapters on a 16-bit base, as ``LoraLinear`` keeps them, unless ``lora_dtype`` says otherwise."""
+    return lora_dtype or (torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype)
+
+
+class _SharedBase(nn.Module):
+    """A module that stands in for ``base`` in the model: it holds ``base``'s own parameters, buffers and children
+    under their own names (shared, not copied), so the model's state-dict keys and ``.to()`` are unchanged, and keeps
+    ``base`` itself off the module tree, to call its code and to hand it back (``unwrap``)."""
+
+    def _adopt(self, base: nn.Module) -> None:
+        object.__setattr__(self, "_base_module", base)
+        for name, param in base.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in base.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name not in base._non_persistent_buffers_set)
+        for name, child in base.named_children():
+            self.add_module(name, child)
+
+    @property
+    def base_module(self) -> nn.Module:
+        base = self.__dict__["_base_module"]
+        # The parameters may have been replaced since (``.to()`` with parameter swapping, sharding).
+        for name, param in self.named_parameters(recurse=False):
+            if name in base._parameters and base._parameters[name] is not param:
+                base._parameters[name] = param
+        return base
+
+
+class ExpertAdapter(nn.Module):
+    """One adapter on a fused 3-D expert parameter: ``lora_A [E, r, in]``, ``lora_B [E, out, r]``, ``ΔW_e = s·B_e·A_e``.
+
+    The same numbers as PEFT's ``lora_A.weight [r·E, in]`` (expert ``e``: rows ``e·r .. e·r + r - 1``) and
+    ``lora_B.weight [out, r·E]`` (expert ``e``: columns ``k·E + e``); ``to_peft`` / ``from_peft`` convert."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, r: int, lora_alpha: float,
+                 use_rslora: bool, init_lora_weights: bool | str, device, dtype):  # fmt: skip
+        super().__init__()
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, r, device=device, dtype=dtype))
+        self.init_lora_weights = init_lora_weights
+        with torch.no_grad():
+            _init_lora_pair(self.lora_A, self.lora_B, r, init_lora_weights)
+
+    def to_peft(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_A.weight, lora_B.weight)`` in PEFT's layout (new tensors)."""
+        E, r, k = self.lora_A.shape
+        return self.lora_A.detach().reshape(E * r, k).clone(), self.lora_B.detach().permute(1, 2, 0).reshape(-1, r * E)
+
+    @staticmethod
+    def from_peft(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """PEFT's ``lora_A.weight [r·E, in]`` and ``lora_B.weight [out, r·E]`` as ``[E, r, in]`` and ``[E, out, r]``."""
+        rows, k = lora_A.shape
+        r = rows // num_experts
+        return lora_A.reshape(num_experts, r, k), lora_B.reshape(lora_B.shape[0], r, num_experts).permute(2, 0, 1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B_e·A_e`` for every expert, ``[E, out, in]`` in fp32."""
+        return torch.bmm(self.lora_B.float(), self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        _init_lora_pair(self.lora_A, self.lora_B, self.r, self.init_lora_weights)
+
+    def extra_repr(self) -> str:
+        E, r, k = self.lora_A.shape
+        return (f"experts={E}, in_features={k}, out_features={self.lora_B.shape[1]}, r={r}, "
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dtype={self.lora_A.dtype}")  # fmt: skip
+
+
+# The flags transformers' ``use_experts_implementation`` sets on a fused-experts module, which its forward reads.
+_EXPERT_FLAGS = ("has_gate", "has_bias", "is_transposed")
+
+
+def expert_layout(module: nn.Module, name: str) -> tuple[int, int, int]:
+    """``(experts, in_features, out_features)`` of the 3-D parameter ``name`` of a fused-experts module: ``[E, out,
+    in]``, or ``[E, in, out]`` when the module ``is_transposed`` (GPT-OSS)."""
+    E, d1, d2 = getattr(module, name).shape
+    return (E, d1, d2) if getattr(module, "is_transposed", False) else (E, d2, d1)
+
+
+def experts_forward(
+    base: nn.Module,
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    lora_dropout: float,
+    training: bool,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """transformers' grouped-GEMM forward of the fused-experts module ``base``, with ``adapters`` (projection name ->
+    ``(lora_A [E, r, in], lora_B [E, out, r], scaling)``, any strides) added by ``grouped_lora_linear``; the other
+    projection runs without LoRA. ``hidden_states [T, H]``, ``top_k_index`` / ``top_k_weights [T, k]``."""
+    T = hidden_states.shape[0]
+    routing = route(top_k_index, base.num_experts)
+    up, down = LoraExperts.projections(base)
+
+    def project(name: str, x: torch.Tensor) -> torch.Tensor:
+        weight = getattr(base, name)
+        bias = getattr(base, f"{name}_bias", None) if base.has_bias else None
+        x = x.to(weight.dtype)
+        if name not in adapters:
+            return grouped_linear(x, weight, bias, routing, transposed=base.is_transposed)
+        lora_A, lora_B, scaling = adapters[name]
+        return grouped_lora_linear(
+            x, weight, bias, lora_A, lora_B, routing, scaling, lora_dropout, training, transposed=base.is_transposed
+        )
+
+    h = project(up, hidden_states[routing.rows])
+    h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
+    out = project(down, h)
+    if getattr(base, "has_post_expert_norm", False):
+        out = base.post_expert_norm(out)
+    out = out * top_k_weights.reshape(-1)[routing.order].unsqueeze(-1)
+    out = out[routing.inverse].view(T, routing.top_k, -1).sum(dim=1)
+    return out.to(hidden_states.dtype)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is one of transformers' fused-experts modules that ``experts_forward`` computes."""
+    has_flags = all(hasattr(module, flag) for flag in (*_EXPERT_FLAGS, "num_experts"))
+    return has_flags and not getattr(module, "_is_expert_parallel", False)
+
+
+class LoraExperts(_SharedBase):
+    """The experts of a mixture-of-experts layer with LoRA on some of their fused 3-D parameters.
+
+    ``base`` is one of transformers' fused-experts modules (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, ...:
+    ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, or GPT-OSS's transposed ``[E, H, 2I]`` / ``[E, I, H]`` with
+    biases), called as ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``. ``targets`` maps a
+    parameter name to ``(r, lora_alpha)``.
+
+    The forward is transformers' grouped-GEMM experts forward with the LoRA terms added by
+    ``fastlora.grouped_lora_linear``: the routed rows are sorted by expert once (``route``, from the router's own
+    ``top_k_index``), each projection runs the base grouped GEMM and adds ``s·(D(x_e)·A_eᵀ)·B_eᵀ`` into its output, the
+    gate/activation is the module's own (``_apply_gate`` or ``act_fn``), and the rows are weighted and summed back per
+    token. ``ΔW_e`` is never formed. Dropout applies to each projection's input on the LoRA branch only, with the
+    dense layer's regenerated masks (PEFT refuses dropout here). While ``merged`` or ``disabled`` the module's own
+    forward runs (with whichever ``config._experts_implementation`` the model chose)."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        targets: dict[str, tuple[int, float]],
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        lora_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        where = f"LoraExperts({type(base).__name__})"
+        missing = [flag for flag in _EXPERT_FLAGS if not hasattr(base, flag)]
+        if missing or not hasattr(base, "num_experts"):
+            raise NotImplementedError(
+                f"{where}: not a fused-experts module fastlora knows (transformers' @use_experts_implementation "
+                f"experts: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, ...); it lacks "
+                f"{missing or ['num_experts']}"
+            )
+        if getattr(base, "_is_expert_parallel", False):
+            raise NotImplementedError(f"{where}: expert-parallel experts are not supported")
+        if not targets:
+            raise ValueError(f"{where}: no parameter to adapt")
+        for name, (r, alpha) in targets.items():
+            _check_adapter_args(where, r, alpha, lora_dropout, init_lora_weights, use_rslora, lora_dtype)
+            param = getattr(base, name, None)
+            if name not in dict(base.named_parameters(recurse=False)) or param.dim() != 3:
+                raise ValueError(f"{where}: {name!r} is not a 3-D parameter of the module")
+            if name not in self.projections(base):
+                raise NotImplementedError(
+                    f"{where}: LoRA on {name!r} is not supported; the experts' projections are {self.projections(base)}"
+                )
+        self._adopt(base)
+        self.lora_dropout = float(lora_dropout)
+        self.merged = False
+        self.disabled = False
+        self.lora = nn.ModuleDict()
+        for name, (r, alpha) in targets.items():
+            weight = getattr(base, name)
+            E, k, n = expert_layout(base, name)
+            dtype = _default_lora_dtype(weight, lora_dtype)
+            self.lora[name] = ExpertAdapter(E, k, n, r, alpha, use_rslora, init_lora_weights, weight.device, dtype)
+        for param in base.parameters(recurse=False):
+            param.requires_grad_(False)
+
+    @staticmethod
+    def projections(base: nn.Module) -> tuple[str, str]:
+        """The names of the up (or gate-up) and down projections of a fused-experts module."""
+        return ("gate_up_proj" if base.has_gate else "up_proj", "down_proj")
+
+    @property
+    def num_experts(self) -> int:
+        return self.base_module.num_experts
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        base = self.base_module
+        if self.merged or self.disabled:
+            return base(hidden_states, top_k_index, top_k_weights)
+        adapters = {name: (a.lora_A, a.lora_B, a.scaling) for name, a in self.lora.items()}
+        return experts_forward(
+            base, adapters, self.lora_dropout, self.training, hidden_states, top_k_index, top_k_weights
+        )
+
+    @torch.no_grad()
+    def merged_weights(self, sign: float = 1.0) -> dict[str, torch.Tensor]:
+        """Each adapted parameter with ``sign·ΔW`` added, accumulated in fp32 and rounded once (new tensors); refuses
+        (``ValueError``) when one would not be finite."""
+        base = self.base_module
+        out = {}
+        for name, adapter in self.lora.items():
+            weight = getattr(base, name)
+            delta = adapter.delta_weight()
+            if base.is_transposed:
+                delta = delta.transpose(1, 2)
+            new = (weight.float() + sign * delta).to(weight.dtype)
+            if not torch.isfinite(new).all():
+                raise ValueError(
+                    f"LoraExperts: merging would put non-finite values into {name} (overflow in {weight.dtype}, or "
+                    "NaN/Inf in the adapter); the weights are left unchanged"
+                )
+            out[name] = new
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W_e += s·B_e·A_e`` for every adapted parameter, all or nothing."""
+        if self.merged:
+            raise RuntimeError("LoraExperts.merge: the adapters are already merged")
+        for name, new in self.merged_weights(+1.0).items():
+            getattr(self.base_module, name).copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("LoraExperts.unmerge: the adapters are not merged")
+        for name, new in self.merged_weights(-1.0).items():
+            getattr(self.base_module, name).copy_(new)
+        self.merged = False
+
+    @torch.no_grad()
+    def commit_merge(self) -> None:
+        if not self.merged:
+            self.merge()
+        self.merged = False
+        for adapter in self.lora.values():
+            adapter.reset_lora_parameters()
+
+    def unwrap(self, merge: bool = False) -> nn.Module:
+        """The experts module given at creation, holding ``W + ΔW`` with ``merge``, else ``W``."""
+        if merge and not self.merged:
+            self.merge()
+        elif not merge and self.merged:
+            self.unmerge()
+        return self.base_module
+
+    def extra_repr(self) -> str:
+        return f"lora_dropout={self.lora_dropout}, merged={self.merged}"
+
+
+class LoraParameter(_SharedBase):
+    """LoRA on a 2-D parameter of a module that is not a linear layer: a mixture-of-experts router's ``weight [E, H]``
+    (PEFT's ``target_parameters`` on ``mlp.gate.weight``). ``lora_A [r, in]``, ``lora_B [out, r]`` as PEFT's.
+
+    The module's own forward runs with ``W + s·B·A`` in place of the parameter (``torch.func.functional_call``): a
+    router's code (softmax, top-k, bias) is the model's, and ``ΔW`` is the size of the router, ``E·H``, next to the
+    experts' ``E·3·H·I``. Dropout cannot reach the router's input that way, so ``lora_dropout > 0`` is refused."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        lora_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        where = f"LoraParameter({type(base).__name__}.{name})"
+        _check_adapter_args(where, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_dtype)
+        param = dict(base.named_parameters(recurse=False)).get(name)
+        if param is None or param.dim() != 2:
+            raise ValueError(f"{where}: {name!r} is not a 2-D parameter of the module")
+        if lora_dropout > 0.0:
+            raise ValueError(
+                f"{where}: lora_dropout={lora_dropout} cannot apply to LoRA on a parameter (the module's own forward "
+                "computes with it); set lora_dropout=0, or leave this parameter out of target_parameters"
+            )
+        self._adopt(base)
+        self.parameter_name = name
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.init_lora_weights = init_lora_weights
+        self.merged = False
+        self.disabled = False
+        out_features, in_features = param.shape
+        dtype = _default_lora_dtype(param, lora_dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=param.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=param.device, dtype=dtype))
+        self.reset_lora_parameters()
+        param.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        _init_lora_pair(self.lora_A, self.lora_B, self.r, self.init_lora_weights)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def forward(self, *args, **kwargs):
+        base = self.base_module
+        if self.merged or self.disabled:
+            return base(*args, **kwargs)
+        weight = getattr(base, self.parameter_name)
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return torch.func.functional_call(base, {self.parameter_name: weight + delta.to(weight.dtype)}, args, kwargs)
+
+    @torch.no_grad()
+    def merged_weight(self, sign: float = 1.0) -> torch.Tensor:
+        """The parameter with ``sign·s·B·A`` added, in fp32 and rounded once (a new tensor); refuses when not finite."""
+        weight = getattr(self.base_module, self.parameter_name)
+        new = (weight.float() + sign * self.delta_weight()).to(weight.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError(f"LoraParameter: merging would put non-finite values into {self.parameter_name}; the "
+                             "weight is left unchanged")  # fmt: skip
+        return new
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("LoraParameter.merge: the adapter is already merged")
+        getattr(self.base_module, self.parameter_name).copy_(self.merged_weight(+1.0))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("LoraParameter.unmerge: the adapter is not merged")
+        getattr(self.base_module, self.parameter_name).copy_(self.merged_weight(-1.0))
+        self.merged = False
+
+    @torch.no_grad()
+    def commit_merge(self) -> None:
+        if not self.merged:
+            self.merge()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def unwrap(self, merge: bool = False) -> nn.Module:
+        if merge and not self.merged:
+            self.merge()
+        elif not merge and self.merged:
+            self.unmerge()
+        return self.base_module
+
+    def extra_repr(self) -> str:
+        return (f"parameter={self.parameter_name}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"scaling={self.scaling:g}, merged={self.merged}, lora_dtype={self.lora_A.dtype}")  # fmt: skip

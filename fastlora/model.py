@@ -24,8 +24,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import LoraConfig, names_module
-from .layers import AdaptedLinear, LoraLinear
+from .config import LoraConfig, moe_recipe, names_module
+from .layers import AdaptedLinear, LoraExperts, LoraLinear, LoraParameter, expert_layout, is_fused_experts
 
 
 def _conv1d_class() -> type | None:
@@ -107,6 +107,106 @@ def adapted_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     return targets
 
 
+def _is_v5() -> bool:
+    try:
+        import transformers
+    except ImportError:
+        return False
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+def moe_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` as PEFT rewrites it for ``model`` (``fastlora.config.moe_recipe``): under transformers v5, the old
+    expert and router names of mixture-of-experts recipes (``w1 w2 w3 gate``, ``gate_proj up_proj down_proj gate``) and
+    ``"all-linear"`` become ``target_parameters`` on the fused expert weights and the router. Other configs come back
+    equal."""
+    linear = (*_linear_types(), AdaptedLinear)
+    heads = _output_head_names(model)
+    return moe_recipe(
+        config,
+        getattr(getattr(model, "config", None), "model_type", None),
+        module_names=[n for n, _ in model.named_modules()],
+        parameter_names=[n for n, _ in model.named_parameters()],
+        linear_names=[n for n, m in model.named_modules() if isinstance(m, linear) and n not in heads],
+        transformers_v5=_is_v5(),
+    )
+
+
+def adapted_parameters(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
+    """``{module name: [parameter names]}`` of the parameters ``config.target_parameters`` adapts in ``model``, with
+    PEFT's rule (``LoraConfig.targets_parameter``), each module's parameters in their registration order (the order in
+    which PEFT nests its wrappers, the first innermost). A module fastlora already wraps counts as its base module."""
+    if not config.target_parameters:
+        return {}
+    found: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        base = module.base_module if isinstance(module, (LoraExperts, LoraParameter)) else module
+        for pname, _ in base.named_parameters(recurse=False):
+            if config.targets_parameter(name, pname):
+                found.setdefault(name, []).append(pname)
+    return found
+
+
+def parameter_layers(model: nn.Module) -> Iterator[tuple[str, LoraExperts | LoraParameter]]:
+    """``(name, layer)`` for every module with LoRA on its parameters (``target_parameters``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraExperts, LoraParameter)):
+            yield name, module
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear | LoraExperts | LoraParameter]]:
+    """``(name, layer)`` for every module fastlora has put LoRA into."""
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLinear, LoraExperts, LoraParameter)):
+            yield name, module
+
+
+def _parameter_layer(model: nn.Module, name: str, params: list[str], config: LoraConfig) -> nn.Module:
+    """The LoRA module for the targeted ``params`` of module ``name``: ``LoraExperts`` for a fused-experts module's 3-D
+    weights, ``LoraParameter`` for one 2-D parameter (a router's weight). Raises for what neither covers."""
+    module = model.get_submodule(name)
+    shapes = {p: tuple(getattr(module, p).shape) for p in params}
+    if any(isinstance(module, t) for t in (*_linear_types(), AdaptedLinear)):
+        raise NotImplementedError(
+            f"target_parameters selects {listing_of(params)} of the linear layer {name!r}; target the module with "
+            "target_modules instead"
+        )
+    if any(len(shape) not in (2, 3) for shape in shapes.values()):
+        raise ValueError(f"target_parameters: {name!r} has {shapes}; only 2-D and 3-D parameters can get LoRA")
+    if all(len(shape) == 3 for shape in shapes.values()):
+        if not is_fused_experts(module):
+            raise NotImplementedError(
+                f"target_parameters: {name!r} is a {type(module).__name__}, not one of transformers' fused-experts "
+                "modules (@use_experts_implementation: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, ...), so "
+                "fastlora cannot compute LoRA on its 3-D parameters"
+            )
+        targets = {}
+        for p in params:
+            key = f"{name}.{p}"
+            targets[p] = (config.rank_for(key), config.alpha_for(key))
+            E, k, n = expert_layout(module, p)
+            if targets[p][0] > max(k, n):
+                raise ValueError(
+                    f"target_parameters: {key} ({k} -> {n} per expert) would get rank "
+                    f"r={targets[p][0]}, more than max(in_features, out_features) = {max(k, n)}"
+                )
+        return LoraExperts(module, targets, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+    if len(params) > 1:
+        raise NotImplementedError(
+            f"target_parameters selects {len(params)} parameters of {name!r} ({shapes}); fastlora adapts one 2-D "
+            "parameter per module (a router's weight)"
+        )
+    key = f"{name}.{params[0]}"
+    return LoraParameter(
+        module, params[0], config.rank_for(key), config.alpha_for(key), config.lora_dropout, config.use_rslora,
+        config.init_lora_weights,
+    )  # fmt: skip
+
+
+def listing_of(items) -> str:
+    return ", ".join(repr(i) for i in items)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     """``(name, layer)`` for every ``LoraLinear`` in ``model``."""
     for name, module in model.named_modules():
@@ -114,9 +214,9 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
             yield name, module
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def find_targets(model: nn.Module, config: LoraConfig, parameters: dict[str, list[str]] | None = None) -> list[str]:
     """``adapted_modules`` for ``apply_lora``: raises if one of them already has LoRA, or if nothing matches (listing
-    the linear modules that exist)."""
+    the linear modules that exist); ``parameters`` (``adapted_parameters``) count as matches."""
     try:
         targets = adapted_modules(model, config)
     except NotImplementedError as e:
@@ -124,12 +224,17 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     for name in targets:
         if isinstance(model.get_submodule(name), AdaptedLinear):
             raise ValueError(f"apply_lora: module {name!r} already has LoRA; unload it first")
-    if not targets:
+    if config.target_parameters and not parameters:
+        raise ValueError(f"apply_lora: target_parameters={config.target_parameters!r} matched no parameter")
+    if not targets and not parameters:
         available = sorted(n for n, m in model.named_modules() if isinstance(m, _linear_types()))
         raise ValueError(
             f"apply_lora: target_modules={config.target_modules!r} matched no module. Linear modules in this "
             f"model: {available}"
         )
+    clash = sorted(set(targets) & set(parameters or ()))
+    if clash:
+        raise ValueError(f"apply_lora: {clash} are selected both by target_modules and by target_parameters")
     return targets
 
 
@@ -209,11 +314,12 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"apply_lora: config must be a fastlora.LoraConfig, got {type(config).__name__}")
-    if getattr(model, "fastlora_config", None) is not None or any(True for _ in lora_layers(model)):
+    if getattr(model, "fastlora_config", None) is not None or any(True for _ in adapter_layers(model)):
         raise ValueError("apply_lora: the model already has LoRA layers; unload them first")
-    config = _with_task_modules(config)
+    config = _with_task_modules(moe_config(model, config))
     saved_modules = modules_to_save(model, config)
-    targets = find_targets(model, config)
+    param_targets = adapted_parameters(model, config)
+    targets = find_targets(model, config, param_targets)
     config = _fan_in_fan_out(model, config, targets)
     outermost = [n for n in saved_modules if not any(within(n, o) and n != o for o in saved_modules)]
     untied = {}
@@ -236,6 +342,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
                 init_lora_weights=config.init_lora_weights,
                 fan_in_fan_out=is_conv1d(module),
             )
+        for name, params in param_targets.items():
+            replacements[name] = _parameter_layer(model, name, params, config)
     except BaseException:
         # from_linear froze the base weights it wrapped so far: put the model back as it was.
         for param, flag in requires_grad.items():
@@ -247,13 +355,19 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         param.requires_grad_(False)
     for name, layer in replacements.items():
         set_submodule(model, name, layer)
-        if config.bias == "lora_only" and layer.bias is not None:
-            layer.bias.requires_grad_(True)
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        if isinstance(layer, LoraLinear):
+            if config.bias == "lora_only" and layer.bias is not None:
+                layer.bias.requires_grad_(True)
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
+        else:
+            for pname, param in layer.named_parameters():
+                if pname.rpartition(".")[2] in ("lora_A", "lora_B"):
+                    param.requires_grad_(True)
     owners = _parameter_owners(model)
     for name, layer in replacements.items():
-        layer.shared_weight = "weight" in shared_parameters(model, name, owners)
+        if isinstance(layer, LoraLinear):
+            layer.shared_weight = "weight" in shared_parameters(model, name, owners)
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -310,7 +424,7 @@ def _untied_embeddings(model: nn.Module) -> bool:
 
 
 def _take_out(model: nn.Module, merge: bool, caller: str) -> nn.Module:
-    for name, layer in list(lora_layers(model)):
+    for name, layer in list(adapter_layers(model)):
         set_submodule(model, name, layer.unwrap(merge=merge))
     for attr in ("fastlora_config", "_fastlora_untied"):
         if hasattr(model, attr):
@@ -338,6 +452,17 @@ def check_merges(model: nn.Module, caller: str) -> None:
                 f"{caller}: merging layer {name!r} would put non-finite values into its weight (overflow in "
                 f"{layer.weight.dtype}, or NaN/Inf in the adapter); no layer was changed"
             )
+    for name, layer in parameter_layers(model):
+        if isinstance(layer, LoraExperts) and not layer.merged:
+            try:
+                layer.merged_weights()
+            except ValueError as e:
+                raise ValueError(f"{caller}: layer {name!r}: {e}; no layer was changed") from e
+        elif isinstance(layer, LoraParameter) and not layer.merged:
+            try:
+                layer.merged_weight()
+            except ValueError as e:
+                raise ValueError(f"{caller}: layer {name!r}: {e}; no layer was changed") from e
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -366,7 +491,7 @@ def disable_adapters(model: nn.Module):
     """Within the block the model computes as its base model; merged adapters are unmerged and merged back. Modules of
     ``modules_to_save`` that were given their own copies of shared parameters compute with the shared originals (as
     PEFT's wrapper falls back to its original module); the others were trained in place and keep their values."""
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in adapter_layers(model)]
     merged = [layer for layer in layers if layer.merged]
     untied = dict(getattr(model, "_fastlora_untied", {}))
     copies = {name: model.get_parameter(name) for name in untied}

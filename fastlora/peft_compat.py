@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .layers import LoraExperts, experts_forward, is_fused_experts
 from .ops import TORCH_DTYPES, TRITON_DTYPES, lora_linear, resolve_backend
 
 # Keyword arguments PEFT itself passes to a LoRA layer's forward; with the value None they change nothing.
@@ -212,8 +213,117 @@ def _fastlora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return type(self).forward(self, x, *args, **kwargs)
 
 
+# ------------------------------------------------------------------------------ mixture-of-experts parameters
+
+
+def _param_chain(wrapper: nn.Module, param_wrapper_cls: type) -> tuple[list[nn.Module], nn.Module]:
+    """PEFT's nested ``ParamWrapper`` s around one module, outermost first, and the module they wrap."""
+    chain, module = [], wrapper
+    while type(module) is param_wrapper_cls:
+        chain.append(module)
+        module = module.base_layer
+    return chain, module
+
+
+def _experts_structural_issue(chain: list[nn.Module], base: nn.Module) -> str | None:
+    """Why a chain of ``ParamWrapper`` s can never run fastlora's grouped op, or None."""
+    if len(chain) == 1 and getattr(base, chain[0].parameter_name).dim() == 2:
+        return (
+            f"LoRA on the 2-D parameter {chain[0].parameter_name!r} of a {type(base).__name__} (a router): PEFT's "
+            "forward computes with W + s·B·A, as fastlora's LoraParameter does"
+        )
+    if not is_fused_experts(base):
+        return f"{type(base).__name__} is not one of transformers' fused-experts modules"
+    projections = LoraExperts.projections(base)
+    names = [w.parameter_name for w in chain]
+    if any(n not in projections for n in names) or len(set(names)) != len(names):
+        return f"LoRA on {names} of {type(base).__name__}; fastlora computes LoRA on {projections}"
+    if any("forward" in w.__dict__ for w in chain[1:]) or _has_hooks(base):
+        return "hooks or a replaced forward inside the wrappers (accelerate offloading, DeepSpeed ZeRO-3, ...)"
+    return None
+
+
+def _experts_active(chain: list[nn.Module]) -> tuple[str | None, str | None]:
+    """``(adapter, None)`` when every wrapper of the chain runs the same single plain adapter, ``(None, None)`` when
+    none is active (the module's own forward), else ``(None, reason)``."""
+    active = {a for w in chain for a in w.active_adapters if a in w.lora_A}
+    if not active:
+        return None, None
+    if len(active) > 1:
+        return None, f"{len(active)} active adapters {tuple(sorted(active))} on the experts"
+    adapter = next(iter(active))
+    for w in chain:
+        if adapter not in w.lora_A:
+            return None, f"adapter {adapter!r} adapts only some of the experts' parameters in this layer"
+        issue = _adapter_issue(w, adapter)
+        if issue is None and type(w.lora_dropout[adapter]) is not nn.Identity:
+            issue = f"adapter {adapter!r}: dropout on a parameter's LoRA"
+        if issue is not None:
+            return None, issue
+    return adapter, None
+
+
+def _fastlora_experts_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward of the outermost PEFT ``ParamWrapper`` around a fused-experts module: fastlora's grouped op for the
+    chain's adapters (``experts_forward``), or PEFT's forward when it would not compute the call exactly."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    chain, base = _param_chain(self, ParamWrapper)
+    reason = None
+    if any(w.disable_adapters or w.merged for w in chain):
+        adapter = None
+    elif kwargs.get("adapter_names") is not None:
+        adapter, reason = None, "a mixed-adapter batch (adapter_names=)"
+    elif len(args) != 2 or any(k not in _PEFT_CALL_KWARGS or v is not None for k, v in kwargs.items()):
+        adapter, reason = None, "arguments other than (hidden_states, top_k_index, top_k_weights)"
+    else:
+        adapter, reason = _experts_active(chain)
+    if adapter is not None:
+        reason = _experts_tensor_issue(x, base, chain, adapter)
+        if reason is None:
+            adapters = {}
+            for w in chain:
+                weight = getattr(base, w.parameter_name)
+                E = weight.shape[0]
+                lora_A, lora_B = w.lora_A[adapter].weight, w.lora_B[adapter].weight
+                r = lora_A.shape[0] // E
+                # PEFT's interleaved B (expert e in columns k·E + e) as [E, out, r], copied so the kernels read B_e's
+                # rows contiguously; the copy is differentiable, so the gradient lands in PEFT's parameter.
+                a = lora_A.view(E, r, lora_A.shape[1])
+                b = lora_B.view(lora_B.shape[0], r, E).permute(2, 0, 1).contiguous()
+                adapters[w.parameter_name] = (a, b, w.scaling[adapter])
+            return experts_forward(base, adapters, 0.0, False, x, *args)
+    if reason is not None:
+        self._fastlora_call_log.record(reason)
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def _experts_tensor_issue(x: torch.Tensor, base: nn.Module, chain: list[nn.Module], adapter: str) -> str | None:
+    """Why these tensors are outside what the grouped op takes, or None."""
+    weights = [getattr(base, w.parameter_name) for w in chain]
+    loras = [t for w in chain for t in (w.lora_A[adapter].weight, w.lora_B[adapter].weight)]
+    if any(type(t) not in _PLAIN_TENSOR_TYPES for t in (x, *weights, *loras)):
+        return "a tensor subclass among the input and weights"
+    if any(t.device != x.device for t in (*weights, *loras)):
+        return "the input and weights are on different devices"
+    backend = resolve_backend(x.device)
+    allowed = TRITON_DTYPES if backend == "triton" else TORCH_DTYPES
+    if any(t.dtype not in allowed for t in (x, *weights, *loras)):
+        return f"dtypes outside fastlora's {backend} backend {allowed}"
+    for w, weight in zip(chain, weights):
+        a, b = w.lora_A[adapter].weight, w.lora_B[adapter].weight
+        if a.dtype != b.dtype or a.dtype not in (weight.dtype, torch.float32):
+            return f"LoRA weights of {w.parameter_name} in {a.dtype}/{b.dtype} with experts in {weight.dtype}"
+    if any(weight.requires_grad for weight in weights):
+        return "the expert weights require grad"
+    return None
+
+
+_PATCHED_FORWARDS = (_fastlora_forward, _fastlora_experts_forward)
+
+
 def _is_patched(module: nn.Module) -> bool:
-    return getattr(module.__dict__.get("forward"), "__func__", None) is _fastlora_forward
+    return getattr(module.__dict__.get("forward"), "__func__", None) in _PATCHED_FORWARDS
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -266,11 +376,34 @@ def patch_peft(peft_model: nn.Module, *, return_summary: bool = False):
     ``peft_model.fastlora_fallback_counts`` and warned about once per reason.
     """
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    from peft.tuners.lora.layer import ParamWrapper
 
     layers = _lora_layers(peft_model, "patch_peft")
     log = peft_model.__dict__.get("_fastlora_call_log") or _CallLog()
     patched, skipped = [], {}
+    inner = {id(m.base_layer) for _, m in layers if type(m) is ParamWrapper}
     for name, layer in layers:
+        if type(layer) is ParamWrapper:
+            if id(layer) in inner:
+                continue  # computed by the outermost wrapper of its chain
+            chain, base = _param_chain(layer, ParamWrapper)
+            names = [name + ".base_layer" * i for i in range(len(chain))]
+            if not _is_patched(layer):
+                issue = _experts_structural_issue(chain, base) or (
+                    "the layer's forward was already replaced on the instance" if "forward" in layer.__dict__ else None
+                )
+                if issue is not None:
+                    skipped.update(dict.fromkeys(names, issue))
+                    continue
+                layer._fastlora_call_log = log
+                layer.forward = types.MethodType(_fastlora_experts_forward, layer)
+            _, issue = _experts_active(chain)
+            if issue is None:
+                patched.extend(names)
+            else:
+                skipped.update(dict.fromkeys(names, issue))
+                log.warned.add(issue)
+            continue
         if not _is_patched(layer):
             issue = _structural_issue(layer, PeftLoraLinear)
             if issue is not None:
