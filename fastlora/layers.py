@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .config import lora_scaling
-from .ops import grouped_linear, grouped_lora_linear, lora_linear, route
+from .ops import Routing, grouped_linear, grouped_lora_linear, lora_linear, route
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -321,7 +322,7 @@ def _default_lora_dtype(weight: torch.Tensor, lora_dtype: torch.dtype | None) ->
     return lora_dtype or (torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype)
 
 
-class _SharedBase(nn.Module):
+class SharedBase(nn.Module):
     """A module that stands in for ``base`` in the model: it holds ``base``'s own parameters, buffers and children
     under their own names (shared, not copied), so the model's state-dict keys and ``.to()`` are unchanged, and keeps
     ``base`` itself off the module tree, to call its code and to hand it back (``unwrap``)."""
@@ -399,25 +400,45 @@ def expert_layout(module: nn.Module, name: str) -> tuple[int, int, int]:
     return (E, d1, d2) if getattr(module, "is_transposed", False) else (E, d2, d1)
 
 
+Projection = Callable[[str, torch.Tensor, Routing], torch.Tensor]
+
+
 def experts_forward(
     base: nn.Module,
-    adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-    lora_dropout: float,
-    training: bool,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
+    project: Projection,
 ) -> torch.Tensor:
-    """transformers' grouped-GEMM forward of the fused-experts module ``base``, with ``adapters`` (projection name ->
-    ``(lora_A [E, r, in], lora_B [E, out, r], scaling)``, any strides) added by ``grouped_lora_linear``; the other
-    projection runs without LoRA. ``hidden_states [T, H]``, ``top_k_index`` / ``top_k_weights [T, k]``."""
+    """transformers' grouped-GEMM forward of the fused-experts module ``base`` (``hidden_states [T, H]``,
+    ``top_k_index`` / ``top_k_weights [T, k]``), with each projection computed by ``project(name, x, routing)``: the
+    rows ``x`` sorted by expert (``routing``) through the parameter ``name``, bias included."""
     T = hidden_states.shape[0]
     routing = route(top_k_index, base.num_experts)
     up, down = LoraExperts.projections(base)
+    h = project(up, hidden_states[routing.rows], routing)
+    h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
+    out = project(down, h, routing)
+    if getattr(base, "has_post_expert_norm", False):
+        out = base.post_expert_norm(out)
+    out = out * top_k_weights.reshape(-1)[routing.order].unsqueeze(-1)
+    out = out[routing.inverse].view(T, routing.top_k, -1).sum(dim=1)
+    return out.to(hidden_states.dtype)
 
-    def project(name: str, x: torch.Tensor) -> torch.Tensor:
-        weight = getattr(base, name)
-        bias = getattr(base, f"{name}_bias", None) if base.has_bias else None
+
+def expert_weights(base: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The 3-D parameter ``name`` of a fused-experts module and its bias (GPT-OSS's ``<name>_bias``), or None."""
+    return getattr(base, name), getattr(base, f"{name}_bias", None) if base.has_bias else None
+
+
+def lora_projection(
+    base: nn.Module, adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]], lora_dropout: float, training: bool
+) -> Projection:
+    """The ``project`` of ``experts_forward`` with ``adapters`` (projection name -> ``(lora_A [E, r, in], lora_B [E,
+    out, r], scaling)``, any strides) added by ``grouped_lora_linear``; a projection without one runs the base GEMM."""
+
+    def project(name: str, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        weight, bias = expert_weights(base, name)
         x = x.to(weight.dtype)
         if name not in adapters:
             return grouped_linear(x, weight, bias, routing, transposed=base.is_transposed)
@@ -426,14 +447,7 @@ def experts_forward(
             x, weight, bias, lora_A, lora_B, routing, scaling, lora_dropout, training, transposed=base.is_transposed
         )
 
-    h = project(up, hidden_states[routing.rows])
-    h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
-    out = project(down, h)
-    if getattr(base, "has_post_expert_norm", False):
-        out = base.post_expert_norm(out)
-    out = out * top_k_weights.reshape(-1)[routing.order].unsqueeze(-1)
-    out = out[routing.inverse].view(T, routing.top_k, -1).sum(dim=1)
-    return out.to(hidden_states.dtype)
+    return project
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -442,7 +456,7 @@ def is_fused_experts(module: nn.Module) -> bool:
     return has_flags and not getattr(module, "_is_expert_parallel", False)
 
 
-class LoraExperts(_SharedBase):
+class LoraExperts(SharedBase):
     """The experts of a mixture-of-experts layer with LoRA on some of their fused 3-D parameters.
 
     ``base`` is one of transformers' fused-experts modules (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, ...:
@@ -516,9 +530,8 @@ class LoraExperts(_SharedBase):
         if self.merged or self.disabled:
             return base(hidden_states, top_k_index, top_k_weights)
         adapters = {name: (a.lora_A, a.lora_B, a.scaling) for name, a in self.lora.items()}
-        return experts_forward(
-            base, adapters, self.lora_dropout, self.training, hidden_states, top_k_index, top_k_weights
-        )
+        project = lora_projection(base, adapters, self.lora_dropout, self.training)
+        return experts_forward(base, hidden_states, top_k_index, top_k_weights, project)
 
     @torch.no_grad()
     def merged_weights(self, sign: float = 1.0) -> dict[str, torch.Tensor]:
@@ -577,7 +590,7 @@ class LoraExperts(_SharedBase):
         return f"lora_dropout={self.lora_dropout}, merged={self.merged}"
 
 
-class LoraParameter(_SharedBase):
+class LoraParameter(SharedBase):
     """LoRA on a 2-D parameter of a module that is not a linear layer: a mixture-of-experts router's ``weight [E, H]``
     (PEFT's ``target_parameters`` on ``mlp.gate.weight``). ``lora_A [r, in]``, ``lora_B [out, r]`` as PEFT's.
 

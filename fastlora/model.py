@@ -25,7 +25,15 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, moe_recipe, names_module
-from .layers import AdaptedLinear, LoraExperts, LoraLinear, LoraParameter, expert_layout, is_fused_experts
+from .layers import (
+    AdaptedLinear,
+    LoraExperts,
+    LoraLinear,
+    LoraParameter,
+    SharedBase,
+    expert_layout,
+    is_fused_experts,
+)
 
 
 def _conv1d_class() -> type | None:
@@ -135,12 +143,13 @@ def moe_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
 def adapted_parameters(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
     """``{module name: [parameter names]}`` of the parameters ``config.target_parameters`` adapts in ``model``, with
     PEFT's rule (``LoraConfig.targets_parameter``), each module's parameters in their registration order (the order in
-    which PEFT nests its wrappers, the first innermost). A module fastlora already wraps counts as its base module."""
+    which PEFT nests its wrappers, the first innermost). A module fastlora already wraps (for training or serving)
+    counts as its base module."""
     if not config.target_parameters:
         return {}
     found: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        base = module.base_module if isinstance(module, (LoraExperts, LoraParameter)) else module
+        base = module.base_module if isinstance(module, SharedBase) else module
         for pname, _ in base.named_parameters(recurse=False):
             if config.targets_parameter(name, pname):
                 found.setdefault(name, []).append(pname)

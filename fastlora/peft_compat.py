@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import LoraExperts, experts_forward, is_fused_experts
+from .layers import LoraExperts, experts_forward, is_fused_experts, lora_projection
 from .ops import TORCH_DTYPES, TRITON_DTYPES, lora_linear, resolve_backend
 
 # Keyword arguments PEFT itself passes to a LoRA layer's forward; with the value None they change nothing.
@@ -292,7 +292,7 @@ def _fastlora_experts_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.T
                 a = lora_A.view(E, r, lora_A.shape[1])
                 b = lora_B.view(lora_B.shape[0], r, E).permute(2, 0, 1).contiguous()
                 adapters[w.parameter_name] = (a, b, w.scaling[adapter])
-            return experts_forward(base, adapters, 0.0, False, x, *args)
+            return experts_forward(base, x, *args, lora_projection(base, adapters, 0.0, False))
     if reason is not None:
         self._fastlora_call_log.record(reason)
     return type(self).forward(self, x, *args, **kwargs)

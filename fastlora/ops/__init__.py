@@ -11,7 +11,7 @@
 """
 
 from .common import BACKENDS, TORCH_DTYPES, TRITON_DTYPES, resolve_backend
-from .grouped import Routing, grouped_linear, grouped_lora_linear, route
+from .grouped import Routing, grouped_linear, grouped_lora_linear, multi_expert_lora_, route
 from .linear import FORWARD_IMPLS, ONEPASS_MAX_TOKENS, choose_forward_impl, draw_seed, lora_linear
 from .meta import BatchMeta, StaticBatch
 from .multi import MULTI_FUSED_MAX_TOKENS, MULTI_IMPLS, choose_multi_impl, multi_lora_linear
@@ -33,6 +33,7 @@ __all__ = [
     "grouped_linear",
     "grouped_lora_linear",
     "lora_linear",
+    "multi_expert_lora_",
     "multi_lora_linear",
     "resolve_backend",
     "route",

@@ -270,3 +270,60 @@ def grouped_lora_linear(
     if seed is None:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     return _GroupedLoraFunction.apply(x, weight, bias, lora_A, lora_B, routing, scaling, p, seed.reshape(1), transposed)
+
+
+# --- many adapters over the experts (serving) ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def multi_expert_lora_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    routing: Routing,
+    token_slots: torch.Tensor,
+    token_scales: torch.Tensor | None,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    slot_scalings: torch.Tensor,
+    max_rank: int,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y[m] += c[m]·(x[m]·A_{s,e}ᵀ)·B_{s,e}ᵀ`` in place, for the rows of a mixed-adapter batch routed to experts:
+    row ``m`` (in ``routing``'s expert order) is token ``t = routing.rows[m]`` with slot ``s = token_slots[t]`` (``-1``:
+    no adapter, nothing added) and expert ``e``; ``c[m] = slot_scalings[s] · token_scales[t]``. Inference only.
+
+    ``a_pool [slots, E, r_max, K]``, ``b_pool [slots, E, N, r_max]`` (zero past each slot's rank, as the pool keeps
+    them); only the first ``max_rank`` ranks are read. The rows are grouped per (slot, expert) on the device (a stable
+    sort, no host synchronisation on the Triton backend) and run through the grouped shrink and expand kernels, one
+    tile of one adapter's expert per program; the term is added into ``y`` through the inverse permutation."""
+    slots, E = a_pool.shape[:2]
+    groups = slots * E
+    row_slots = token_slots[routing.rows].to(torch.int64)
+    key = torch.where(row_slots >= 0, row_slots * E + routing.experts, groups)
+    key, perm = torch.sort(key, stable=True)
+    offsets = torch.searchsorted(key, torch.arange(groups + 1, device=key.device, dtype=key.dtype)).to(torch.int32)
+    scale = slot_scalings.to(torch.float32)[row_slots.clamp(min=0)]
+    if token_scales is not None:
+        scale = scale * token_scales.to(torch.float32)[routing.rows]
+    scale = scale[perm]
+    x_v = x[perm]
+    a = a_pool.view(groups, a_pool.shape[2], a_pool.shape[3])[:, :max_rank]
+    b = b_pool.view(groups, b_pool.shape[2], b_pool.shape[3])[:, :, :max_rank]
+    delta = torch.zeros_like(y)
+    if resolve_backend(x.device, backend) == "torch":
+        bounds = offsets.tolist()
+        for g in range(groups):
+            lo, hi = bounds[g], bounds[g + 1]
+            if hi > lo:
+                xa = (x_v[lo:hi].to(a.dtype) @ a[g].t()) * scale[lo:hi, None].to(a.dtype)
+                delta[lo:hi] = (xa @ b[g].t()).to(y.dtype)
+    else:
+        narrow = torch.float32 in (x.dtype, a.dtype)
+        block_m = kernels.tile_rows(x.shape[0], groups, narrow)
+        tiles = kernels.tile_list(offsets, x.shape[0], block_m)
+        xa = kernels.grouped_shrink(x_v, a, offsets, tiles, block_m)
+        xa *= scale[:, None]
+        kernels.grouped_expand_(delta, xa, b, offsets, tiles, block_m)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return y.add_(delta[inverse])

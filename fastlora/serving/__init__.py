@@ -1,9 +1,11 @@
 """Serving many LoRA adapters over one base model: the multi-adapter layer and its batch context, the adapter pool,
-the multi-adapter model, and its decode step in CUDA graphs (``DecodeGraphs``). ``BatchMeta`` (the batch metadata
+the multi-adapter model, its mixture-of-experts layers (``MultiLoraExperts``, ``MultiLoraParameter``), and its decode
+step in CUDA graphs (``DecodeGraphs``). ``BatchMeta`` (the batch metadata
 the multi-adapter op reads) and ``StaticBatch`` (it in fixed-size buffers) are in ``fastlora.ops``.
 """
 
 from ..ops import BatchMeta, StaticBatch
+from .experts import MultiLoraExperts, MultiLoraParameter
 from .graphs import DecodeGraphs
 from .linear import BatchSource, MultiLoraLinear, batch_meta, current_batch_meta, reset_batch_meta, set_batch_meta
 from .model import MultiLoraModel
@@ -16,8 +18,10 @@ __all__ = [
     "BatchMeta",
     "BatchSource",
     "DecodeGraphs",
+    "MultiLoraExperts",
     "MultiLoraLinear",
     "MultiLoraModel",
+    "MultiLoraParameter",
     "PoolLayer",
     "StaticBatch",
     "UnknownAdapterError",

@@ -18,12 +18,20 @@ Rows may mix adapters of different ranks, scalings and target modules in any ord
 batch (``num_return_sequences``, beam search) repeat each row's adapter to its copies, as transformers repeats rows.
 Calling the wrapped model directly, outside the wrapper, computes the base model.
 
+Mixture-of-experts models (transformers' fused experts: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, ...) are served
+with expert and router LoRA through ``target_parameters`` (PEFT's ``LoraConfig.target_parameters``, with its
+transformers-v5 rewrite of old recipes and of ``"all-linear"``): the experts module becomes a ``MultiLoraExperts``,
+which takes the tokens in row order with the router's choice and adds each routed row's own adapter's expert update
+(segments per adapter × expert, ``fastlora.serving.experts``), and a router's weight a ``MultiLoraParameter``. Their
+decode steps run eagerly (``cuda_graphs`` is off for such models).
+
 Limits: inference only (calls run under ``torch.no_grad``); each row uses one adapter for all its tokens. A linear
 layer must see its tokens row-major, rows in the batch's order: models that reorder or regroup tokens before a target
-layer (token packing, mixture-of-experts routing) are not supported, as their rows would get other rows' adapters.
-Both ends are guarded. At construction, a layer inside routed experts (a module list named ``experts``: Mixtral's
-``block_sparse_moe.experts.N.w1``, Qwen2-MoE's ``mlp.experts.N.gate_proj``) is refused when ``target_modules`` names
-it, and left out with a warning under ``"all-linear"`` (the routers see every token in order and are served). At
+layer (token packing, experts held as a module list of ``nn.Linear``) are not supported, as their rows would get other
+rows' adapters. Both ends are guarded. At construction, a layer inside routed experts held as a module list named
+``experts`` (custom models in the style of transformers v4's ``block_sparse_moe.experts.N.w1``) is refused when
+``target_modules`` names it, and left out with a warning under ``"all-linear"`` (the routers see every token in order
+and are served). At
 run time, every forward of the wrapped model records its ``[B, L]`` (``input_ids`` / ``inputs_embeds``), and a layer
 input must be ``[B, l, ...]`` with ``l <= L``, or the ``B·L`` tokens flattened (``[B]`` only when ``L`` is 1):
 anything else raises ``ValueError`` rather than serve rows with other rows' adapters. Compiled forwards (the whole
@@ -54,8 +62,19 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..model import adapted_modules, find_targets, is_conv1d, lora_layers, set_submodule
+from ..io import peft_keys
+from ..layers import expert_layout, is_fused_experts
+from ..model import (
+    adapted_modules,
+    adapted_parameters,
+    adapter_layers,
+    find_targets,
+    is_conv1d,
+    moe_config,
+    set_submodule,
+)
 from ..ops import BatchMeta, StaticBatch
+from .experts import MultiLoraExperts, MultiLoraParameter
 from .graphs import DecodeGraphs
 from .linear import MultiLoraLinear, reset_batch_meta, set_batch_meta
 from .pool import BASE, AdapterInfo, AdapterLease, AdapterPool, PoolLayer, timeout_seconds
@@ -192,8 +211,10 @@ class MultiLoraModel:
     """Serve many LoRA adapters over one transformers causal LM; each row of a batch may use a different adapter.
 
     ``target_modules``: the layers adapters may adapt, as in ``LoraConfig`` (names or suffixes, a regex, or
-    ``"all-linear"``); an adapter may target any subset of them. Layers inside routed experts are refused (left out,
-    with a warning, under ``"all-linear"``; module docstring). ``max_adapters``: device slots (adapters resident
+    ``"all-linear"``); ``target_parameters``: the parameters they may adapt (PEFT's ``target_parameters``: the fused
+    expert projections and router weights of mixture-of-experts models); an adapter may target any subset of them.
+    Linear layers inside a module list of routed experts are refused (left out, with a warning, under
+    ``"all-linear"``; module docstring). ``max_adapters``: device slots (adapters resident
     at once; a batch may use at most this many distinct adapters). ``max_rank``: the largest rank an adapter may
     have. ``dtype``: the dtype of the adapter pool (default: the model's dtype; see ``AdapterPool``). The pool lives
     on the model's device: move the model before wrapping it. ``acquire_timeout``: how long a call waits for slots
@@ -207,41 +228,61 @@ class MultiLoraModel:
     def __init__(
         self,
         model: nn.Module,
-        target_modules: list[str] | str,
+        target_modules: list[str] | str | None,
         max_adapters: int = 8,
         max_rank: int = 64,
         dtype: torch.dtype | None = None,
         acquire_timeout: float | None = None,
         cuda_graphs: bool = True,
+        target_parameters: list[str] | None = None,
     ):
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(
                 f"MultiLoraModel: dtype must be a torch.dtype (such as torch.float16) or None, got {dtype!r}"
             )
         timeout_seconds(acquire_timeout, "MultiLoraModel: acquire_timeout")
-        if any(isinstance(m, MultiLoraLinear) for m in model.modules()) or any(True for _ in lora_layers(model)):
+        served = (MultiLoraLinear, MultiLoraExperts, MultiLoraParameter)
+        if any(isinstance(m, served) for m in model.modules()) or any(True for _ in adapter_layers(model)):
             raise ValueError("MultiLoraModel: the model already has LoRA layers; unload or unwrap them first")
-        config = LoraConfig(target_modules=target_modules)
-        targets = _unrouted(model, find_targets(model, config), config.all_linear)
-        modules = {name: model.get_submodule(name) for name in targets}
-        devices = {m.weight.device for m in modules.values()}
+        config = moe_config(model, LoraConfig(target_modules=target_modules, target_parameters=target_parameters))
+        parameters = adapted_parameters(model, config)
+        targets = _unrouted(model, find_targets(model, config, parameters), config.all_linear)
+        modules = {name: model.get_submodule(name) for name in [*targets, *parameters]}
+        devices = {p.device for m in modules.values() for p in m.parameters(recurse=False)}
         if len(devices) != 1:
             raise ValueError(f"MultiLoraModel: the target layers are on several devices ({sorted(map(str, devices))})")
-        first = next(iter(modules.values()))
-        shapes = {}
-        for name, module in modules.items():
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in targets:
+            module = modules[name]
             out_features, in_features = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape
             shapes[name] = (in_features, out_features)
+        self._parameter_layers = _parameter_layer_shapes(modules, parameters, shapes)
+        first = next(iter(modules.values()))
         self.model = model
-        self.target_modules = target_modules
+        self.target_modules = config.target_modules
+        self.target_parameters = config.target_parameters
         self.acquire_timeout = acquire_timeout
+        model_dtype = next(first.parameters(recurse=False)).dtype
         self.pool = AdapterPool(
             shapes, max_adapters=max_adapters, max_rank=max_rank, device=devices.pop(),
-            dtype=dtype or first.weight.dtype, select=self._selected, base_weight=self._base_weight,
+            dtype=dtype or model_dtype, select=self._selected, base_weight=self._base_weight,
+            aliases=self._aliases, alias_prefixes=self._alias_prefixes(),
         )  # fmt: skip
-        for name, module in modules.items():
+        for name in targets:
+            module = modules[name]
             layer = MultiLoraLinear.from_linear(module, self.pool.layers[name], fan_in_fan_out=is_conv1d(module))
             set_submodule(model, name, layer)
+        for name, params in self._parameter_layers.items():
+            module = modules[name]
+            pools = {p: self.pool.layers[f"{name}.{p}"] for p in params}
+            if is_fused_experts(module):
+                set_submodule(model, name, MultiLoraExperts(module, pools))
+            else:
+                (param,) = params
+                set_submodule(model, name, MultiLoraParameter(module, param, pools[param]))
+        # The per-(adapter, expert) grouping of a mixture-of-experts layer is built per call: its decode steps run
+        # eagerly, not from CUDA graphs.
+        cuda_graphs = cuda_graphs and not self._parameter_layers
         self.cuda_graphs = cuda_graphs
         self.graphs = DecodeGraphs(model, prepare=self._prepare_decode)
         self._static: dict[tuple[int, int, bool, torch.device], StaticBatch] = {}
@@ -367,6 +408,8 @@ class MultiLoraModel:
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MultiLoraLinear) and module.pool is self.pool.layers.get(name):
                 set_submodule(self.model, name, module.unwrap())
+            elif isinstance(module, (MultiLoraExperts, MultiLoraParameter)) and name in self._parameter_layers:
+                set_submodule(self.model, name, module.unwrap())
         self._forward_hook.remove()
         self.graphs.clear()
         self._unwrapped = True
@@ -406,9 +449,23 @@ class MultiLoraModel:
         return getattr(self.model.get_submodule(module), which, None)
 
     def _selected(self, config: LoraConfig) -> list[str]:
-        """The modules PEFT would adapt in the model for ``config`` (its ``MultiLoraLinear`` layers count as the
-        linear layers they wrap)."""
-        return adapted_modules(self.model, config)
+        """The pool layers PEFT would adapt in the model for ``config``: the modules (its ``MultiLoraLinear`` layers
+        count as the linear layers they wrap) and the parameters (``<module>.<parameter>``) it targets."""
+        config = moe_config(self.model, config)
+        params = adapted_parameters(self.model, config)
+        return [*adapted_modules(self.model, config), *(f"{m}.{p}" for m, ps in params.items() for p in ps)]
+
+    def _aliases(self, selected) -> dict[str, str]:
+        """The saved key prefix of each parameter layer among ``selected``: PEFT's nesting of the parameters an adapter
+        targets in one module (``fastlora.io.peft_keys``)."""
+        aliases = {}
+        for name, params in self._parameter_layers.items():
+            chosen = [p for p in params if f"{name}.{p}" in selected]
+            aliases.update({key: f"{name}.{p}" for p, key in peft_keys(name, chosen).items()})
+        return aliases
+
+    def _alias_prefixes(self) -> set[str]:
+        return {name + ".base_layer" * i for name, params in self._parameter_layers.items() for i in range(len(params))}
 
     def _rows(self, adapter_names, adapter_scales, batch: int, shapes: list[tuple[int, int]]):
         names = _row_names(adapter_names, batch)
@@ -516,6 +573,30 @@ def _row_scales(adapter_scales, batch: int) -> tuple[float, ...] | None:
     if not all(map(_finite, scales)):
         raise ValueError(f"MultiLoraModel: adapter_scales must be finite, got {scales}")
     return None if all(s == 1.0 for s in scales) else tuple(scales)
+
+
+def _parameter_layer_shapes(
+    modules: dict[str, nn.Module], parameters: dict[str, list[str]], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, list[str]]:
+    """Add the pool shapes of the targeted parameters to ``shapes`` (``<module>.<parameter>``: ``(in, out, experts)``
+    for a fused-experts projection, ``(in, out)`` for a router's weight); returns ``parameters`` checked: what
+    ``MultiLoraExperts`` / ``MultiLoraParameter`` serve, and nothing else."""
+    for name, params in parameters.items():
+        module = modules[name]
+        dims = {p: getattr(module, p).dim() for p in params}
+        if is_fused_experts(module) and all(d == 3 for d in dims.values()):
+            for p in params:
+                E, k, n = expert_layout(module, p)
+                shapes[f"{name}.{p}"] = (k, n, E)
+        elif len(params) == 1 and dims[params[0]] == 2:
+            out_features, in_features = getattr(module, params[0]).shape
+            shapes[f"{name}.{params[0]}"] = (in_features, out_features)
+        else:
+            raise NotImplementedError(
+                f"MultiLoraModel: target_parameters selects {params} of {name!r} ({type(module).__name__}); served are "
+                "the 3-D projections of transformers' fused experts and one 2-D parameter per module (a router's weight)"
+            )
+    return parameters
 
 
 def _finite(value: float) -> bool:

@@ -62,7 +62,7 @@ import torch
 
 from ..config import LoraConfig
 from ..peft_format import listing
-from .validation import AdapterSource, BaseWeight, LayerWeights, read_adapter_source, validate_adapter
+from .validation import AdapterSource, Aliases, BaseWeight, LayerWeights, read_adapter_source, validate_adapter
 
 # The name of "no adapter" in a mixed batch (PEFT's ``adapter_names=[..., "__base__", ...]``): never an adapter's name.
 BASE = "__base__"
@@ -94,10 +94,11 @@ class PoolLayer:
     name: str
     in_features: int  # K
     out_features: int  # N
-    a_pool: torch.Tensor  # [max_adapters, max_rank, K]
-    b_pool: torch.Tensor  # [max_adapters, N, max_rank]
+    a_pool: torch.Tensor  # [max_adapters, max_rank, K]; [max_adapters, E, max_rank, K] for experts
+    b_pool: torch.Tensor  # [max_adapters, N, max_rank]; [max_adapters, E, N, max_rank] for experts
     slot_ranks: torch.Tensor  # [max_adapters] int32, 0 = this layer has no adapter in the slot
     slot_scalings: torch.Tensor  # [max_adapters] float32
+    num_experts: int = 0  # E of a fused-experts parameter (its adapter is one A_e / B_e pair per expert); 0: a layer
 
 
 @dataclasses.dataclass(eq=False)
@@ -180,7 +181,9 @@ class AdapterLease:
 
 class AdapterPool:
     """Device slots for up to ``max_adapters`` LoRA adapters of rank ``<= max_rank`` over the layers ``layers``
-    (``{module name: (in_features, out_features)}``), plus a CPU tier of registered adapters (module docstring).
+    (``{module name: (in_features, out_features)}``; ``(in_features, out_features, experts)`` for a fused-experts
+    parameter of a mixture-of-experts model, named ``<module>.<parameter>``, whose slots hold one ``A_e`` / ``B_e`` pair
+    per expert), plus a CPU tier of registered adapters (module docstring).
 
     ``dtype`` is the dtype of the pool tensors (the LoRA dtype the kernels see): ``MultiLoraModel`` passes the model's
     dtype, so a bf16 model's adapters are rounded to bf16 once, at registration (PEFT keeps them in fp32 and computes
@@ -191,11 +194,15 @@ class AdapterPool:
     ``base_weight(module, "weight" | "bias")`` gives the base model's tensor of an adapted layer (None: it has none):
     with it, an adapter may carry copies of its layers' base weights (PEFT saves ``lm_head.base_layer.weight`` with an
     adapter of the output head) as long as they equal the model's. Without it such keys are refused.
+
+    ``aliases`` (with ``alias_prefixes``, every prefix it may give) maps the layers an adapter selects to the key
+    prefixes PEFT saves their weights under when they are not the layer's name (``target_parameters`` layers: see
+    ``fastlora.serving.validation.Aliases``).
     """
 
     def __init__(
         self,
-        layers: Mapping[str, tuple[int, int]],
+        layers: Mapping[str, tuple[int, int] | tuple[int, int, int]],
         *,
         max_adapters: int,
         max_rank: int,
@@ -203,6 +210,8 @@ class AdapterPool:
         dtype: torch.dtype = torch.float32,
         select: Callable[[LoraConfig], Iterable[str]] | None = None,
         base_weight: BaseWeight | None = None,
+        aliases: Aliases | None = None,
+        alias_prefixes: Iterable[str] = (),
     ):
         for arg, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -220,18 +229,23 @@ class AdapterPool:
         self._select = select or (lambda config: [name for name in layers if config.matches(name)])
         self._base_weight = base_weight
         self._shapes = {name: tuple(shape) for name, shape in layers.items()}
+        self._aliases = aliases
+        self._key_prefixes = {*self._shapes, *alias_prefixes}
         # Every layer's per-slot ranks and scalings are rows of one [layers, slots] tensor, so an upload sets a slot's
         # column for all layers with one copy instead of two small writes per layer.
         self._layer_ranks = torch.zeros(len(layers), max_adapters, device=self.device, dtype=torch.int32)
         self._layer_scalings = torch.zeros(len(layers), max_adapters, device=self.device, dtype=torch.float32)
         self.layers: dict[str, PoolLayer] = {}
-        for i, (name, (in_features, out_features)) in enumerate(layers.items()):
+        for i, (name, shape) in enumerate(layers.items()):
+            in_features, out_features, *experts = shape
+            lead = (max_adapters, *experts)
             self.layers[name] = PoolLayer(
                 name, in_features, out_features,
-                a_pool=torch.zeros(max_adapters, max_rank, in_features, device=self.device, dtype=dtype),
-                b_pool=torch.zeros(max_adapters, out_features, max_rank, device=self.device, dtype=dtype),
+                a_pool=torch.zeros(*lead, max_rank, in_features, device=self.device, dtype=dtype),
+                b_pool=torch.zeros(*lead, out_features, max_rank, device=self.device, dtype=dtype),
                 slot_ranks=self._layer_ranks[i],
                 slot_scalings=self._layer_scalings[i],
+                num_experts=experts[0] if experts else 0,
             )  # fmt: skip
         self._cond = threading.Condition(threading.RLock())
         self._entries: dict[str, _Entry] = {}
@@ -330,11 +344,11 @@ class AdapterPool:
         if name == BASE:
             raise ValueError(f"AdapterPool.register: {BASE!r} is reserved: it means 'no adapter' in a batch's names")
         self._check_new_name(name, replace)
-        config, tensors, origin = read_adapter_source(adapter, config, allow_pickle, self._shapes)
+        config, tensors, origin = read_adapter_source(adapter, config, allow_pickle, self._key_prefixes)
         config = copy.deepcopy(config)  # the caller's config may change later; the served scalings must not
         layers = validate_adapter(
             name, config, tensors, origin, shapes=self._shapes, select=self._select, max_rank=self.max_rank,
-            dtype=self.dtype, pin=self._pin_host, base_weight=self._base_weight,
+            dtype=self.dtype, pin=self._pin_host, base_weight=self._base_weight, aliases=self._aliases,
         )  # fmt: skip
         entry = _Entry(
             name, config, layers, rank=max(w.rank for w in layers.values()), scaling=config.scaling, version=0
@@ -521,10 +535,11 @@ class AdapterPool:
                 scalings.append(0.0)
             else:
                 rank = weights.rank
-                layer.a_pool[slot, :rank].copy_(weights.lora_A, non_blocking=True)
-                layer.a_pool[slot, rank:].zero_()
-                layer.b_pool[slot, :, :rank].copy_(weights.lora_B, non_blocking=True)
-                layer.b_pool[slot, :, rank:].zero_()
+                # ``...``: the experts' dimension of a fused-experts parameter, when the layer has one.
+                layer.a_pool[slot, ..., :rank, :].copy_(weights.lora_A, non_blocking=True)
+                layer.a_pool[slot, ..., rank:, :].zero_()
+                layer.b_pool[slot, ..., :rank].copy_(weights.lora_B, non_blocking=True)
+                layer.b_pool[slot, ..., rank:].zero_()
                 ranks.append(rank)
                 scalings.append(weights.scaling)
         # Asynchronous: a copy from pageable memory is staged at once, without waiting for the device's queue (a

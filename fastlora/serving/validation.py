@@ -48,13 +48,13 @@ SHARED_BASE = "a shared base model cannot serve an adapter that changes base wei
 class LayerWeights:
     """One layer of a validated adapter, on the host in the pool's dtype."""
 
-    lora_A: torch.Tensor  # [r, K]
-    lora_B: torch.Tensor  # [N, r]
+    lora_A: torch.Tensor  # [r, K]; [E, r, K] for a fused-experts parameter
+    lora_B: torch.Tensor  # [N, r]; [E, N, r] for a fused-experts parameter
     scaling: float
 
     @property
     def rank(self) -> int:
-        return self.lora_A.shape[0]
+        return self.lora_A.shape[-2]
 
 
 def read_adapter_source(
@@ -120,8 +120,15 @@ def _refuse_skipped(skipped: list[str], modules: Collection[str], where: str) ->
 
 
 def _usable_keys(modules: Collection[str]) -> set[str]:
-    """The keys an adapter for a pool over ``modules`` may hold: LoRA pairs and copies of the base layers."""
+    """The keys an adapter for a pool over ``modules`` (layer names, and the other key prefixes of ``aliases``) may
+    hold: LoRA pairs and copies of the base layers."""
     return {f"{m}.{part}" for m in modules for part in _MODULE_KEYS}
+
+
+# ``aliases(selected)``: for the pool layers an adapter's config selects, ``{key prefix: layer}`` of the layers whose
+# saved keys are not ``<layer>.lora_A.weight``: PEFT saves the LoRA of a parameter (``target_parameters``) under its
+# module's name, nested ``.base_layer`` prefixes telling several parameters of one module apart.
+Aliases = Callable[[Collection[str]], Mapping[str, str]]
 
 
 def validate_adapter(
@@ -136,11 +143,15 @@ def validate_adapter(
     dtype: torch.dtype,
     pin: bool,
     base_weight: BaseWeight | None = None,
+    aliases: Aliases | None = None,
 ) -> dict[str, LayerWeights]:
-    """Per-layer weights of adapter ``name`` for a pool over ``shapes`` (``{module: (in_features, out_features)}``),
-    in ``dtype`` (pinned host memory with ``pin``; always copies, never the caller's tensors), after every check of
-    the module docstring. ``select`` maps the config to the modules it adapts in the model; ``base_weight`` gives the
-    base model's tensors that base-layer copies are compared with (None: such copies are refused)."""
+    """Per-layer weights of adapter ``name`` for a pool over ``shapes`` (``{layer: (in_features, out_features)}``, or
+    ``(in_features, out_features, experts)`` for a fused-experts parameter, whose saved ``lora_A [r·E, K]`` and
+    interleaved ``lora_B [N, r·E]`` become ``[E, r, K]`` and ``[E, N, r]``), in ``dtype`` (pinned host memory with
+    ``pin``; always copies, never the caller's tensors), after every check of the module docstring. ``select`` maps
+    the config to the layers it adapts in the model; ``aliases`` gives the saved key prefixes of parameter layers;
+    ``base_weight`` gives the base model's tensors that base-layer copies are compared with (None: such copies are
+    refused)."""
     where = f"AdapterPool.register: {origin}"
     for field, default in UNSERVABLE_FIELDS.items():
         if getattr(config, field) not in (default, None, []):
@@ -156,14 +167,16 @@ def validate_adapter(
             continue
         if match is None:
             raise ValueError(f"{where}: {key!r} is not a LoRA weight (lora_A / lora_B); only LoRA weights are served")
-        module = match["module"]
+        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+    selected = set(select(config))
+    renamed = dict(aliases(selected & set(shapes))) if aliases is not None else {}
+    pairs = {renamed.get(module, module): pair for module, pair in pairs.items()}
+    for module in pairs:
         if module not in shapes:
             raise ValueError(
                 f"{where}: module {module!r} is not adapted by this pool (unknown module); the pool adapts: "
                 f"{listing(shapes)}"
             )
-        pairs.setdefault(module, {})[match["which"]] = tensor
-    selected = set(select(config))
     if not selected:
         raise ValueError(
             f"{where}: adapter {name!r}: the config's target_modules={config.target_modules!r} select no module of "
@@ -187,19 +200,23 @@ def validate_adapter(
         for which in ("lora_A", "lora_B"):
             if which not in pair:
                 raise ValueError(f"{where}: {module}.{which}.weight is missing")
-        in_features, out_features = shapes[module]
+        in_features, out_features, *experts = shapes[module]
+        E = experts[0] if experts else 1
         a, b = pair["lora_A"], pair["lora_B"]
         for which, t in (("lora_A", a), ("lora_B", b)):
             if not t.is_floating_point():
                 raise ValueError(f"{where}: {module}.{which}.weight is {t.dtype}, not floating point")
             if t.dim() != 2:
                 raise ValueError(f"{where}: {module}.{which}.weight must be 2-D, got shape {tuple(t.shape)}")
-        r = a.shape[0]
-        if a.shape[1] != in_features or b.shape != (out_features, r):
+        r = a.shape[0] // E
+        if a.shape[0] % E or a.shape[1] != in_features or b.shape != (out_features, r * E):
+            rows = "r" if not experts else f"r·{E}"
             raise ValueError(
                 f"{where}: {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the layer "
-                f"(expected [r, {in_features}] and [{out_features}, r])"
+                f"(expected [{rows}, {in_features}] and [{out_features}, {rows}])"
             )
+        if experts:  # PEFT's layout: expert e has rows e·r .. e·r + r - 1 of A and columns k·E + e of B
+            a, b = a.reshape(E, r, in_features), b.reshape(out_features, r, E).permute(2, 0, 1)
         if r < 1 or r > max_rank:
             raise ValueError(f"{where}: {module} has rank {r}, over the pool's max_rank={max_rank}")
         if r != config.rank_for(module):
