@@ -4,9 +4,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import LoraConfig, lora_scaling
 from .io import load_adapter, save_adapter
-from .layers import LoraLinear
+from .layers import LoraExperts, LoraLinear, LoraParameter
 from .model import apply_lora, disable_adapters, merge_and_unload, print_trainable_parameters, unload
-from .ops import lora_linear, multi_lora_linear
+from .ops import grouped_lora_linear, lora_linear, multi_lora_linear, route
 from .peft_compat import patch_peft, unpatch_peft
 from .recipes import freeze_bottom_layers, llrd_param_groups, merge_and_reinit
 from .reference import lora_linear_reference
@@ -19,12 +19,15 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 
 __all__ = [
     "LoraConfig",
+    "LoraExperts",
     "LoraLinear",
+    "LoraParameter",
     "MultiLoraLinear",
     "MultiLoraModel",
     "apply_lora",
     "disable_adapters",
     "freeze_bottom_layers",
+    "grouped_lora_linear",
     "llrd_param_groups",
     "load_adapter",
     "lora_linear",
@@ -35,6 +38,7 @@ __all__ = [
     "multi_lora_linear",
     "patch_peft",
     "print_trainable_parameters",
+    "route",
     "save_adapter",
     "unload",
     "unpatch_peft",

@@ -295,6 +295,76 @@ def pinned_configs(index: int | None):
 # ----------------------------------------------------------------------------------------------- MultiLoraModel
 
 # The serving test uses tests/serving_helpers.py's three PEFT adapters (ranks 4 to 16) and mixed batch.
+# ----------------------------------------------------------------------------------------------- grouped_lora_linear
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeCase:
+    """One projection of a mixture-of-experts layer: ``tokens`` routed to ``top_k`` of ``experts`` experts, ``K -> N``
+    per expert, LoRA rank ``r`` per expert (``fastlora.grouped_lora_linear``)."""
+
+    tokens: int
+    K: int
+    N: int
+    experts: int
+    top_k: int
+    r: int
+    dtype: torch.dtype
+    lora_dtype: torch.dtype
+    dropout_p: float
+    transposed: bool  # GPT-OSS's [E, K, N] weights
+    bias: bool
+    pin: int | None
+
+    def __str__(self) -> str:
+        tuning = "tuned" if self.pin is None else f"pin{self.pin}"
+        return (f"{self.tokens}tok-E{self.experts}k{self.top_k}-{self.K}x{self.N}-r{self.r}-{_DTYPE_NAMES[self.dtype]}-"
+                f"lora_{_DTYPE_NAMES[self.lora_dtype]}-p{self.dropout_p}-{'EKN' if self.transposed else 'ENK'}-"
+                f"{'bias-' if self.bias else ''}{tuning}")  # fmt: skip
+
+    def sized(self) -> MoeCase:
+        if not DRY_RUN:
+            return self
+        return dataclasses.replace(self, tokens=min(self.tokens, 24), K=small_size(self.K), N=small_size(self.N),
+                                   experts=min(self.experts, 6), top_k=min(self.top_k, 2))  # fmt: skip
+
+
+# Qwen3-30B-A3B's experts (E = 128, top-8, H = 2048, I = 768: gate_up 2048 -> 1536, down 768 -> 2048), Mixtral's
+# (E = 8, top-2, 4096 -> 28672 and 14336 -> 4096) and GPT-OSS-20B's (E = 32, top-4, 2880 -> 5760 transposed, biases),
+# at prefill and decode sizes; the training path tuned, the others pinned.
+MOE_CASES: list[MoeCase] = [
+    MoeCase(4096, 2048, 1536, 128, 8, 16, bf16, f32, 0.0, False, False, None),
+    MoeCase(4096, 768, 2048, 128, 8, 16, bf16, f32, 0.1, False, False, None),
+    MoeCase(2048, 4096, 28672, 8, 2, 16, bf16, bf16, 0.0, False, False, 1),
+    MoeCase(2048, 14336, 4096, 8, 2, 64, bf16, bf16, 0.1, False, False, 2),
+    MoeCase(1, 2880, 5760, 32, 4, 8, bf16, f32, 0.0, True, True, 0),
+    MoeCase(300, 2880, 2880, 32, 4, 32, f16, f16, 0.0, True, True, 1),
+]
+MOE_CASES = quick(MOE_CASES, lambda c: c.pin is None)
+
+
+def moe_inputs(case: MoeCase, device, seed: int = 0) -> dict:
+    """Routed rows (the router's choice drawn at random, sorted by ``fastlora.ops.route``), weights and upstream
+    gradient of ``case`` on ``device``, scaled so outputs are O(1)."""
+    from fastlora.ops import route
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    E, K, N, r = case.experts, case.K, case.N, case.r
+    choice = torch.rand(case.tokens, E, generator=g).argsort(dim=1)[:, : case.top_k]
+    routing = route(choice.to(device), E)
+    x = rand(case.tokens, K, dtype=case.dtype)[routing.rows]
+    weight = rand(*((E, K, N) if case.transposed else (E, N, K)), dtype=case.dtype, scale=K**-0.5)
+    bias = rand(E, N, dtype=case.dtype) if case.bias else None
+    lora_A = rand(E, r, K, dtype=case.lora_dtype, scale=K**-0.5)
+    lora_B = rand(E, N, r, dtype=case.lora_dtype, scale=r**-0.5)
+    dy = rand(x.shape[0], N, dtype=case.dtype)
+    return dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, routing=routing, dy=dy)
+
+
 SERVING_PIN = 2
 
 

@@ -36,9 +36,9 @@ def autotuners() -> list:
     """Every autotuned kernel of ``fastlora.kernels`` (the ``triton.autotune`` objects the launchers call)."""
     from triton.runtime.autotuner import Autotuner
 
-    from ..kernels import backward, expand, multi_lora, onepass, shrink, wgrad
+    from ..kernels import backward, expand, grouped, multi_lora, onepass, shrink, wgrad
 
-    modules = (shrink, expand, onepass, backward, wgrad, multi_lora)
+    modules = (shrink, expand, onepass, backward, wgrad, multi_lora, grouped)
     return [v for m in modules for v in vars(m).values() if isinstance(v, Autotuner)]
 
 
