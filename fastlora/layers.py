@@ -339,10 +339,14 @@ class SharedBase(nn.Module):
     @property
     def base_module(self) -> nn.Module:
         base = self.__dict__["_base_module"]
-        # The parameters may have been replaced since (``.to()`` with parameter swapping, sharding).
-        for name, param in self.named_parameters(recurse=False):
+        # The parameters may have been replaced since (``.to()`` with parameter swapping, sharding), and ``.to()``
+        # always replaces buffers: the base module computes with this module's current ones.
+        for name, param in self._parameters.items():
             if name in base._parameters and base._parameters[name] is not param:
                 base._parameters[name] = param
+        for name, buf in self._buffers.items():
+            if name in base._buffers and base._buffers[name] is not buf:
+                base._buffers[name] = buf
         return base
 
 

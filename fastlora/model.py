@@ -183,6 +183,11 @@ def _parameter_layer(model: nn.Module, name: str, params: list[str], config: Lor
     if any(len(shape) not in (2, 3) for shape in shapes.values()):
         raise ValueError(f"target_parameters: {name!r} has {shapes}; only 2-D and 3-D parameters can get LoRA")
     if all(len(shape) == 3 for shape in shapes.values()):
+        if getattr(module, "_is_expert_parallel", False):
+            raise NotImplementedError(
+                f"target_parameters: the experts {name!r} are split across devices (expert parallelism), which "
+                "fastlora's grouped LoRA does not support"
+            )
         if not is_fused_experts(module):
             raise NotImplementedError(
                 f"target_parameters: {name!r} is a {type(module).__name__}, not one of transformers' fused-experts "

@@ -221,3 +221,33 @@ def test_errors_name_the_problem(device):
     assert not any(isinstance(m, (LoraExperts, LoraParameter)) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unsupported_experts_are_refused_by_name(device):
+    """A 3-D parameter of a module fastlora cannot compute (not one of transformers' fused-experts modules), and
+    experts split across devices, raise ``NotImplementedError`` naming them; the model is left as it was."""
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Parameter(torch.zeros(4, 8, 8))
+
+    model = torch.nn.Sequential(Custom())
+    with pytest.raises(NotImplementedError, match="Custom, not one of transformers' fused-experts modules"):
+        fastlora.apply_lora(model, fastlora.LoraConfig(r=2, target_modules=[], target_parameters=["blocks"]))
+    assert model[0].blocks.requires_grad
+    moe = tiny_moe("qwen3_moe")
+    moe.model.layers[1].mlp.experts._is_expert_parallel = True
+    with pytest.raises(NotImplementedError, match="'model.layers.1.mlp.experts' are split across devices"):
+        fastlora.apply_lora(moe, fastlora.LoraConfig(r=2, target_modules=[], target_parameters=["down_proj"]))
+    assert not any(isinstance(m, LoraExperts) for m in moe.modules())
+
+
+def test_moves_with_the_model(device):
+    """``.to()`` moves the adapted experts' base weights, which the wrapped module computes with."""
+    model = fastlora.apply_lora(
+        tiny_moe("mixtral"), fastlora.LoraConfig(r=2, target_modules=[], target_parameters=["down_proj"])
+    )
+    model.to(torch.float64)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.base_module.down_proj.dtype == torch.float64 and experts.down_proj is experts.base_module.down_proj
