@@ -139,6 +139,12 @@ class LoraConfig:
             )
         if self.target_modules is None and not self.target_parameters:
             raise ValueError("LoraConfig: target_modules is required (a list of names, a regex, or 'all-linear')")
+        if self.target_parameters and self.bias != "none":
+            # PEFT names the biases of a module whose parameters it wraps by its wrapper nesting (and trains every
+            # parameter whose name contains "bias", the experts' ``*_bias`` included): not reproduced here.
+            raise NotImplementedError(
+                f"LoraConfig: bias={self.bias!r} with target_parameters is not supported by fastlora; use bias='none'"
+            )
         if self.target_parameters and self.fan_in_fan_out:
             # A targeted parameter is used as stored; PEFT's ParamWrapper refuses the flag rather than ignore it.
             raise ValueError("LoraConfig: fan_in_fan_out=True cannot be used with target_parameters, as in PEFT")

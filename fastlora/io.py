@@ -10,6 +10,10 @@ A directory holds ``adapter_config.json`` (the PEFT ``LoraConfig``) and ``adapte
   ``bias="all"``: every ``.bias`` entry of the model's state dict, adapted modules under ``.base_layer.bias``;
 - ``modules_to_save``: ``base_model.model.<module>.<name>`` for every entry of that module's state dict (for a
   module that shares parameters with the input embedding, its own trained copies);
+- ``target_parameters`` (mixture-of-experts experts and routers): ``base_model.model.<module>.lora_A.weight`` and
+  ``...lora_B.weight`` per adapted parameter, PEFT's ``[r·E, in]`` and interleaved ``[out, r·E]`` for a fused-experts
+  parameter (``[r, in]`` / ``[out, r]`` for a router's), with ``.base_layer`` repeated before ``.lora_A`` for all but the
+  last of a module's adapted parameters in registration order, as PEFT nests its wrappers (``peft_keys``);
 - an output embedding (``lm_head``) with LoRA, when ``target_modules`` names an embedding layer as PEFT's
   ``save_embedding_layers="auto"`` detects it: its base layer, ``base_model.model.lm_head.base_layer.weight``.
 

@@ -289,17 +289,23 @@ class LoraLinear(AdaptedLinear):
 
 
 def _init_lora_pair(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, init_lora_weights: bool | str) -> None:
-    """PEFT's initialisation of one adapter, on ``lora_A`` viewed as its ``[rows, in]`` matrix (kaiming-uniform's fan-in
-    is the input size) and ``lora_B`` as ``[out, rows]`` (see ``LoraLinear.reset_lora_parameters``)."""
+    """PEFT's initialisation of one adapter (see ``LoraLinear.reset_lora_parameters``), with the fan-in of PEFT's
+    matrices: ``lora_A`` as ``[rows, in]`` and ``lora_B`` as ``[out, r]``, or for experts (3-D) as PEFT's
+    ``[out, r·E]``, whose fan-in is ``r·E``."""
     a2d = lora_A.view(-1, lora_A.shape[-1])
     if init_lora_weights == "gaussian":
         nn.init.normal_(a2d, std=1.0 / r)
     else:
         nn.init.kaiming_uniform_(a2d, a=math.sqrt(5))
-    if init_lora_weights is False:
-        nn.init.kaiming_uniform_(lora_B.view(-1, lora_B.shape[-1]), a=math.sqrt(5))
-    else:
+    if init_lora_weights is not False:
         nn.init.zeros_(lora_B)
+    elif lora_B.dim() == 2:
+        nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+    else:
+        E, out_features, rank = lora_B.shape
+        peft_b = torch.empty(out_features, rank * E, device=lora_B.device, dtype=lora_B.dtype)
+        nn.init.kaiming_uniform_(peft_b, a=math.sqrt(5))
+        lora_B.copy_(peft_b.view(out_features, rank, E).permute(2, 0, 1))
 
 
 def _check_adapter_args(where: str, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_dtype) -> None:
@@ -426,7 +432,7 @@ def experts_forward(
     if getattr(base, "has_post_expert_norm", False):
         out = base.post_expert_norm(out)
     out = out * top_k_weights.reshape(-1)[routing.order].unsqueeze(-1)
-    out = out[routing.inverse].view(T, routing.top_k, -1).sum(dim=1)
+    out = out[routing.inverse].view(T, routing.top_k, out.shape[-1]).sum(dim=1)
     return out.to(hidden_states.dtype)
 
 
@@ -512,7 +518,10 @@ class LoraExperts(SharedBase):
         self.merged = False
         self.disabled = False
         self.lora = nn.ModuleDict()
-        for name, (r, alpha) in targets.items():
+        # In the module's registration order: PEFT's nesting of several adapted parameters (``fastlora.io.peft_keys``).
+        order = [name for name, _ in base.named_parameters(recurse=False) if name in targets]
+        for name in order:
+            r, alpha = targets[name]
             weight = getattr(base, name)
             E, k, n = expert_layout(base, name)
             dtype = _default_lora_dtype(weight, lora_dtype)
@@ -538,40 +547,50 @@ class LoraExperts(SharedBase):
         return experts_forward(base, hidden_states, top_k_index, top_k_weights, project)
 
     @torch.no_grad()
-    def merged_weights(self, sign: float = 1.0) -> dict[str, torch.Tensor]:
-        """Each adapted parameter with ``sign·ΔW`` added, accumulated in fp32 and rounded once (new tensors); refuses
-        (``ValueError``) when one would not be finite."""
-        base = self.base_module
-        out = {}
-        for name, adapter in self.lora.items():
-            weight = getattr(base, name)
-            delta = adapter.delta_weight()
-            if base.is_transposed:
-                delta = delta.transpose(1, 2)
-            new = (weight.float() + sign * delta).to(weight.dtype)
-            if not torch.isfinite(new).all():
-                raise ValueError(
-                    f"LoraExperts: merging would put non-finite values into {name} (overflow in {weight.dtype}, or "
-                    "NaN/Inf in the adapter); the weights are left unchanged"
-                )
-            out[name] = new
-        return out
+    def _merged_expert(self, name: str, e: int, sign: float) -> torch.Tensor:
+        """Expert ``e``'s slice of parameter ``name`` with ``sign·s·B_e·A_e`` added, in fp32 and rounded once (a new
+        tensor, one expert's size: merging never holds an fp32 copy of the whole expert stack)."""
+        base, adapter = self.base_module, self.lora[name]
+        weight = getattr(base, name)[e]
+        delta = (adapter.lora_B[e].float() @ adapter.lora_A[e].float()) * adapter.scaling
+        if base.is_transposed:
+            delta = delta.t()
+        return (weight.float() + sign * delta).to(weight.dtype)
+
+    @torch.no_grad()
+    def check_merge(self, sign: float = 1.0) -> None:
+        """Raise ``ValueError`` if merging (``sign = -1``: unmerging) would put a non-finite value into a weight;
+        changes nothing. One expert at a time."""
+        for name in self.lora:
+            for e in range(self.num_experts):
+                if not torch.isfinite(self._merged_expert(name, e, sign)).all():
+                    raise ValueError(
+                        f"LoraExperts: merging would put non-finite values into {name} (expert {e}; overflow in "
+                        f"{getattr(self.base_module, name).dtype}, or NaN/Inf in the adapter); the weights are left "
+                        "unchanged"
+                    )
+
+    @torch.no_grad()
+    def _apply_merge(self, sign: float) -> None:
+        self.check_merge(sign)
+        for name in self.lora:
+            weight = getattr(self.base_module, name)
+            for e in range(self.num_experts):
+                weight[e].copy_(self._merged_expert(name, e, sign))
 
     @torch.no_grad()
     def merge(self) -> None:
-        """``W_e += s·B_e·A_e`` for every adapted parameter, all or nothing."""
+        """``W_e += s·B_e·A_e`` for every adapted parameter, all or nothing (every expert is checked first)."""
         if self.merged:
             raise RuntimeError("LoraExperts.merge: the adapters are already merged")
-        for name, new in self.merged_weights(+1.0).items():
-            getattr(self.base_module, name).copy_(new)
+        self._apply_merge(+1.0)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("LoraExperts.unmerge: the adapters are not merged")
-        for name, new in self.merged_weights(-1.0).items():
-            getattr(self.base_module, name).copy_(new)
+        self._apply_merge(-1.0)
         self.merged = False
 
     @torch.no_grad()

@@ -101,9 +101,13 @@ def adapted_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     linear = (*_linear_types(), AdaptedLinear)
     excluded = _output_head_names(model) if config.all_linear else set()
     saved = [name for name, _ in model.named_modules() if name and config.saves_module(name)]
+    # The adapters of a LoraExperts (``<experts>.lora.<parameter>``) are fastlora's own modules, never targets.
+    adapters = [f"{name}.lora" for name, m in model.named_modules() if isinstance(m, LoraExperts)]
     targets = []
     for name, module in model.named_modules():
         if not name or name in excluded or not config.matches(name) or any(within(name, s) for s in saved):
+            continue
+        if any(within(name, a) for a in adapters):
             continue
         if isinstance(module, linear):
             targets.append(name)
@@ -467,16 +471,12 @@ def check_merges(model: nn.Module, caller: str) -> None:
                 f"{layer.weight.dtype}, or NaN/Inf in the adapter); no layer was changed"
             )
     for name, layer in parameter_layers(model):
-        if isinstance(layer, LoraExperts) and not layer.merged:
-            try:
-                layer.merged_weights()
-            except ValueError as e:
-                raise ValueError(f"{caller}: layer {name!r}: {e}; no layer was changed") from e
-        elif isinstance(layer, LoraParameter) and not layer.merged:
-            try:
-                layer.merged_weight()
-            except ValueError as e:
-                raise ValueError(f"{caller}: layer {name!r}: {e}; no layer was changed") from e
+        if layer.merged:
+            continue
+        try:
+            layer.check_merge() if isinstance(layer, LoraExperts) else layer.merged_weight()
+        except ValueError as e:
+            raise ValueError(f"{caller}: layer {name!r}: {e}; no layer was changed") from e
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import LoraExperts, experts_forward, is_fused_experts, lora_projection
+from .layers import LoraExperts, expert_weights, experts_forward, is_fused_experts, lora_projection
 from .ops import TORCH_DTYPES, TRITON_DTYPES, lora_linear, resolve_backend
 
 # Keyword arguments PEFT itself passes to a LoRA layer's forward; with the value None they change nothing.
@@ -314,8 +314,9 @@ def _experts_tensor_issue(x: torch.Tensor, base: nn.Module, chain: list[nn.Modul
         a, b = w.lora_A[adapter].weight, w.lora_B[adapter].weight
         if a.dtype != b.dtype or a.dtype not in (weight.dtype, torch.float32):
             return f"LoRA weights of {w.parameter_name} in {a.dtype}/{b.dtype} with experts in {weight.dtype}"
-    if any(weight.requires_grad for weight in weights):
-        return "the expert weights require grad"
+    biases = [expert_weights(base, w.parameter_name)[1] for w in chain]
+    if any(t is not None and t.requires_grad for t in (*weights, *biases)):
+        return "the expert weights or biases require grad (fastlora's grouped op trains only the LoRA weights)"
     return None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import check_merges, lora_layers
+from .model import adapter_layers, check_merges
 
 
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
@@ -73,7 +73,7 @@ def llrd_param_groups(model: nn.Module, base_lr: float, decay: float) -> list[di
 
 @torch.no_grad()
 def merge_and_reinit(model: nn.Module) -> int:
-    """A Chain-of-LoRA step: merge each adapter into its base weight, then re-initialise A and B (as at creation)
+    """A Chain-of-LoRA step: merge each adapter (expert and router adapters included) into its base weight, then re-initialise A and B (as at creation)
     to keep training a fresh adapter on the updated base. With the default init (B = 0) the model's function is
     unchanged. Reset the optimizer state of the LoRA parameters afterwards. Returns the number of layers.
 
@@ -81,7 +81,7 @@ def merge_and_reinit(model: nn.Module) -> int:
     layer changes; if one is not, ``ValueError`` names it and every weight and LoRA parameter is left as it was. A
     layer whose weight is tied to another module (see ``LoraLinear.merge``) keeps its merged weight as its own copy."""
     check_merges(model, "merge_and_reinit")
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
         layer.commit_merge()
     return len(layers)

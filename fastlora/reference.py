@@ -218,7 +218,7 @@ def grouped_lora_linear_reference(
         w = weight[e] if transposed else weight[e].t()
         y = x[lo:hi] @ w
         if bias is not None:
-            y = y + bias[e]
+            y = (y + bias[e]).to(x.dtype)
         y = y + (scaling * ((xd[lo:hi].to(lora_A.dtype) @ lora_A[e].t()) @ lora_B[e].t())).to(y.dtype)
         rows.append(y)
     N = weight.shape[2] if transposed else weight.shape[1]

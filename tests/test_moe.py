@@ -109,8 +109,9 @@ def test_matches_peft_both_ways(arch, tmp_path, device):
     assert fastlora.print_trainable_parameters(model) == tuple(peft_model.get_nb_trainable_parameters())
 
     fastlora.save_adapter(model, tmp_path / "ours")
-    ours, theirs = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(
-        tmp_path / "peft/adapter_model.safetensors"
+    ours, theirs = (
+        load_file(tmp_path / "ours/adapter_model.safetensors"),
+        load_file(tmp_path / "peft/adapter_model.safetensors"),
     )
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
@@ -251,3 +252,30 @@ def test_moves_with_the_model(device):
     model.to(torch.float64)
     experts = model.model.layers[0].mlp.experts
     assert experts.base_module.down_proj.dtype == torch.float64 and experts.down_proj is experts.base_module.down_proj
+
+
+def test_review_regressions(tmp_path, device):
+    """Zero tokens; adapters saved in registration order whatever order they were given; merge_and_reinit commits
+    expert and router adapters; bias other than 'none' with target_parameters refused by name; a target_modules name
+    shared with an expert projection (Qwen2-MoE's shared expert) saves and loads."""
+    base = tiny_moe("qwen3_moe")
+    experts = copy.deepcopy(base.model.layers[0].mlp.experts)
+    layer = LoraExperts(experts, {"down_proj": (4, 8.0), "gate_up_proj": (2, 4.0)}, init_lora_weights=False)
+    assert list(layer.lora) == ["gate_up_proj", "down_proj"]
+    empty = layer(torch.zeros(0, 32), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert empty.shape == (0, 32)
+
+    model = fastlora.apply_lora(copy.deepcopy(base), fastlora.LoraConfig(**peft_config("qwen3_moe")))
+    assert fastlora.merge_and_reinit(model) == 8  # q, v, experts and router of both layers
+    adapter = model.model.layers[0].mlp.experts.lora["down_proj"]
+    assert not adapter.lora_B.any() and model.model.layers[0].mlp.experts.merged is False
+
+    with pytest.raises(NotImplementedError, match="bias='all' with target_parameters"):
+        fastlora.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["down_proj"], bias="all")
+
+    qwen2 = tiny_moe("qwen2_moe")
+    config = fastlora.LoraConfig(r=2, target_modules=["down_proj"], target_parameters=["mlp.experts.down_proj"])
+    adapted = fastlora.apply_lora(copy.deepcopy(qwen2), config)
+    fastlora.save_adapter(adapted, tmp_path)
+    fastlora.load_adapter(adapted, tmp_path)
+    assert isinstance(adapted.model.layers[0].mlp.shared_expert.down_proj, LoraLinear)

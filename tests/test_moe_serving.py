@@ -99,3 +99,34 @@ def test_loading_errors_change_nothing(tmp_path, device):
     with pytest.raises(ValueError, match="over the pool's max_rank=4"):
         small.load_adapter("router+up", adapters["router+up"][0])
     assert model.adapters == ["down"] and small.adapters == []
+
+
+def test_router_computed_on_a_cast_weight(tmp_path, device):
+    """DeepSeek-V3's router computes ``F.linear(x.float(), weight.float())``: on a bf16 model the weight it multiplies
+    is a cast, which the router layer still finds; rows with the adapter change, rows without stay the base model's."""
+    import transformers
+
+    import fastlora
+
+    config = transformers.DeepseekV3Config(
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=64, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+        v_head_dim=8, n_shared_experts=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    adapted = fastlora.apply_lora(
+        copy.deepcopy(base),
+        fastlora.LoraConfig(r=4, init_lora_weights=False, target_modules=[], target_parameters=["gate.weight"]),
+    )
+    fastlora.save_adapter(adapted, tmp_path)
+    server = MultiLoraModel(copy.deepcopy(base), target_modules="all-linear", max_adapters=2, max_rank=8)
+    assert "gate.weight" in server.target_parameters
+    server.load_adapter("router", tmp_path)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(8))
+    logits = server(ids, adapter_names=["router", None]).logits
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    torch.testing.assert_close(logits[1], expected[1], rtol=0, atol=2e-2)
+    assert not torch.allclose(logits[0], expected[0], atol=2e-2)

@@ -10,7 +10,9 @@ with ``weight [E, N, K]`` (``[E, K, N]`` when ``transposed``, GPT-OSS's layout),
 ``lora_B [E, N, r]`` (any strides). ``ΔW_e = s·B_e·A_e`` is never formed.
 
 How it runs on the Triton backend. The base GEMMs stay the model's own kind: ``torch.nn.functional.grouped_mm`` (or
-``torch._grouped_mm``), the grouped GEMM transformers runs for its experts, on CUDA; elsewhere a loop over the experts.
+``torch._grouped_mm``), the grouped GEMM transformers runs for its experts, on CUDA for bf16 operands with 16-byte
+aligned strides; otherwise a loop over the experts, which reads ``offsets`` on the host (a synchronisation per
+projection on a GPU: fp16 and fp32 experts pay it).
 The LoRA terms are ``fastlora.kernels.grouped``'s kernels around it: a grouped shrink writes ``xa = D(x)·A_eᵀ``
 (``[S, r]``, fp32), and a grouped expand adds ``s·xa·B_eᵀ`` and the bias into the base GEMM's output in place. The
 backward computes ``dx = dy·W_e`` with the same grouped GEMM and adds ``D'(s·dy·B_e·A_e)`` into it in place (a shrink

@@ -9,9 +9,10 @@ Both read the batch of the running call as ``MultiLoraLinear`` does (``fastlora.
   (``fastlora.ops.multi_expert_lora_``): rows are grouped per (adapter slot, expert), one segment per pair, and run
   through the grouped shrink and expand kernels. Rows without an adapter cost nothing beyond the base GEMMs.
 - ``MultiLoraParameter`` runs the router's own forward (its softmax, top-k and normalisation are the model's code)
-  and computes the ``F.linear`` it makes with its weight as ``fastlora.multi_lora_linear`` with the pool's adapters
-  (a ``TorchFunctionMode`` catches that one call). A router whose forward never calls ``F.linear`` on its weight
-  cannot take per-row adapters: it raises rather than serve the base router silently.
+  and adds, to the ``F.linear`` it makes with its weight (or with a cast of it, as DeepSeek-V3's fp32 router does),
+  each row's LoRA term (a ``TorchFunctionMode`` catches that one call). A router whose forward with adapters in the
+  batch does not call ``F.linear`` on its weight exactly once cannot take per-row adapters: it raises rather than
+  serve the base router silently.
 
 Limits: eager forwards only (``torch.compile`` and CUDA-graph decode steps of these layers are not supported: the
 per-(slot, expert) grouping is built on the device per call, and ``MultiLoraModel`` runs decode steps of models with
@@ -75,57 +76,76 @@ class MultiLoraExperts(SharedBase):
         return f"projections={list(self.pools)}"
 
 
-class _LinearOf(TorchFunctionMode):
-    """Computes the ``F.linear`` calls made with ``weight`` as ``compute(x, weight, bias)``; counts them."""
+# The tensor methods a router may cast its weight with before its ``F.linear`` (DeepSeek-V3's and GLM-4-MoE's compute
+# the router in fp32: ``F.linear(x.float(), self.weight.float())``).
+_CASTS = {torch.Tensor.float, torch.Tensor.to, torch.Tensor.type, torch.Tensor.double, torch.Tensor.half,
+          torch.Tensor.bfloat16, torch.Tensor.contiguous}  # fmt: skip
 
-    def __init__(self, weight: torch.Tensor, compute):
+
+class _LinearOf(TorchFunctionMode):
+    """Adds ``lora(x)`` to the ``F.linear`` calls made with ``weight`` (or a cast of it, made inside the mode); counts
+    them."""
+
+    def __init__(self, weight: torch.Tensor, lora):
         super().__init__()
-        self.weight, self.compute, self.calls = weight, compute, 0
+        self.lora, self.calls = lora, 0
+        self.weights = {id(weight): weight}  # the weight and its casts, kept alive while the mode is on
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is nn.functional.linear and len(args) >= 2 and args[1] is self.weight:
+        out = func(*args, **kwargs)
+        if func in _CASTS and args and id(args[0]) in self.weights and isinstance(out, torch.Tensor):
+            self.weights[id(out)] = out
+        elif func is nn.functional.linear and len(args) >= 2 and id(args[1]) in self.weights:
             self.calls += 1
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return self.compute(args[0], args[1], bias)
-        return func(*args, **kwargs)
+            out = out + self.lora(args[0]).to(out.dtype)
+        return out
 
 
 class MultiLoraParameter(SharedBase):
-    """A router (a module whose forward computes ``F.linear(x, weight[, bias])`` and then its own routing), each token
-    adding its row's adapter: ``logits[t] = x[t]·(W + s_slot·B_slot·A_slot)ᵀ`` (``fastlora.multi_lora_linear``)."""
+    """A router (a module whose forward computes ``F.linear(x, weight[, bias])``, possibly on a cast of its weight, then
+    its own routing), each token adding its row's adapter: ``logits[t] = x[t]·Wᵀ + s_slot·(x[t]·A_slotᵀ)·B_slotᵀ``.
+
+    The router's own ``F.linear`` runs as the model wrote it; the LoRA term is ``fastlora.multi_lora_linear`` over the
+    pool with a zero base weight (the router's size, ``E·H``, allocated once per dtype), in the pool's dtype."""
 
     def __init__(self, base: nn.Module, parameter_name: str, pool: PoolLayer):
         super().__init__()
         self._adopt(base)
         self.parameter_name = parameter_name
         object.__setattr__(self, "pool", pool)
+        object.__setattr__(self, "_zeros", {})
 
     def forward(self, *args, **kwargs):
         base = self.base_module
         source = _BATCH.get()
-        if source is None:
-            return base(*args, **kwargs)
-        weight = getattr(base, self.parameter_name)
+        hidden = args[0] if args else next(iter(kwargs.values()), None)
         pool = self.pool
+        if source is None or not isinstance(hidden, torch.Tensor):
+            return base(*args, **kwargs)
+        if source.meta_for(pool, tuple(hidden.shape[:-1]), hidden.device) is None:
+            return base(*args, **kwargs)  # no row of this batch has an adapter here
 
-        def compute(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        def lora(x: torch.Tensor) -> torch.Tensor:
             meta = source.meta_for(pool, tuple(x.shape[:-1]), x.device)
-            if meta is None:
-                return nn.functional.linear(x, w, bias)
+            dtype = pool.a_pool.dtype
+            zeros = self._zeros.get((dtype, x.device))
+            if zeros is None:
+                zeros = torch.zeros(pool.out_features, pool.in_features, dtype=dtype, device=x.device)
+                self._zeros[(dtype, x.device)] = zeros
             return multi_lora_linear(
-                x, w, bias, pool.a_pool, pool.b_pool, meta, slot_ranks=pool.slot_ranks,
+                x.to(dtype), zeros, None, pool.a_pool, pool.b_pool, meta, slot_ranks=pool.slot_ranks,
                 slot_scalings=pool.slot_scalings,
             )  # fmt: skip
 
-        mode = _LinearOf(weight, compute)
+        mode = _LinearOf(getattr(base, self.parameter_name), lora)
         with mode:
             out = base(*args, **kwargs)
-        if mode.calls == 0:
+        if mode.calls != 1:
             raise RuntimeError(
-                f"MultiLoraParameter {pool.name!r}: the forward of {type(base).__name__} did not call "
-                f"torch.nn.functional.linear with its {self.parameter_name!r}, so per-row adapters cannot be applied to "
-                "it; leave it out of target_parameters"
+                f"MultiLoraParameter {pool.name!r}: the forward of {type(base).__name__} called "
+                f"torch.nn.functional.linear with its {self.parameter_name!r} {mode.calls} times, not once, so per-row "
+                "adapters cannot be applied to it; leave it out of target_parameters"
             )
         return out
 

@@ -213,6 +213,9 @@ class MultiLoraModel:
     ``target_modules``: the layers adapters may adapt, as in ``LoraConfig`` (names or suffixes, a regex, or
     ``"all-linear"``); ``target_parameters``: the parameters they may adapt (PEFT's ``target_parameters``: the fused
     expert projections and router weights of mixture-of-experts models); an adapter may target any subset of them.
+    As in PEFT, ``target_modules=None`` with ``target_parameters`` adds PEFT's default modules for the model's type
+    (``q_proj`` / ``v_proj`` for Mixtral), and old expert recipes and ``"all-linear"`` are rewritten for transformers
+    v5's fused experts (``fastlora.config.moe_recipe``).
     Linear layers inside a module list of routed experts are refused (left out, with a warning, under
     ``"all-linear"``; module docstring). ``max_adapters``: device slots (adapters resident
     at once; a batch may use at most this many distinct adapters). ``max_rank``: the largest rank an adapter may
