@@ -86,8 +86,7 @@ def tile_list(offsets: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch
 def shrink_gpu_configs() -> list[triton.Config]:
     """Every config the autotuner may pick on a GPU (``BLOCK_M`` comes from the tile list)."""
     return [
-        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bk, w, s in [(64, 4, 4), (128, 4, 3), (128, 8, 3)]
+        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s) for bk, w, s in [(64, 4, 4), (128, 4, 3), (128, 8, 3)]
     ]
 
 
@@ -218,8 +217,7 @@ def grouped_shrink(
 def expand_gpu_configs() -> list[triton.Config]:
     """Every config the autotuner may pick on a GPU (``BLOCK_M`` comes from the tile list)."""
     return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in [(64, 4, 2), (128, 8, 2), (256, 8, 2)]
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in [(64, 4, 2), (128, 8, 2), (256, 8, 2)]
     ]
 
 

@@ -130,7 +130,7 @@ def test_bench_markdown_has_every_table(quick_all):
     if bench.bench_device().type == "cpu":
         assert bench.CPU_DISCLAIMER in markdown
     headings = ("## linear", "### fwd", "### fwd+bwd", "## memory", "## train", "## multi", "### layer", "### model",
-                "### registered adapters", "## overhead")  # fmt: skip
+                "### registered adapters", "## overhead", "## moe", "### block", "### train")  # fmt: skip
     for heading in headings:
         assert f"\n{heading}\n" in markdown
     names = (bench.FROZEN, bench.NAIVE, bench.PEFT, bench.FASTLORA, bench.PATCHED, train.APPLY_LORA,
@@ -149,7 +149,8 @@ def test_bench_markdown_has_every_table(quick_all):
         if r["suite"] == "linear"
     }
     multi_cases = {_row_key(r)[:-1] for r in rows if r["suite"] == "multi"}
-    expected = len(linear_cases) + len(multi_cases) + sum(r["suite"] in ("memory", "train", "overhead") for r in rows)
+    rowwise = ("memory", "train", "overhead", "moe")
+    expected = len(linear_cases) + len(multi_cases) + sum(r["suite"] in rowwise for r in rows)
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
     headers = [line for line in lines if line.startswith(("| M |", "| size |", "| T |", "| ---"))]
     assert len(lines) - len(headers) == expected

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlora.bench import common, linear, multi_layer, multi_model, overhead, targets, train, warm
+from fastlora.bench import common, linear, moe, multi_layer, multi_model, overhead, targets, train, warm
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = torch.device("cuda")
@@ -71,6 +71,7 @@ def test_headline_cases_cover_every_target_of_the_readme(monkeypatch):
     """Rows shaped as the GPU headline cases would give them, with placeholder figures: every README target reads at
     least one of them, and the cases have the sizes the table states."""
     monkeypatch.setattr(train, "device_memory", lambda device: 141 * 2**30)
+    monkeypatch.setattr(moe, "device_memory", lambda device: 141 * 2**30)
     lin = linear.linear_cases(GPU, headline=True)
     assert {(c.K, c.N, c.dtype, c.mode) for c in lin} == {(4096, 4096, "bf16", "fwd+bwd")}
     assert (
@@ -85,6 +86,10 @@ def test_headline_cases_cover_every_target_of_the_readme(monkeypatch):
     assert {c.registered for c in models if c.sweep == "registered"} == {8, 512}
     calls = overhead.overhead_cases(GPU, headline=True)
     assert all(c.dropout > 0 for c in calls) and {c.K for c in calls} == {4096}
+    blocks = moe.moe_block_cases(GPU, headline=True)
+    assert {(c.experts, c.top_k, c.hidden, c.intermediate, c.tokens) for c in blocks} == {
+        (128, 8, 2048, 768, 8192), (8, 2, 4096, 14336, 4096)
+    } and {(c.r, c.dtype) for c in blocks} == {(16, "bf16")}  # fmt: skip
 
     figures = {"ratio_to_frozen": 1.0, "speedup_over_peft": 1.0, "peak_over_peft": 1.0, "ratio_to_base": 1.0,
                "throughput_vs_fewest_registered": 1.0, "fewest_registered": 8, "launches": 2, "host_us_fwd": 1.0, "M": 1, "r": 1,
@@ -94,6 +99,7 @@ def test_headline_cases_cover_every_target_of_the_readme(monkeypatch):
     rows += _case_rows("multi", [layer], [multi_layer.MULTI], level="layer")
     rows += _case_rows("multi", models, list(multi_model.MODEL_CONTENDERS), level="model")
     rows += _case_rows("overhead", calls, list(overhead.CONTENDERS))
+    rows += _case_rows("moe", blocks, list(moe.BLOCK_CONTENDERS), level="block")
     rows = [{**figures, **row} for row in rows]
     for id_, _ in _readme_targets():
         readers = [t for t in targets.TARGETS if t.id == id_]
@@ -166,7 +172,7 @@ def test_rehearsal_runs_every_step_and_passes(rehearsal):
     log = (out / "gpu.log").read_text()
     assert "a rehearsal without a GPU" in log
     for step in ("CUDA tests (pytest -m gpu): passed", *(f"bench --headline --suite {s}: passed" for s in
-                 ("overhead", "multi", "linear", "train"))):  # fmt: skip
+                 ("overhead", "multi", "linear", "train", "moe"))):  # fmt: skip
         assert step in log, step
     assert " passed, 0 failed" in log  # the CUDA tests ran in their CPU dry-run mode, none skipped into passing
 
@@ -179,7 +185,7 @@ def test_rehearsal_output_is_flat_small_and_parses(rehearsal):
     assert {"results.json", "results.md", "targets.md", "gpu.log"} <= names and any(n.endswith(".png") for n in names)
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows and all(row["headline"] for row in rows)
-    assert {row["suite"] for row in rows} == {"overhead", "multi", "linear", "train"}
+    assert {row["suite"] for row in rows} == {"overhead", "multi", "linear", "train", "moe"}
     table = dict(targets.parse_targets_table((out / "targets.md").read_text()))
     assert set(table) == {id_ for id_, _ in _readme_targets()}
     statuses = {cells[3] for cells in table.values()}

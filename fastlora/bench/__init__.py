@@ -14,7 +14,10 @@ level):
   suite: its rows carry ``level`` (``layer`` or ``model``), and results.md has one ``## multi`` section with each
   level's tables (``common.multilevel_suite``);
 - ``overhead``: what one layer call costs beyond its GEMMs: kernel launches and host syncs per forward+backward, host
-  time per call, bytes saved for backward (``fastlora.bench.overhead``).
+  time per call, bytes saved for backward (``fastlora.bench.overhead``);
+- ``moe``: LoRA on mixture-of-experts experts (PEFT's ``target_parameters``) against PEFT, at two levels in one module
+  (``fastlora.bench.moe``, joined by ``common.multilevel_suite``): ``block``, one sparse MoE block's forward+backward
+  against the frozen block, and ``train``, one optimizer step of a small Qwen3-MoE-style model.
 
 Headline runs (``run(headline=True)``, ``fastlora bench --headline``) measure only the cases that the README's
 performance targets are read from, and write ``targets.md``: each target, the value measured, met or missed
@@ -42,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from . import linear, memory, multi_layer, multi_model, overhead, report, targets, train
+from . import linear, memory, moe, multi_layer, multi_model, overhead, report, targets, train
 from .common import (
     CPU_DISCLAIMER,
     DTYPES,
@@ -79,6 +82,7 @@ from .linear import (
     peft_lora_linear,
 )
 from .memory import MemoryCase, SavedTensors, memory_cases, saved_for_backward
+from .moe import MoeBlockCase, MoeTrainCase, moe_block_cases, moe_train_cases
 from .multi_layer import MultiCase, layer_cases
 from .multi_model import MultiModelCase, model_cases
 from .report import Written, read_rows
@@ -86,17 +90,17 @@ from .train import TrainCase, train_cases
 
 MULTI_SUITE = multilevel_suite("multi", (multi_layer.LEVEL, multi_model.LEVEL))
 SUITES: dict[str, Suite] = {
-    suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE, MULTI_SUITE, overhead.SUITE)
+    suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE, MULTI_SUITE, overhead.SUITE, moe.SUITE)
 }
 
 __all__ = [
     "CPU_DISCLAIMER", "DTYPES", "FASTLORA", "FROZEN", "MODES", "NAIVE", "PATCHED", "PEFT", "QUANTILES", "SUITES",
-    "BenchmarkMismatch", "LinearCase", "LinearInputs", "MemoryCase", "MultiCase", "MultiModelCase", "SavedTensors",
-    "Suite", "TrainCase", "Written", "bench_backend", "bench_device", "check_agreement", "default_out_dir",
-    "device_slug", "environment", "forced_backend", "format_markdown", "layer_cases", "linear_cases",
-    "linear_contender_names", "linear_contenders", "linear_flops", "make_linear_inputs", "memory_cases", "model_cases",
-    "peak_memory_bytes", "peft_lora_linear", "read_rows", "run", "saved_for_backward", "synchronized", "time_ms",
-    "train_cases", "with_backend", "write_results",
+    "BenchmarkMismatch", "LinearCase", "LinearInputs", "MemoryCase", "MoeBlockCase", "MoeTrainCase", "MultiCase",
+    "MultiModelCase", "SavedTensors", "Suite", "TrainCase", "Written", "bench_backend", "bench_device",
+    "check_agreement", "default_out_dir", "device_slug", "environment", "forced_backend", "format_markdown",
+    "layer_cases", "linear_cases", "linear_contender_names", "linear_contenders", "linear_flops", "make_linear_inputs",
+    "memory_cases", "model_cases", "moe_block_cases", "moe_train_cases", "peak_memory_bytes", "peft_lora_linear",
+    "read_rows", "run", "saved_for_backward", "synchronized", "time_ms", "train_cases", "with_backend", "write_results",
 ]  # fmt: skip
 
 

@@ -5,7 +5,9 @@
 largest for an upper bound, the smallest for a lower one) and the bound. ``evaluate(rows)`` gives one ``Outcome`` per
 target, and ``format_targets`` writes ``targets.md``: the table with the measured value, met or missed, and the case
 that decided it. The serving targets (P7, P8) read ``MultiLoraModel`` with CUDA graphs, as it ships; P8 against the
-base model with CUDA graphs, so that neither side's figure carries host time the other saves. Rows measured on a CPU
+base model with CUDA graphs, so that neither side's figure carries host time the other saves. The mixture-of-experts
+targets (P11 to P13) read the ``moe`` suite's block level: both fastlora contenders (``apply_lora`` and ``patch_peft``),
+each against PEFT's ``target_parameters`` and the frozen block of the same case. Rows measured on a CPU
 give values (they prove the chain from rows to report works) but no verdict: their status says they are no GPU
 figure.
 """
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .common import FASTLORA, PATCHED
+from .moe import TARGET_PEAK_OVER_PEFT, TARGET_RATIO_TO_FROZEN, TARGET_SPEEDUP_OVER_PEFT
 from .multi_layer import MULTI
 from .multi_model import MULTI_MODEL
 from .train import APPLY_LORA
@@ -91,6 +94,11 @@ def _overhead(row: dict) -> bool:
     return row["suite"] == "overhead" and row["contender"] == FASTLORA and row["dropout"] > 0
 
 
+def _moe_block(row: dict) -> bool:
+    """A fastlora row of the ``moe`` suite's block level (LoRA on the experts' ``gate_up_proj`` and ``down_proj``)."""
+    return row["suite"] == "moe" and row.get("level") == "block" and row["contender"] in (APPLY_LORA, PATCHED)
+
+
 TARGETS: tuple[Target, ...] = (
     Target(
         "P1", "LoRA layer forward+backward / frozen `nn.Linear` forward+backward (W0 frozen, x needs grad), K = N = "
@@ -149,6 +157,20 @@ TARGETS: tuple[Target, ...] = (
         "P10", "host time per layer call in eager mode", "≤ 30 µs",
         _overhead, lambda row: row["host_us_fwd"], 30.0, upper=True, unit="µs",
     ),
+    Target(
+        "P11", "MoE block (router + experts) forward+backward, LoRA r = 16 on the experts' `gate_up_proj` and "
+        "`down_proj`, bf16: speedup over PEFT `target_parameters`", f"≥ {TARGET_SPEEDUP_OVER_PEFT:g}×",
+        _moe_block, lambda row: row.get("speedup_over_peft"), TARGET_SPEEDUP_OVER_PEFT, upper=False,
+    ),
+    Target(
+        "P12", "peak memory of that forward+backward against PEFT's", f"≤ {TARGET_PEAK_OVER_PEFT}×",
+        _moe_block, lambda row: row.get("peak_over_peft"), TARGET_PEAK_OVER_PEFT, upper=True,
+    ),
+    Target(
+        "P13", "that forward+backward / the frozen block's (transformers' `grouped_mm` experts)",
+        f"≤ {TARGET_RATIO_TO_FROZEN}×", _moe_block, lambda row: row.get("ratio_to_frozen"), TARGET_RATIO_TO_FROZEN,
+        upper=True,
+    ),
 )  # fmt: skip
 
 # Which fields name the case that decided each suite's target.
@@ -157,6 +179,7 @@ _CASE_FIELDS = {
     "overhead": ("M", "K", "N", "r", "dropout"),
     "train": ("size", "batch", "seq", "r", "dropout", "contender"),
     "multi": ("size", "T", "K", "N", "adapters", "ranks", "registered", "batch", "new_tokens"),
+    "moe": ("size", "experts", "top_k", "hidden", "intermediate", "tokens", "r", "contender"),
 }
 
 
