@@ -57,7 +57,9 @@ CASES = [
 
 def _cases():
     for i, case in enumerate(CASES):
-        for j, dtype in enumerate(DTYPES):
+        # The rank above the rank tile (70) runs its extra rank tiles and loop steps in fp32 only: the loops do not
+        # depend on the dtype, and each interpreted case costs seconds.
+        for j, dtype in enumerate(DTYPES if case[4] <= 64 else DTYPES[:1]):
             lora_dtype = torch.float32 if dtype == torch.float32 or (i + j) % 2 else dtype
             transposed = (i + j) % 2 == 1
             p = [0.0, 0.1][(i + 2 * j) % 2]
