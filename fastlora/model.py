@@ -119,28 +119,34 @@ def adapted_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     return targets
 
 
-def _is_v5() -> bool:
+def _fuses_experts(model_type: str | None) -> bool:
+    """Whether the installed transformers (v5 or newer) converts checkpoints of ``model_type`` to fused experts: PEFT's
+    condition for rewriting old mixture-of-experts recipes (``get_checkpoint_conversion_mapping``)."""
     try:
         import transformers
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:
         return False
-    return int(transformers.__version__.split(".")[0]) >= 5
+    if int(transformers.__version__.split(".")[0]) < 5 or model_type is None:
+        return False
+    return get_checkpoint_conversion_mapping(model_type) is not None
 
 
 def moe_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """``config`` as PEFT rewrites it for ``model`` (``fastlora.config.moe_recipe``): under transformers v5, the old
-    expert and router names of mixture-of-experts recipes (``w1 w2 w3 gate``, ``gate_proj up_proj down_proj gate``) and
-    ``"all-linear"`` become ``target_parameters`` on the fused expert weights and the router. Other configs come back
-    equal."""
+    """``config`` as PEFT rewrites it for ``model`` (``fastlora.config.moe_recipe``): when the installed transformers
+    (v5 or newer) converts the model type's checkpoints to fused experts (PEFT's test), the old expert and router names
+    of mixture-of-experts recipes (``w1 w2 w3 gate``, ``gate_proj up_proj down_proj gate``) and ``"all-linear"`` become
+    ``target_parameters`` on the fused expert weights and the router. Other configs come back equal."""
     linear = (*_linear_types(), AdaptedLinear)
     heads = _output_head_names(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     return moe_recipe(
         config,
-        getattr(getattr(model, "config", None), "model_type", None),
+        model_type,
         module_names=[n for n, _ in model.named_modules()],
         parameter_names=[n for n, _ in model.named_parameters()],
         linear_names=[n for n, m in model.named_modules() if isinstance(m, linear) and n not in heads],
-        transformers_v5=_is_v5(),
+        transformers_v5=_fuses_experts(model_type),
     )
 
 

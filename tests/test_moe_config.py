@@ -241,7 +241,14 @@ def test_model_types_and_renames_are_peft_s():
         for model_type, style in conversion._MODEL_TO_CONVERSION_PATTERN.items()
         if conversion._MOE_TARGET_MODULE_MAPPING.get(style) and conversion._MOE_FUSED_TARGETS.get(style)
     }
-    assert config_module.MOE_RECIPE_STYLES == styles
+    # PEFT reads the model types from the installed transformers' conversion mapping: fastlora's table holds the newest
+    # release's, so an older transformers may lack some, only ones it has no model for.
+    ours = config_module.MOE_RECIPE_STYLES
+    assert all(ours.get(model_type) == style for model_type, style in styles.items())
+    # ... and those it has a model for but no conversion (so no fused experts): fastlora.model.moe_config then leaves
+    # them alone too, as PEFT does.
+    known = set(transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES)
+    assert all(conversion.get_checkpoint_conversion_mapping(t) is None for t in (set(ours) - set(styles)) & known)
     assert all(conversion.get_checkpoint_conversion_mapping(model_type) is not None for model_type in styles)
     assert config_module._MOE_RENAMES == conversion._MOE_TARGET_MODULE_MAPPING
     fused = {style: {k: list(v) for k, v in pairs.items()} for style, pairs in config_module._MOE_FUSED.items()}
