@@ -118,7 +118,7 @@ def test_matches_peft_both_ways(arch, tmp_path, device):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected.logits, rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_merge_unload_disable(arch, tmp_path, device):
     """``merge_and_unload`` gives PEFT's merged model (the model's own expert modules back, with ``W + ΔW``);
     ``disable_adapters`` computes the base model; ``unload`` gives the base weights back exactly."""
@@ -142,7 +142,7 @@ def test_merge_unload_disable(arch, tmp_path, device):
         assert all(torch.equal(v, base.state_dict()[k]) for k, v in unloaded.state_dict().items())
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_patch_peft_runs_the_grouped_kernels(arch, device):
     """``patch_peft`` computes PEFT's expert ``ParamWrapper`` chains with fastlora's grouped op: same logits and
     gradients as PEFT's forward, kernels launched, routers left to PEFT's forward (named in the summary)."""
