@@ -24,13 +24,16 @@ Saved for the backward: ``x`` (which the caller's graph holds anyway), the weigh
 dropout seed: the mask is regenerated, never stored. The base weights and bias are frozen: a ``weight`` or ``bias``
 that requires grad is refused.
 
+Two entry points run the same implementation (``_forward`` / ``_backward``): an autograd function in eager mode, and
+under ``torch.compile`` the custom ops ``fastlora::grouped_lora_fwd`` / ``fastlora::grouped_lora_bwd`` (fake
+implementations and an autograd formula), so a model with ``LoraExperts`` compiles with ``fullgraph=True``.
+
 The torch backend runs ``fastlora.reference.grouped_lora_linear_reference`` under autograd (same mask, same math).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
@@ -47,11 +50,13 @@ class Routing:
 
     ``rows [S]``: the token of each sorted row (``S = tokens · top_k``); ``order [S]``: the position of each sorted row
     in the flattened ``top_k_index`` (``order // top_k`` is its token), so ``weights.reshape(-1)[order]`` are the rows'
-    routing weights; ``experts [S]``: each row's expert; ``offsets [E + 1]`` int32: expert ``e`` owns rows ``offsets[e] .. offsets[e + 1] - 1``.
+    routing weights, and ``inverse [S]`` the sorted row of each flattened pair (``out_sorted[inverse]`` restores the
+    router's order); ``experts [S]``: each row's expert; ``offsets [E + 1]`` int32: expert ``e`` owns rows ``offsets[e] .. offsets[e + 1] - 1``.
     Built on the device without a host synchronisation (``route``)."""
 
     rows: torch.Tensor
     order: torch.Tensor
+    inverse: torch.Tensor
     experts: torch.Tensor
     offsets: torch.Tensor
     num_experts: int
@@ -60,13 +65,6 @@ class Routing:
     @property
     def num_rows(self) -> int:
         return self.rows.numel()
-
-    @functools.cached_property
-    def inverse(self) -> torch.Tensor:
-        """The sorted row of each flattened ``(token, k)`` pair: ``out_sorted[inverse]`` restores the router's order."""
-        inverse = torch.empty_like(self.order)
-        inverse[self.order] = torch.arange(self.order.numel(), device=self.order.device)
-        return inverse
 
     def tiles(self, narrow: bool) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
         """``(block_m, (tile_expert, tile_start))``: the tile list the grouped kernels walk (``kernels.tile_list``),
@@ -93,7 +91,9 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> Routing:
     experts, order = torch.sort(flat, stable=True)
     bounds = torch.arange(num_experts + 1, device=flat.device, dtype=experts.dtype)
     offsets = torch.searchsorted(experts, bounds).to(torch.int32)
-    return Routing(order // top_k, order, experts, offsets, num_experts, top_k)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return Routing(order // top_k, order, inverse, experts, offsets, num_experts, top_k)
 
 
 # --- the base grouped GEMM ------------------------------------------------------------------------------------------
@@ -148,39 +148,126 @@ def _narrow(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float) -> bool:
     return dropout_p > 0.0 or torch.float32 in (x.dtype, lora_A.dtype)
 
 
+def _forward(x, weight, bias, lora_A, lora_B, offsets, tiles, block_m, scaling, dropout_p, seed, transposed):
+    """``(y, xa)``: the base grouped GEMM, then the grouped shrink and expand (``xa`` fp32, for the backward)."""
+    y = base_grouped_mm(x, _w_t(weight, transposed), offsets)
+    xa = kernels.grouped_shrink(x, lora_A, offsets, tiles, block_m, 1.0, dropout_p, seed)
+    kernels.grouped_expand_(y, xa, lora_B, offsets, tiles, block_m, scaling, bias)
+    return y, xa
+
+
+def _backward(dy, x, weight, lora_A, lora_B, xa, offsets, tiles, block_m, scaling, dropout_p, seed, transposed, need):
+    """``(dx, dA, dB)``, each None unless ``need`` (a triple of bools) asks for it."""
+    need_dx, need_a, need_b = need
+    dy = dy.contiguous()
+    dx = dA = dB = None
+    if need_dx or need_a:
+        dxa = kernels.grouped_shrink(dy, lora_B.transpose(1, 2), offsets, tiles, block_m, scaling)
+    if need_dx:
+        dx = base_grouped_mm(dy, _w_t(weight, transposed).transpose(1, 2), offsets)
+        kernels.grouped_expand_(dx, dxa, lora_A.transpose(1, 2), offsets, tiles, block_m, 1.0, None, dropout_p, seed)
+    if need_a:
+        dA = kernels.grouped_wgrad(dxa, x, offsets, torch.empty_like(lora_A), 1.0, dropout_p, seed)
+    if need_b:
+        dB = torch.empty_like(lora_B)
+        kernels.grouped_wgrad(xa, dy, offsets, dB.transpose(1, 2), scaling)
+    return dx, dA, dB
+
+
 class _GroupedLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, routing, scaling, dropout_p, seed, transposed):
         block_m, tiles = routing.tiles(_narrow(x, lora_A, dropout_p))
-        offsets = routing.offsets
-        y = base_grouped_mm(x, _w_t(weight, transposed), offsets)
-        xa = kernels.grouped_shrink(x, lora_A, offsets, tiles, block_m, 1.0, dropout_p, seed)
-        kernels.grouped_expand_(y, xa, lora_B, offsets, tiles, block_m, scaling, bias)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-        ctx.routing, ctx.scaling, ctx.dropout_p, ctx.transposed = routing, scaling, dropout_p, transposed
+        y, xa = _forward(x, weight, bias, lora_A, lora_B, routing.offsets, tiles, block_m, scaling, dropout_p, seed,
+                         transposed)  # fmt: skip
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed, routing.offsets, *tiles)
+        ctx.block_m, ctx.scaling, ctx.dropout_p, ctx.transposed = block_m, scaling, dropout_p, transposed
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        routing, s, p = ctx.routing, ctx.scaling, ctx.dropout_p
-        offsets = routing.offsets
-        dy = dy.contiguous()
-        dx = dA = dB = None
-        need_dx, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        if need_dx or need_a:
-            block_m, tiles = routing.tiles(_narrow(x, lora_A, p))
-            dxa = kernels.grouped_shrink(dy, lora_B.transpose(1, 2), offsets, tiles, block_m, s)
-        if need_dx:
-            w_t = _w_t(weight, ctx.transposed)
-            dx = base_grouped_mm(dy, w_t.transpose(1, 2), offsets)
-            kernels.grouped_expand_(dx, dxa, lora_A.transpose(1, 2), offsets, tiles, block_m, 1.0, None, p, seed)
-        if need_a:
-            dA = kernels.grouped_wgrad(dxa, x, offsets, torch.empty_like(lora_A), 1.0, p, seed)
-        if need_b:
-            dB = torch.empty_like(lora_B)
-            kernels.grouped_wgrad(xa, dy, offsets, dB.transpose(1, 2), s)
+        x, weight, lora_A, lora_B, xa, seed, offsets, *tiles = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        dx, dA, dB = _backward(dy, x, weight, lora_A, lora_B, xa, offsets, tuple(tiles), ctx.block_m, ctx.scaling,
+                               ctx.dropout_p, seed, ctx.transposed, need)  # fmt: skip
         return dx, None, None, dA, dB, None, None, None, None, None
+
+
+# --- custom ops (torch.compile) -------------------------------------------------------------------------------------
+# The same implementation as two opaque ops with fake (meta) implementations and an autograd formula, so
+# ``torch.compile(fullgraph=True)`` traces a model with LoraExperts without graph breaks. The routing enters as its
+# tensors (offsets and the tile list) and the tile height.
+
+
+@torch.library.custom_op("fastlora::grouped_lora_fwd", mutates_args=())
+def _grouped_lora_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    offsets: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_start: torch.Tensor,
+    block_m: int,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    transposed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, lora_A, lora_B, offsets, (tile_expert, tile_start), block_m, scaling, dropout_p,
+                    seed, transposed)  # fmt: skip
+
+
+@_grouped_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, offsets, tile_expert, tile_start, block_m, scaling, dropout_p, seed, transposed):
+    return x.new_empty((x.shape[0], lora_B.shape[1])), x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlora::grouped_lora_bwd", mutates_args=())
+def _grouped_lora_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    offsets: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_start: torch.Tensor,
+    block_m: int,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    transposed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dA, dB = _backward(dy, x, weight, lora_A, lora_B, xa, offsets, (tile_expert, tile_start), block_m, scaling,
+                           dropout_p, seed, transposed, (True, True, True))  # fmt: skip
+    return dx, dA, dB
+
+
+@_grouped_lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, offsets, tile_expert, tile_start, block_m, scaling, dropout_p, seed,
+      transposed):  # fmt: skip
+    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, lora_A, lora_B, offsets, tile_expert, tile_start, block_m, scaling, dropout_p, seed, transposed = (
+        inputs
+    )
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], offsets, tile_expert, tile_start, seed)
+    ctx.block_m, ctx.scaling, ctx.dropout_p, ctx.transposed = block_m, scaling, dropout_p, transposed
+
+
+def _op_backward(ctx, dy, _dxa):
+    x, weight, lora_A, lora_B, xa, offsets, tile_expert, tile_start, seed = ctx.saved_tensors
+    dx, dA, dB = _grouped_lora_bwd(dy, x, weight, lora_A, lora_B, xa, offsets, tile_expert, tile_start, ctx.block_m,
+                                   ctx.scaling, ctx.dropout_p, seed, ctx.transposed)  # fmt: skip
+    return dx, None, None, dA, dB, *(None,) * 8
+
+
+_grouped_lora_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # --- the op ---------------------------------------------------------------------------------------------------------
@@ -271,7 +358,15 @@ def grouped_lora_linear(
         )
     if seed is None:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    return _GroupedLoraFunction.apply(x, weight, bias, lora_A, lora_B, routing, scaling, p, seed.reshape(1), transposed)
+    seed = seed.reshape(1)
+    if torch.compiler.is_compiling():
+        narrow = p > 0.0 or torch.float32 in (x.dtype, lora_A.dtype)
+        block_m = kernels.tile_rows(routing.num_rows, routing.num_experts, narrow)
+        tile_expert, tile_start = kernels.tile_list(routing.offsets, routing.num_rows, block_m)
+        y, _ = _grouped_lora_fwd(x, weight, bias, lora_A, lora_B, routing.offsets, tile_expert, tile_start, block_m,
+                                 scaling, p, seed, transposed)  # fmt: skip
+        return y
+    return _GroupedLoraFunction.apply(x, weight, bias, lora_A, lora_B, routing, scaling, p, seed, transposed)
 
 
 # --- many adapters over the experts (serving) ----------------------------------------------------------------------
