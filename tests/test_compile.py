@@ -75,18 +75,31 @@ def test_compile_fullgraph_multi_lora_linear(impl, device):
     assert_close(eager, expected(h[:, :24].float().contiguous(), w, b, a_pool, b_pool, meta), torch.float32, 48)
 
 
+class _Experts(nn.Module):
+    """A fused-experts module as transformers' ``@use_experts_implementation`` builds them (the flags and the two 3-D
+    projections ``LoraExperts`` reads), without transformers."""
+
+    num_experts, has_gate, has_bias, is_transposed = 4, True, False, False
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 2 * 24, 32, generator=g) * 0.2)
+        self.down_proj = nn.Parameter(torch.randn(4, 32, 24, generator=g) * 0.2)
+        self.act_fn = nn.SiLU()
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
 def test_compile_fullgraph_lora_experts(device):
     """Mixture-of-experts LoRA (routing, the grouped op as a custom op, dropout) traces without graph breaks and
     computes what eager mode computes, gradients included."""
-    import copy
-
-    from test_moe import tiny_moe
-
     from fastlora import LoraExperts
 
     torch._dynamo.reset()
-    experts = copy.deepcopy(tiny_moe("qwen3_moe").model.layers[0].mlp.experts).to(device)
-    layer = LoraExperts(experts, {"gate_up_proj": (4, 8.0), "down_proj": (2, 4.0)}, lora_dropout=0.1,
+    layer = LoraExperts(_Experts().to(device), {"gate_up_proj": (4, 8.0), "down_proj": (2, 4.0)}, lora_dropout=0.1,
                         init_lora_weights=False).train()  # fmt: skip
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 32, generator=g).to(device)
