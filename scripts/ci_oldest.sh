@@ -5,6 +5,8 @@
 # where Triton 3.6's interpreter still converts scalars. torch 2.11 comes from PyPI as its CUDA build (about 5 GB,
 # once per venv); it runs without a GPU. Any pytest exit code but 0 fails the script (5: no tests collected).
 #   scripts/ci_oldest.sh [pytest options]     FASTLORA_OLDEST_VENV defaults to .venv-oldest, PYTHON to python3
+#   scripts/ci_oldest.sh --prepare            only make the venv and install the pinned pair (its slow part, disk
+#                                             bound; .ci/run does it while the main test suite runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${FASTLORA_OLDEST_VENV:-.venv-oldest}
@@ -21,15 +23,22 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 py="$venv/bin/python"
+pins=(torch==2.11.0 triton==3.6.0 'numpy<2.3')
+if [ "${1:-}" = --prepare ]; then
+  "$py" -m pip install -q "${pins[@]}"
+  echo "ci_oldest --prepare: done in $((SECONDS - start)) s"
+  exit 0
+fi
 # The pins and the project in one resolve, so the project's own requirements cannot move the pins.
-"$py" -m pip install -q torch==2.11.0 triton==3.6.0 'numpy<2.3' -e '.[test]'
+"$py" -m pip install -q "${pins[@]}" -e '.[test]'
 "$py" -c 'import numpy, torch, triton; print("ci_oldest: torch", torch.__version__, "triton", triton.__version__,
                                                 "numpy", numpy.__version__)'
 
 "$py" -m pytest tests/test_static_check.py -q "$@"
-# lora_linear runs the one-pass, shrink, expand and wgrad kernels, multi_lora_linear the three multi-adapter ones;
-# test_compile traces them with this torch's torch.compile.
-"$py" -m pytest -q "$@" \
-  tests/test_lora_linear.py tests/test_dropout.py tests/test_multi_lora_linear.py \
+# lora_linear runs the one-pass, shrink, expand and wgrad kernels, multi_lora_linear the three multi-adapter ones,
+# grouped_lora the three grouped (mixture-of-experts) ones; test_compile traces them with this torch's torch.compile.
+# In two processes (pytest-xdist): these tests time nothing.
+"$py" -m pytest -q -n 2 "$@" \
+  tests/test_lora_linear.py tests/test_dropout.py tests/test_multi_lora_linear.py tests/test_grouped_lora.py \
   tests/test_compile.py tests/test_layers.py tests/test_errors.py
 echo "ci_oldest: passed in $((SECONDS - start)) s"
