@@ -8,7 +8,7 @@ import pytest
 from bench_params import contender_params
 
 from fastlora import bench
-from fastlora.bench import moe
+from fastlora.bench import moe, train
 
 DEVICE = bench.bench_device()
 BACKEND = bench.bench_backend(DEVICE)
@@ -52,5 +52,5 @@ def test_moe_train(benchmark, case, name):
         moe.check_train_agreement(case, name, moe.reference_values(model, batch), peft_reference(case))
     benchmark.group = f"moe-train-{case.label}"
     benchmark.extra_info.update(backend=BACKEND, tokens=case.tokens)
-    step = bench.with_backend(moe.make_step(model, moe.optimizer(model), batch), BACKEND)
+    step = bench.with_backend(train.make_step(model, train.optimizer(model), batch), BACKEND)
     benchmark(bench.synchronized(step, DEVICE))

@@ -331,7 +331,55 @@ def _default_lora_dtype(weight: torch.Tensor, lora_dtype: torch.dtype | None) ->
 class SharedBase(nn.Module):
     """A module that stands in for ``base`` in the model: it holds ``base``'s own parameters, buffers and children
     under their own names (shared, not copied), so the model's state-dict keys and ``.to()`` are unchanged, and keeps
-    ``base`` itself off the module tree, to call its code and to hand it back (``unwrap``)."""
+    ``base`` itself off the module tree, to call its code and to hand it back (``unwrap``).
+
+    Merging writes ``W ± ΔW`` into ``base``'s own parameters; a subclass says how (``_write_merge``), how to check it
+    first (``check_merge``) and how to start a fresh adapter (``reset_lora_parameters``)."""
+
+    merged: bool
+
+    def check_merge(self, sign: float = 1.0) -> None:
+        """Raise ``ValueError`` if merging (``sign = -1``: unmerging) would put a non-finite value into a weight;
+        changes nothing."""
+        raise NotImplementedError
+
+    def _write_merge(self, sign: float) -> None:
+        """Write ``W + sign·ΔW`` into the base module's parameters, all or nothing."""
+        raise NotImplementedError
+
+    def reset_lora_parameters(self) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W += ΔW`` in the base module's parameters (fp32 accumulation, rounded once), all or nothing."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__}.merge: LoRA is already merged")
+        self._write_merge(+1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: LoRA is not merged")
+        self._write_merge(-1.0)
+        self.merged = False
+
+    @torch.no_grad()
+    def commit_merge(self) -> None:
+        """Make the base weights ``W + ΔW`` for good (merging first if needed) and start a fresh adapter."""
+        if not self.merged:
+            self.merge()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def unwrap(self, merge: bool = False) -> nn.Module:
+        """The module given at creation, holding ``W + ΔW`` with ``merge``, else ``W`` (unmerged first if needed)."""
+        if merge and not self.merged:
+            self.merge()
+        elif not merge and self.merged:
+            self.unmerge()
+        return self.base_module
 
     def _adopt(self, base: nn.Module) -> None:
         object.__setattr__(self, "_base_module", base)
@@ -571,7 +619,8 @@ class LoraExperts(SharedBase):
                     )
 
     @torch.no_grad()
-    def _apply_merge(self, sign: float) -> None:
+    def _write_merge(self, sign: float) -> None:
+        """``W_e += sign·s·B_e·A_e`` for every adapted parameter, every expert checked first."""
         self.check_merge(sign)
         for name in self.lora:
             weight = getattr(self.base_module, name)
@@ -579,35 +628,9 @@ class LoraExperts(SharedBase):
                 weight[e].copy_(self._merged_expert(name, e, sign))
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """``W_e += s·B_e·A_e`` for every adapted parameter, all or nothing (every expert is checked first)."""
-        if self.merged:
-            raise RuntimeError("LoraExperts.merge: the adapters are already merged")
-        self._apply_merge(+1.0)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise RuntimeError("LoraExperts.unmerge: the adapters are not merged")
-        self._apply_merge(-1.0)
-        self.merged = False
-
-    @torch.no_grad()
-    def commit_merge(self) -> None:
-        if not self.merged:
-            self.merge()
-        self.merged = False
+    def reset_lora_parameters(self) -> None:
         for adapter in self.lora.values():
             adapter.reset_lora_parameters()
-
-    def unwrap(self, merge: bool = False) -> nn.Module:
-        """The experts module given at creation, holding ``W + ΔW`` with ``merge``, else ``W``."""
-        if merge and not self.merged:
-            self.merge()
-        elif not merge and self.merged:
-            self.unmerge()
-        return self.base_module
 
     def extra_repr(self) -> str:
         return f"lora_dropout={self.lora_dropout}, merged={self.merged}"
@@ -682,33 +705,12 @@ class LoraParameter(SharedBase):
                              "weight is left unchanged")  # fmt: skip
         return new
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            raise RuntimeError("LoraParameter.merge: the adapter is already merged")
-        getattr(self.base_module, self.parameter_name).copy_(self.merged_weight(+1.0))
-        self.merged = True
+    def check_merge(self, sign: float = 1.0) -> None:
+        self.merged_weight(sign)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise RuntimeError("LoraParameter.unmerge: the adapter is not merged")
-        getattr(self.base_module, self.parameter_name).copy_(self.merged_weight(-1.0))
-        self.merged = False
-
-    @torch.no_grad()
-    def commit_merge(self) -> None:
-        if not self.merged:
-            self.merge()
-        self.merged = False
-        self.reset_lora_parameters()
-
-    def unwrap(self, merge: bool = False) -> nn.Module:
-        if merge and not self.merged:
-            self.merge()
-        elif not merge and self.merged:
-            self.unmerge()
-        return self.base_module
+    def _write_merge(self, sign: float) -> None:
+        getattr(self.base_module, self.parameter_name).copy_(self.merged_weight(sign))
 
     def extra_repr(self) -> str:
         return (f"parameter={self.parameter_name}, r={self.r}, lora_alpha={self.lora_alpha}, "

@@ -480,7 +480,7 @@ def check_merges(model: nn.Module, caller: str) -> None:
         if layer.merged:
             continue
         try:
-            layer.check_merge() if isinstance(layer, LoraExperts) else layer.merged_weight()
+            layer.check_merge()
         except ValueError as e:
             raise ValueError(f"{caller}: layer {name!r}: {e}; no layer was changed") from e
 

@@ -21,6 +21,7 @@ PEFT's tensor-parallel layers always run PEFT's forward. ``torch.save`` of a who
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 import warnings
@@ -240,6 +241,8 @@ def _experts_structural_issue(chain: list[nn.Module], base: nn.Module) -> str | 
         return f"LoRA on {names} of {type(base).__name__}; fastlora computes LoRA on {projections}"
     if any("forward" in w.__dict__ for w in chain[1:]) or _has_hooks(base):
         return "hooks or a replaced forward inside the wrappers (accelerate offloading, DeepSpeed ZeRO-3, ...)"
+    if "forward" in chain[0].__dict__:
+        return "the layer's forward was already replaced on the instance"
     return None
 
 
@@ -389,34 +392,25 @@ def patch_peft(peft_model: nn.Module, *, return_summary: bool = False):
                 continue  # computed by the outermost wrapper of its chain
             chain, base = _param_chain(layer, ParamWrapper)
             names = [name + ".base_layer" * i for i in range(len(chain))]
-            if not _is_patched(layer):
-                issue = _experts_structural_issue(chain, base) or (
-                    "the layer's forward was already replaced on the instance" if "forward" in layer.__dict__ else None
-                )
-                if issue is not None:
-                    skipped.update(dict.fromkeys(names, issue))
-                    continue
-                layer._fastlora_call_log = log
-                layer.forward = types.MethodType(_fastlora_experts_forward, layer)
-            _, issue = _experts_active(chain)
-            if issue is None:
-                patched.extend(names)
-            else:
-                skipped.update(dict.fromkeys(names, issue))
-                log.warned.add(issue)
-            continue
+            forward = _fastlora_experts_forward
+            structural = functools.partial(_experts_structural_issue, chain, base)
+            active = functools.partial(_experts_active, chain)
+        else:
+            names, forward = [name], _fastlora_forward
+            structural = functools.partial(_structural_issue, layer, PeftLoraLinear)
+            active = functools.partial(_active_issue, layer)
         if not _is_patched(layer):
-            issue = _structural_issue(layer, PeftLoraLinear)
+            issue = structural()
             if issue is not None:
-                skipped[name] = issue
+                skipped.update(dict.fromkeys(names, issue))
                 continue
             layer._fastlora_call_log = log
-            layer.forward = types.MethodType(_fastlora_forward, layer)
-        _, issue = _active_issue(layer)
+            layer.forward = types.MethodType(forward, layer)
+        _, issue = active()
         if issue is None:
-            patched.append(name)
+            patched.extend(names)
         else:
-            skipped[name] = issue
+            skipped.update(dict.fromkeys(names, issue))
             log.warned.add(issue)  # warned about below; not again at call time
     summary = PatchSummary(patched=tuple(patched), skipped=skipped)
     peft_model._fastlora_call_log = log

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,7 +84,7 @@ from .common import (
     time_ms,
 )
 from .multi_batch import cpu_threads
-from .train import APPLY_LORA, PEFT_MODEL, _state_bytes, make_step, optimizer
+from .train import APPLY_LORA, PEFT_MODEL, STEP_HEADER, measure_steps, step_cells, step_plots
 
 FROZEN_BLOCK = "frozen block"
 BLOCK_CONTENDERS = (FROZEN_BLOCK, PEFT_MODEL, APPLY_LORA, PATCHED)  # PEFT before the contenders checked against it
@@ -573,36 +574,10 @@ def _train_row(case: MoeTrainCase, name: str, params: int | None, **figures) -> 
 
 
 def measure_train_case(case: MoeTrainCase, device: torch.device, min_run_time: float) -> list[dict]:
-    """Every contender in turn (one model in memory at a time): checked against PEFT, timed, its peak measured."""
-    batch = make_batch(case, device)
-    rows, expected = [], None
-    for name in TRAIN_CONTENDERS:
-        model = opt = step = got = None
-        try:
-            model = build_moe_model(case, name, device)
-            got = reference_values(model, batch)
-            expected = expected or got
-            check_train_agreement(case, name, got, expected)
-            opt = optimizer(model)
-            step = make_step(model, opt, batch)
-            median, p20, p80 = time_ms(step, device, min_run_time)
-            peak = peak_memory_bytes(step, device)
-            rows.append(_train_row(
-                case, name, sum(p.numel() for p in model.parameters()), status="ok", median_ms=median, p20_ms=p20,
-                p80_ms=p80, tokens_per_s=case.tokens / (median * 1e-3), state_bytes=_state_bytes(model, opt),
-                peak_step_bytes=peak,
-            ))  # fmt: skip
-        except torch.OutOfMemoryError:
-            rows.append(_train_row(case, name, None, status="OOM"))
-        finally:
-            model = opt = step = got = None
-            free_memory(device)
-    peft = next((row for row in rows if row["contender"] == PEFT_MODEL and row["status"] == "ok"), None)
-    for row in rows:
-        ok = peft is not None and row["status"] == "ok"
-        row["speedup_over_peft"] = peft["median_ms"] / row["median_ms"] if ok else None
-        row["peak_over_peft"] = row["peak_step_bytes"] / peft["peak_step_bytes"] if ok else None
-    return rows
+    """Every contender in turn: checked against PEFT, timed, its peak measured (``train.measure_steps``)."""
+    return measure_steps(case, TRAIN_CONTENDERS, lambda name: build_moe_model(case, name, device),
+                         make_batch(case, device), reference_values, check_train_agreement,
+                         functools.partial(_train_row, case), device, min_run_time)  # fmt: skip
 
 
 def train_level(
@@ -690,42 +665,19 @@ def train_markdown(rows: list[dict]) -> list[str]:
         "(`target_parameters`). Median step time (20/80% quantiles in results.json), tokens per second, the weights "
         "and optimizer state, and the peak memory of a step above them."
     )
-    header = ["size", "params", "E", "top-k", "batch×seq", "r", "dtype", "contender", "step (ms)", "tokens/s",
-              "speedup over PEFT", "weights + optimizer", "peak step", "peak / PEFT"]  # fmt: skip
-    table = []
-    for row in rows:
-        case = [row["size"], f"{row['params'] / 1e6:.1f}M" if row["params"] else "", row["experts"], row["top_k"],
-                f"{row['batch']}×{row['seq']}", row["r"], row["dtype"], row["contender"]]  # fmt: skip
-        if row["status"] != "ok":
-            table.append([*case, row["status"], "", "", "", "", ""])
-            continue
-        table.append([*case, f"{row['median_ms']:.4g}", f"{row['tokens_per_s']:.4g}",
-                      fmt_ratio(row["speedup_over_peft"]), fmt_bytes(row["state_bytes"]),
-                      fmt_bytes(row["peak_step_bytes"]), fmt_ratio(row["peak_over_peft"])])  # fmt: skip
+    header = ["size", "params", "E", "top-k", "batch×seq", "r", "dtype", "contender", *STEP_HEADER]
+    table = [
+        [row["size"], f"{row['params'] / 1e6:.1f}M" if row["params"] else "", row["experts"], row["top_k"],
+         f"{row['batch']}×{row['seq']}", row["r"], row["dtype"], row["contender"], *step_cells(row)]
+        for row in rows
+    ]  # fmt: skip
     return ["### train", "", intro, "", *md_table(header, table), "", f"![MoE training step]({TRAIN_PLOT})"]
 
 
 def train_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     """Tokens per second (left) and peak step memory (right) per model, a bar per contender."""
-    ok = list(_ok(rows))
-    if not ok:
-        return []
-    plt = pyplot()
-    contenders = list(dict.fromkeys(row["contender"] for row in rows))
-    cases = list(dict.fromkeys((row["size"], row["batch"], row["seq"]) for row in rows))
-    value = {((row["size"], row["batch"], row["seq"]), row["contender"]): row for row in ok}
-    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.4 * len(cases) + 3), 4.2))
-    for ax, key, scale, title in ((axes[0], "tokens_per_s", 1e3, "thousand tokens / s (higher is better)"),
-                                  (axes[1], "peak_step_bytes", 2**20, "peak step memory, MiB")):  # fmt: skip
-        grouped_bars(ax, cases, contenders, {pair: row[key] / scale for pair, row in value.items()})
-        ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([f"{size}\n{batch}×{seq}" for size, batch, seq in cases], fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(plot_title("one training step, Qwen3-MoE-style model", rows), fontsize=11)
-    fig.tight_layout()
-    return [save_plot(fig, out_dir / TRAIN_PLOT)]
+    return step_plots(rows, out_dir, ("size", "batch", "seq"), lambda size, batch, seq: f"{size}\n{batch}×{seq}",
+                      "one training step, Qwen3-MoE-style model", TRAIN_PLOT)  # fmt: skip
 
 
 BLOCK = Suite("block", block_level, block_markdown, block_plots, (BLOCK_PLOT,))

@@ -19,6 +19,7 @@ estimate does not fit the device are left out; a contender that runs out of memo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -263,28 +264,40 @@ def _row(case: TrainCase, name: str, params: int | None, **figures) -> dict:
             "tokens": case.tokens, "params": params, **figures}  # fmt: skip
 
 
-def measure_case(case: TrainCase, device: torch.device, min_run_time: float) -> list[dict]:
-    """Every contender in turn (one model in memory at a time): checked against PEFT, timed, its peak measured."""
-    batch = make_batch(case, device)
+def measure_steps(
+    case,
+    contenders: tuple[str, ...],
+    build: Callable[[str], nn.Module],
+    batch: torch.Tensor,
+    reference: Callable[[nn.Module, torch.Tensor], dict],
+    check: Callable[..., None],
+    row: Callable[..., dict],
+    device: torch.device,
+    min_run_time: float,
+) -> list[dict]:
+    """Every contender in turn (one model in memory at a time): ``build(name)``, its ``reference(model, batch)``
+    values checked (``check(case, name, got, expected)``) against the first contender's, PEFT's, then its optimizer
+    step on ``batch`` timed and its peak measured. Rows are ``row(name, params, **figures)``, with the speedup and the
+    peak over PEFT's added."""
     rows, expected = [], None
-    for name in CONTENDERS:
+    for name in contenders:
         model = opt = step = got = None
         try:
-            model = build_model(case, name, device)
-            got = reference_values(model, batch)
+            model = build(name)
+            got = reference(model, batch)
             expected = expected or got
-            check_train_agreement(case, name, got, expected)
+            check(case, name, got, expected)
             opt = optimizer(model)
             step = make_step(model, opt, batch)
             median, p20, p80 = time_ms(step, device, min_run_time)
             peak = peak_memory_bytes(step, device)
-            rows.append(_row(
-                case, name, sum(p.numel() for p in model.parameters()), status="ok", median_ms=median, p20_ms=p20,
+            rows.append(row(
+                name, sum(p.numel() for p in model.parameters()), status="ok", median_ms=median, p20_ms=p20,
                 p80_ms=p80, tokens_per_s=case.tokens / (median * 1e-3), state_bytes=_state_bytes(model, opt),
                 peak_step_bytes=peak,
             ))  # fmt: skip
         except torch.OutOfMemoryError:
-            rows.append(_row(case, name, None, status="OOM"))
+            rows.append(row(name, None, status="OOM"))
         finally:
             # The step closure holds the model and the optimizer state: drop every reference before the next model.
             model = opt = step = got = None
@@ -295,6 +308,13 @@ def measure_case(case: TrainCase, device: torch.device, min_run_time: float) -> 
         row["speedup_over_peft"] = peft["median_ms"] / row["median_ms"] if ok else None
         row["peak_over_peft"] = row["peak_step_bytes"] / peft["peak_step_bytes"] if ok else None
     return rows
+
+
+def measure_case(case: TrainCase, device: torch.device, min_run_time: float) -> list[dict]:
+    """Every contender in turn: checked against PEFT, timed, its peak measured (``measure_steps``)."""
+    return measure_steps(case, CONTENDERS, lambda name: build_model(case, name, device), make_batch(case, device),
+                         reference_values, check_train_agreement, functools.partial(_row, case), device,
+                         min_run_time)  # fmt: skip
 
 
 def train_suite(
@@ -311,48 +331,62 @@ def train_suite(
 # ----------------------------------------------------------------------------------------------- report
 
 
+STEP_HEADER = ["step (ms)", "tokens/s", "speedup over PEFT", "weights + optimizer", "peak step", "peak / PEFT"]
+
+
+def step_cells(row: dict) -> list[str]:
+    """A train-step row's figures, as the cells under ``STEP_HEADER`` (its status alone when it did not run)."""
+    if row["status"] != "ok":
+        return [row["status"], "", "", "", "", ""]
+    return [f"{row['median_ms']:.4g}", f"{row['tokens_per_s']:.4g}", fmt_ratio(row["speedup_over_peft"]),
+            fmt_bytes(row["state_bytes"]), fmt_bytes(row["peak_step_bytes"]), fmt_ratio(row["peak_over_peft"])]  # fmt: skip
+
+
 def train_markdown(rows: list[dict]) -> list[str]:
     lines = [
         "One optimizer step (forward with loss, backward, AdamW step, zero_grad) of a Llama-style model built from a "
         "config, every decoder linear layer adapted. Median step time (20/80% quantiles in results.json), tokens per "
         "second, the weights and optimizer state, and the peak memory of a step above them.",
     ]
-    header = ["size", "params", "batch×seq", "r", "dtype", "dropout", "contender", "step (ms)", "tokens/s",
-              "speedup over PEFT", "weights + optimizer", "peak step", "peak / PEFT"]  # fmt: skip
-    table = []
-    for row in rows:
-        case = [row["size"], f"{row['params'] / 1e6:.1f}M" if row["params"] else "", f"{row['batch']}×{row['seq']}",
-                row["r"], row["dtype"], row["dropout"], row["contender"]]  # fmt: skip
-        if row["status"] != "ok":
-            table.append([*case, row["status"], "", "", "", "", ""])
-            continue
-        table.append([*case, f"{row['median_ms']:.4g}", f"{row['tokens_per_s']:.4g}",
-                      fmt_ratio(row["speedup_over_peft"]), fmt_bytes(row["state_bytes"]),
-                      fmt_bytes(row["peak_step_bytes"]), fmt_ratio(row["peak_over_peft"])])  # fmt: skip
+    header = ["size", "params", "batch×seq", "r", "dtype", "dropout", "contender", *STEP_HEADER]
+    table = [
+        [row["size"], f"{row['params'] / 1e6:.1f}M" if row["params"] else "", f"{row['batch']}×{row['seq']}",
+         row["r"], row["dtype"], row["dropout"], row["contender"], *step_cells(row)]
+        for row in rows
+    ]  # fmt: skip
     return [*lines, "", *md_table(header, table), "", f"![train throughput]({PLOT})"]
 
 
-def train_plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """Tokens per second (left) and peak step memory (right) per model size and dropout, a bar per contender."""
+def step_plots(
+    rows: list[dict], out_dir: Path, fields: tuple[str, ...], label: Callable[..., str], what: str, file: str
+) -> list[Path]:
+    """Tokens per second (left) and peak step memory (right), a group of bars per case (its ``fields``, labelled
+    ``label(*values)``) and a bar per contender, titled with ``what``, saved as ``file``."""
     ok = [row for row in rows if row["status"] == "ok"]
     if not ok:
         return []
     plt = pyplot()
     contenders = list(dict.fromkeys(row["contender"] for row in rows))
-    cases = list(dict.fromkeys((row["size"], row["dropout"]) for row in rows))
-    value = {((row["size"], row["dropout"]), row["contender"]): row for row in ok}
+    cases = list(dict.fromkeys(tuple(row[f] for f in fields) for row in rows))
+    value = {(tuple(row[f] for f in fields), row["contender"]): row for row in ok}
     fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.4 * len(cases) + 3), 4.2))
     for ax, key, scale, title in ((axes[0], "tokens_per_s", 1e3, "thousand tokens / s (higher is better)"),
                                   (axes[1], "peak_step_bytes", 2**20, "peak step memory, MiB")):  # fmt: skip
         grouped_bars(ax, cases, contenders, {pair: row[key] / scale for pair, row in value.items()})
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([f"{size}\np={p}" for size, p in cases], fontsize=8)
+        ax.set_xticklabels([label(*case) for case in cases], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(plot_title("one training step, Llama-style models", rows), fontsize=11)
+    fig.suptitle(plot_title(what, rows), fontsize=11)
     fig.tight_layout()
-    return [save_plot(fig, out_dir / PLOT)]
+    return [save_plot(fig, out_dir / file)]
+
+
+def train_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Tokens per second (left) and peak step memory (right) per model size and dropout, a bar per contender."""
+    return step_plots(rows, out_dir, ("size", "dropout"), lambda size, p: f"{size}\np={p}",
+                      "one training step, Llama-style models", PLOT)  # fmt: skip
 
 
 SUITE = Suite("train", train_suite, train_markdown, train_plots, (PLOT,))

@@ -66,11 +66,8 @@ def check_tensor_types(where: str, tensors: dict, optional: tuple[str, ...] = ()
             raise TypeError(f"{where}: {name} must be {expected}, got {type(t).__name__}")
 
 
-def check_base_layer(where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool, backend: str) -> tuple[int, int]:
-    """The checks every op shares: ``tensors`` (name -> tensor or None, types already checked with
-    ``check_tensor_types``) are on one device, and ``x``, ``weight``, ``bias`` make a linear layer of these dtypes and
-    shapes. Returns ``(K, N)``."""
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
+def check_devices_and_dtypes(where: str, devices: dict, x, weight, backend: str) -> None:
+    """``devices`` (name -> device) are one device, ``x`` has a dtype the backend runs, and ``weight`` has x's."""
     if len(set(devices.values())) > 1:
         raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
     allowed = TRITON_DTYPES if backend == "triton" else TORCH_DTYPES
@@ -78,6 +75,13 @@ def check_base_layer(where: str, tensors: dict, x, weight, bias, fan_in_fan_out:
         raise TypeError(f"{where}: x.dtype must be one of {allowed} on the {backend} backend, got {x.dtype}")
     if weight.dtype != x.dtype:
         raise TypeError(f"{where}: weight.dtype ({weight.dtype}) must equal x.dtype ({x.dtype})")
+
+
+def check_base_layer(where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool, backend: str) -> tuple[int, int]:
+    """The checks every op shares: ``tensors`` (name -> tensor or None, types already checked with
+    ``check_tensor_types``) are on one device, and ``x``, ``weight``, ``bias`` make a linear layer of these dtypes and
+    shapes. Returns ``(K, N)``."""
+    check_devices_and_dtypes(where, {n: t.device for n, t in tensors.items() if t is not None}, x, weight, backend)
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{where}: bias.dtype must be x.dtype ({x.dtype}) or float32, got {bias.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:

@@ -38,7 +38,7 @@ import dataclasses
 import torch
 
 from .. import kernels, reference
-from .common import TORCH_DTYPES, TRITON_DTYPES, check_tensor_types, resolve_backend
+from .common import check_devices_and_dtypes, check_tensor_types, resolve_backend
 from .linear import _check_dropout, _check_scaling, _check_seed, draw_seed
 
 _WHERE = "fastlora.grouped_lora_linear"
@@ -281,14 +281,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, routing, transposed, backend)
             f"{_WHERE}: routing must be a fastlora.ops.Routing (from route()), got {type(routing).__name__}"
         )
     devices = {name: t.device for name, t in tensors.items() if t is not None}
-    devices["routing"] = routing.offsets.device
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"{_WHERE}: all tensors must be on one device, got {devices}")
-    allowed = TRITON_DTYPES if backend == "triton" else TORCH_DTYPES
-    if x.dtype not in allowed:
-        raise TypeError(f"{_WHERE}: x.dtype must be one of {allowed} on the {backend} backend, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{_WHERE}: weight.dtype ({weight.dtype}) must equal x.dtype ({x.dtype})")
+    check_devices_and_dtypes(_WHERE, {**devices, "routing": routing.offsets.device}, x, weight, backend)
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"{_WHERE}: x must be [rows, K] with K >= 1 (rows sorted by expert), got {tuple(x.shape)}")
     if x.shape[0] != routing.num_rows:
