@@ -510,6 +510,12 @@ static void plan_expand(fl_launch *l, const char *site, int dtype, int64_t M, in
     set_ptr(l, FL_ARG_lora_expand_bias_ptr, bias ? bias : x);
     set_ptr(l, FL_ARG_lora_expand_out_ptr, out);
     set_ptr(l, FL_ARG_lora_expand_seed_ptr, x);
+    /* A dense W0: the 4-bit quantization state is not read (QBLOCK = 0). */
+    set_ptr(l, FL_ARG_lora_expand_wq_absmax_ptr, x);
+    set_ptr(l, FL_ARG_lora_expand_wq_code_ptr, x);
+    set_ptr(l, FL_ARG_lora_expand_wq_absmax2_ptr, x);
+    set_ptr(l, FL_ARG_lora_expand_wq_code2_ptr, x);
+    set_ptr(l, FL_ARG_lora_expand_wq_offset_ptr, x);
     set_i32(l, FL_ARG_lora_expand_M, M);
     set_i32(l, FL_ARG_lora_expand_N, N);
     set_i32(l, FL_ARG_lora_expand_K, K);
@@ -628,6 +634,12 @@ fastlora_status fastlora_lora_forward(void *stream, fastlora_dtype dtype, int64_
         set_ptr(l, FL_ARG_lora_onepass_y_ptr, y);
         set_ptr(l, FL_ARG_lora_onepass_xs_ptr, y);
         set_ptr(l, FL_ARG_lora_onepass_seed_ptr, x);
+        /* A dense W0: the 4-bit quantization state is not read (QBLOCK = 0). */
+        set_ptr(l, FL_ARG_lora_onepass_wq_absmax_ptr, x);
+        set_ptr(l, FL_ARG_lora_onepass_wq_code_ptr, x);
+        set_ptr(l, FL_ARG_lora_onepass_wq_absmax2_ptr, x);
+        set_ptr(l, FL_ARG_lora_onepass_wq_code2_ptr, x);
+        set_ptr(l, FL_ARG_lora_onepass_wq_offset_ptr, x);
         set_i32(l, FL_ARG_lora_onepass_M, M);
         set_i32(l, FL_ARG_lora_onepass_N, N);
         set_i32(l, FL_ARG_lora_onepass_K, K);

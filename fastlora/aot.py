@@ -97,7 +97,7 @@ class Variant:
     op: str  # the C dispatcher's name for the kernel family: onepass, shrink, expand, wgrad
     site: str  # the call it serves: fwd, fwd_nobias, bwd, dA, dB, reduce
     kernel: str  # a ``fastlora.kernels.GPU_KERNELS`` name
-    pointers: dict[str, str]  # pointer argument -> role (act, lora, fp32, i64)
+    pointers: dict[str, str]  # pointer argument -> role (act, lora, fp32, i64, u8)
     unit_strides: tuple[str, ...]  # compiled as constexpr 1
     free_ints: tuple[str, ...]  # int arguments equal to the rank: no divisibility assumed
     constexprs: dict[str, object]
@@ -109,11 +109,14 @@ class Variant:
 
 
 _NO_DROPOUT = {"UPCAST": False, "DROPOUT": False}
+# A dense W0: the kernels' 4-bit quantization state (read only with QBLOCK > 0, which the C API does not build).
+_DENSE_W = {"wq_absmax_ptr": "fp32", "wq_code_ptr": "fp32", "wq_absmax2_ptr": "fp32", "wq_code2_ptr": "fp32",
+            "wq_offset_ptr": "fp32"}  # fmt: skip
 _ONEPASS_PTRS = {"x_ptr": "act", "wt_ptr": "act", "at_ptr": "lora", "bt_ptr": "lora", "bias_ptr": "act",
-                 "y_ptr": "act", "xs_ptr": "lora", "seed_ptr": "i64"}  # fmt: skip
+                 "y_ptr": "act", "xs_ptr": "lora", "seed_ptr": "i64", **_DENSE_W}  # fmt: skip
 _SHRINK_PTRS = {"x_ptr": "act", "wt_ptr": "lora", "out_ptr": "lora", "seed_ptr": "i64"}
 _EXPAND_PTRS = {"x_ptr": "act", "wt_ptr": "act", "l_ptr": "lora", "rt_ptr": "lora", "bias_ptr": "act",
-                "out_ptr": "act", "seed_ptr": "i64"}  # fmt: skip
+                "out_ptr": "act", "seed_ptr": "i64", **_DENSE_W}  # fmt: skip
 _WGRAD_PTRS = {"u_ptr": "lora", "v_ptr": "act", "out_ptr": "fp32", "seed_ptr": "i64"}
 _META_PTRS = {"sorted_ids_ptr": "i32", "seg_offsets_ptr": "i32", "seg_slots_ptr": "i32", "ranks_ptr": "i32"}
 _MULTI_SHRINK_PTRS = {"x_ptr": "act", "a_ptr": "lora", "xa_ptr": "fp32", **_META_PTRS}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import inspect
 import io
 import itertools
 import multiprocessing
@@ -49,7 +50,7 @@ class Site:
     """One way a launcher calls a kernel: its pointer dtypes (by role), its unit strides, its switches."""
 
     name: str
-    pointers: dict[str, str]  # argument -> "act" | "lora" | "fp32" | "i32" | "i64"
+    pointers: dict[str, str]  # argument -> "act" | "lora" | "fp32" | "i32" | "i64" | "u8"
     unit_strides: tuple[str, ...]  # strides equal to 1, which Triton specialises as constants
     constexprs: dict[str, object]
 
@@ -57,10 +58,15 @@ class Site:
 def kernel_signature(fn, site: Site, act: str, lora: str, config: triton.Config) -> tuple[dict, dict, dict]:
     """Triton signature, constexprs and alignment attributes of the jit function ``fn`` for one compile, as the JIT
     would build them; ``act`` and ``lora`` are the dtypes of the pointers with those roles."""
-    roles = {"act": act, "lora": lora, "fp32": "fp32", "i32": "i32", "i64": "i64"}
+    roles = {"act": act, "lora": lora, "fp32": "fp32", "i32": "i32", "i64": "i64", "u8": "u8"}
     constexprs = {**site.constexprs, **config.kwargs}
     signature, attrs = {}, {}
+    # The Python function under the JIT (or the interpreter's) wrapper: its defaults and annotations.
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters
     for index, arg in enumerate(fn.arg_names):
+        param = params[arg]
+        if arg not in constexprs and param.default is not param.empty and "constexpr" in str(param.annotation):
+            constexprs[arg] = param.default  # a switch the site leaves at its default (a dense W0: QBLOCK = 0)
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg in site.unit_strides:

@@ -140,6 +140,15 @@ class Result:
 def kernel_specs() -> list[KernelSpec]:
     """Every kernel, its GPU configs (never the interpreter's single config) and its call sites."""
     common = {"UPCAST": False, "PRECISION": "tf32"}
+    # W0's 4-bit quantization state: unread with a dense W0 (the pointers only fill the signature); with a 4-bit one
+    # (QLoRA), packed codes, a double-quantized uint8 absmax and its fp32 block scales (``load_w_tile``).
+    dense_w = {"wq_absmax_ptr": "fp32", "wq_code_ptr": "fp32", "wq_absmax2_ptr": "fp32", "wq_code2_ptr": "fp32",
+               "wq_offset_ptr": "fp32"}  # fmt: skip
+    nf4_w = {"wt_ptr": "u8", "w_ptr": "u8", "wq_absmax_ptr": "u8", "wq_code_ptr": "fp32", "wq_absmax2_ptr": "fp32",
+             "wq_code2_ptr": "fp32", "wq_offset_ptr": "fp32"}  # fmt: skip
+    # Every real model's rows hold whole blocks (K % 64 == 0): its tiles are read as bytes, along the rows of the
+    # forward's W0ᵀ view (QPACKED 2) and along the columns of the backward's W0 (QPACKED 1).
+    nf4 = {"QBLOCK": 64, "QBLOCK2": 256, "QPACKED": 2}
     shrink_spec = KernelSpec(
         shrink.GPU_KERNEL,
         (
@@ -150,7 +159,7 @@ def kernel_specs() -> list[KernelSpec]:
         ),
     )  # fmt: skip
     expand_ptrs = {"x_ptr": "act", "wt_ptr": "act", "l_ptr": "lora", "rt_ptr": "lora", "bias_ptr": "act",
-                   "out_ptr": "act", "seed_ptr": "i64"}  # fmt: skip
+                   "out_ptr": "act", "seed_ptr": "i64", **dense_w}  # fmt: skip
     # GEMM-sized: the base GEMM with the LoRA terms in its K loop or epilogue (lora_expand, lora_onepass,
     # multi_lora_fused). Thin: lora_shrink and multi_lora_shrink (N is the rank), lora_wgrad (the output is
     # rank × hidden, reduced over tokens: its tiles' BLOCK_M is the reduction), multi_lora_expand (K is the rank).
@@ -162,23 +171,35 @@ def kernel_specs() -> list[KernelSpec]:
             # Ranks up to 32 also run the widest tiles (``expand.config_ok``).
             Site("fwd r<=32 W0 [K,N]", expand_ptrs, ("stride_xk", "stride_wn", "stride_lr", "stride_rr", "stride_on"),
                  {**common, "HAS_BIAS": False, "DROPOUT": False, "BLOCK_R": 32}),
+            # QLoRA: W0 in NF4 ([N, K] read as its transpose), its tiles dequantized in the K loop.
+            Site("fwd nf4 W0", {**expand_ptrs, **nf4_w}, ("stride_xk", "stride_wk", "stride_lr", "stride_rr",
+                                                         "stride_on"),
+                 {**common, "HAS_BIAS": False, "DROPOUT": False, "BLOCK_R": 16, **nf4}),
+            # A K that is no multiple of the block size: element by element.
+            Site("fwd nf4 W0 K%block!=0", {**expand_ptrs, **nf4_w}, ("stride_xk", "stride_wk", "stride_lr",
+                                                                      "stride_rr", "stride_on"),
+                 {**common, "HAS_BIAS": False, "DROPOUT": False, "BLOCK_R": 16, **nf4, "QPACKED": 0}),
         ),
         gemm_min_block_m=64,
     )  # fmt: skip
+    onepass_ptrs = {"x_ptr": "act", "wt_ptr": "act", "at_ptr": "lora", "bt_ptr": "lora", "bias_ptr": "act",
+                    "y_ptr": "act", "xs_ptr": "lora", "seed_ptr": "i64", **dense_w}  # fmt: skip
     onepass_spec = KernelSpec(
         onepass.GPU_KERNEL,
         tuple(
-            Site(f"fwd r<={r_pad}", {"x_ptr": "act", "wt_ptr": "act", "at_ptr": "lora", "bt_ptr": "lora",
-                                    "bias_ptr": "act", "y_ptr": "act", "xs_ptr": "lora", "seed_ptr": "i64"},
+            Site(f"fwd r<={r_pad}", onepass_ptrs,
                  ("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_sr"),
                  {**common, "HAS_BIAS": True, "DROPOUT": True, "STORE_XS": True, "R_PAD": r_pad})
             for r_pad in (16, 64, onepass.MAX_RANK)
         ) + (
             # Inference and the AOT build: no dropout, nothing stored for the backward.
-            Site("fwd r<=32 eval", {"x_ptr": "act", "wt_ptr": "act", "at_ptr": "lora", "bt_ptr": "lora",
-                                    "bias_ptr": "act", "y_ptr": "act", "xs_ptr": "lora", "seed_ptr": "i64"},
+            Site("fwd r<=32 eval", onepass_ptrs,
                  ("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_sr"),
                  {**common, "HAS_BIAS": True, "DROPOUT": False, "STORE_XS": False, "R_PAD": 32}),
+            # QLoRA decode and training: reads the NF4 weight, with dropout and xs for the backward.
+            Site("fwd nf4 r<=16", {**onepass_ptrs, **nf4_w},
+                 ("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_sr"),
+                 {**common, "HAS_BIAS": False, "DROPOUT": True, "STORE_XS": True, "R_PAD": 16, **nf4}),
         ),
         gemm_min_block_m=64,
     )  # fmt: skip
@@ -203,7 +224,7 @@ def kernel_specs() -> list[KernelSpec]:
         ),
     )  # fmt: skip
     dx_ptrs = {"dy_ptr": "act", "w_ptr": "act", "dxa_ptr": "fp32", "a_ptr": "lora", "x_ptr": "act", "dx_ptr": "act",
-               "da_ptr": "fp32", "seed_ptr": "i64"}  # fmt: skip
+               "da_ptr": "fp32", "seed_ptr": "i64", **dense_w}  # fmt: skip
     dx_spec = KernelSpec(
         backward.DX_GPU_KERNEL,
         tuple(
@@ -214,6 +235,12 @@ def kernel_specs() -> list[KernelSpec]:
                 ("dx+D'(dxa·A) r<=64 W0 [K,N]", "stride_wn", True, False, 64),
                 ("dA=dxaᵀ·D(x) r<=64", "stride_wk", False, True, 64),
             )
+        ) + (
+            # QLoRA: dx = dy·dequant(W0) from the NF4 weight, dA in the same epilogue.
+            Site("nf4 dx+D'(dxa·A), dA r<=16", {**dx_ptrs, **nf4_w},
+                 ("stride_dn", "stride_wk", "stride_ar", "stride_ak", "stride_xk", "stride_ok", "stride_dak"),
+                 {**common, "COMPUTE_DX": True, "COMPUTE_DA": True, "DROPOUT": True, "BLOCK_R": 16, **nf4,
+                  "QPACKED": 1}),
         ),
         gemm_min_block_m=64,
     )  # fmt: skip
@@ -241,7 +268,7 @@ def kernel_specs() -> list[KernelSpec]:
         ),
     )  # fmt: skip
     fused_ptrs = {"x_ptr": "act", "wt_ptr": "act", "bias_ptr": "act", "xa_ptr": "fp32", "b_ptr": "lora",
-                  "y_ptr": "act", **meta_ptrs}  # fmt: skip
+                  "y_ptr": "act", **meta_ptrs, **dense_w}  # fmt: skip
     # EVEN_R: whole rank chunks of B (vector loads, r_max a multiple of EPI_R) at one site, the bounded ones at the other.
     multi_fused_spec = KernelSpec(
         multi_lora.FUSED_GPU_KERNEL,
@@ -253,6 +280,11 @@ def kernel_specs() -> list[KernelSpec]:
                  ("stride_xk", "stride_wn", "stride_or", "stride_br", "stride_yn"),
                  {**common, "HAS_BIAS": True, "HAS_TOKEN_SCALES": False, "SPLIT_K": 1, "USE_PDL": False,
                   "EVEN_R": False}),
+            # Serving over an NF4 base.
+            Site("decode nf4 W0 split 8", {**fused_ptrs, **nf4_w},
+                 ("stride_xk", "stride_wk", "stride_or", "stride_br", "stride_yn"),
+                 {**common, "HAS_BIAS": False, "HAS_TOKEN_SCALES": False, "SPLIT_K": 8, "USE_PDL": False,
+                  "EVEN_R": True, **nf4}),
         ),
         gemm_min_block_m=64,
         arch_constexprs=pdl,

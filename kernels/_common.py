@@ -153,12 +153,111 @@ def store_tile(ptr, tile, rows, cols, stride_row, stride_col, mask_rows, mask_co
 
 
 @triton.jit
+def _absmax(block, mask, wq_absmax_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr, QBLOCK2: tl.constexpr):
+    """The fp32 absmax of quantization blocks ``block``: read, or with ``QBLOCK2 > 0`` dequantized from its 8-bit
+    code as ``code2[q] · absmax2[block // QBLOCK2] + offset``."""
+    if QBLOCK2 == 0:
+        return tl.load(wq_absmax_ptr + block, mask=mask, other=0.0)
+    q = tl.load(wq_absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+    scale = tl.load(wq_absmax2_ptr + block // QBLOCK2, mask=mask, other=0.0)
+    return tl.load(wq_code2_ptr + q) * scale + tl.load(wq_offset_ptr)
+
+
+@triton.jit
+def _dequant_rows(
+    w_ptr, offs_n, k0, mask_n, K, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+    QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``W0[offs_n, k0 : k0 + BLOCK_K]`` (fp32, zero outside the weight) of a 4-bit W0 ``[N, K]`` whose rows hold whole
+    quantization blocks (``K % QBLOCK == 0``; ``k0`` a multiple of ``BLOCK_K``): its ``BLOCK_K / 2`` bytes per row
+    read as one vector, the two nibbles of each byte joined into adjacent columns, and one absmax per row and block
+    broadcast over the block's columns, so the software pipeline stages 4-bit bytes, not dequantized values."""
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    mask_b = offs_b < K // 2
+    packed = tl.load(
+        w_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=mask_n[:, None] & mask_b[None, :], other=0
+    ).to(tl.int32)
+    nibbles = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N, BLOCK_K))  # the even element is the high nibble
+    value = tl.load(wq_code_ptr + nibbles)
+    blocks_per_row = K // QBLOCK
+    if BLOCK_K <= QBLOCK:  # the tile lies in one block of each row
+        absmax = _absmax(
+            offs_n * blocks_per_row + k0 // QBLOCK, mask_n, wq_absmax_ptr, wq_absmax2_ptr, wq_code2_ptr,
+            wq_offset_ptr, QBLOCK2,
+        )  # fmt: skip
+        tile = value * absmax[:, None]
+    else:
+        offs_q = k0 // QBLOCK + tl.arange(0, BLOCK_K // QBLOCK)
+        absmax = _absmax(
+            offs_n[:, None] * blocks_per_row + offs_q[None, :], mask_n[:, None] & (offs_q < blocks_per_row)[None, :],
+            wq_absmax_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr, QBLOCK2,
+        )  # fmt: skip
+        absmax = tl.broadcast_to(absmax[:, :, None], (BLOCK_N, BLOCK_K // QBLOCK, QBLOCK))
+        tile = value * tl.reshape(absmax, (BLOCK_N, BLOCK_K))
+    return tile
+
+
+@triton.jit
+def load_w_tile(
+    w_ptr,  # W0: its elements, or with QBLOCK > 0 its 4-bit codes packed two to a byte (uint8)
+    rows,  # [BLOCK_ROWS] int64
+    cols,  # [BLOCK_COLS] int64
+    row0,  # rows[0], and cols[0]: where the tile starts
+    col0,
+    stride_row,  # in elements of W0 (a 4-bit weight: of its flattened [N, K] matrix)
+    stride_col,
+    mask_rows,
+    mask_cols,
+    wq_absmax_ptr,  # [N·K / QBLOCK] fp32, or uint8 with QBLOCK2 > 0; read only with QBLOCK > 0
+    wq_code_ptr,  # [16] fp32: the 4-bit code table (NF4 or FP4)
+    wq_absmax2_ptr,  # [blocks / QBLOCK2] fp32, read only with QBLOCK2 > 0
+    wq_code2_ptr,  # [256] fp32: the 8-bit code of the double-quantized absmax
+    wq_offset_ptr,  # [1] fp32: added to every dequantized absmax
+    DTYPE: tl.constexpr,  # the dtype a 4-bit tile is dequantized to (the activations')
+    QBLOCK: tl.constexpr,  # 0: W0 is dense; else its quantization block size
+    QBLOCK2: tl.constexpr,  # 0: absmax is fp32; else the block size of its double quantization
+    QPACKED: tl.constexpr,  # 1: the tile's columns run along W0's K, 2: its rows do, whole blocks per row; 0: else
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    """The ``[BLOCK_ROWS, BLOCK_COLS]`` tile of ``W0``, zero outside the masks. With ``QBLOCK > 0`` W0 is 4-bit in
+    bitsandbytes' layout (``fastlora.nf4``) and the tile is dequantized here, in registers, to ``DTYPE``: element ``f``
+    of the flattened ``[N, K]`` weight is ``code[nibble] · absmax[f // QBLOCK]``, its nibble the high one of byte
+    ``f // 2`` for even ``f``. No full-precision copy of W0 is ever written to memory. When each row of W0 holds whole
+    blocks (``QPACKED``), the tile is read as bytes and absmax values (``_dequant_rows``); otherwise, element by
+    element."""
+    if QBLOCK == 0:
+        return load_tile(w_ptr, rows, cols, stride_row, stride_col, mask_rows, mask_cols)
+    if QPACKED == 1:
+        tile = _dequant_rows(
+            w_ptr, rows, col0, mask_rows, stride_row, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr,
+            wq_offset_ptr, QBLOCK, QBLOCK2, BLOCK_ROWS, BLOCK_COLS,
+        )  # fmt: skip
+    elif QPACKED == 2:
+        tile = tl.trans(
+            _dequant_rows(
+                w_ptr, cols, row0, mask_cols, stride_col, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr,
+                wq_offset_ptr, QBLOCK, QBLOCK2, BLOCK_COLS, BLOCK_ROWS,
+            )
+        )  # fmt: skip
+    else:
+        mask = mask_rows[:, None] & mask_cols[None, :]
+        f = rows[:, None] * stride_row + cols[None, :] * stride_col
+        packed = tl.load(w_ptr + (f >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (packed >> (4 - 4 * (f & 1)).to(tl.int32)) & 0xF
+        absmax = _absmax(f // QBLOCK, mask, wq_absmax_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr, QBLOCK2)
+        tile = tl.load(wq_code_ptr + nibble) * absmax
+    return tile.to(DTYPE)
+
+
+@triton.jit
 def base_gemm(
     acc,  # [BLOCK_M, BLOCK_N] fp32
     x_ptr,  # [M, K]
-    wt_ptr,  # [K, N]  (a view of W0, either layout)
+    wt_ptr,  # [K, N]  (a view of W0, either layout; 4-bit with QBLOCK > 0, see ``load_w_tile``)
     rows,  # [BLOCK_M] int64 row indices of x
     cols,  # [BLOCK_N] column indices of wt
+    col0,  # cols[0]
     mask_rows,
     mask_cols,
     K,
@@ -166,9 +265,18 @@ def base_gemm(
     stride_xk,
     stride_wk,
     stride_wn,
+    wq_absmax_ptr,
+    wq_code_ptr,
+    wq_absmax2_ptr,
+    wq_code2_ptr,
+    wq_offset_ptr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    QBLOCK2: tl.constexpr,
+    QPACKED: tl.constexpr,
 ):
     """``acc + x[rows, :] @ wt[:, cols]``: the base GEMM's main loop over ``K``, software-pipelined by the compiler
     (``num_stages``) once inlined into the kernel."""
@@ -177,9 +285,46 @@ def base_gemm(
         mask_k = offs_k < K
         x = load_tile(x_ptr, rows, offs_k, stride_xm, stride_xk, mask_rows, mask_k)
         # W0 has N·K elements, which can pass 2**31: its offsets are int64.
-        w = load_tile(wt_ptr, offs_k.to(tl.int64), cols.to(tl.int64), stride_wk, stride_wn, mask_k, mask_cols)
+        w = load_w_tile(
+            wt_ptr, offs_k.to(tl.int64), cols.to(tl.int64), k0, col0, stride_wk, stride_wn, mask_k, mask_cols,
+            wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+            x_ptr.dtype.element_ty, QBLOCK, QBLOCK2, QPACKED, BLOCK_K, BLOCK_N,
+        )  # fmt: skip
         acc = mma(acc, x, w, UPCAST, PRECISION)
     return acc
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOperand:
+    """How a launcher passes ``W0`` (a 2-D view of it) to a kernel: the pointer, the strides in elements, and, for a
+    4-bit weight, its quantization state as the ``wq_*`` arguments of ``load_w_tile``."""
+
+    ptr: torch.Tensor
+    stride0: int
+    stride1: int
+    args: tuple  # (wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr)
+    qblock: int  # 0 for a dense W0
+    qblock2: int
+    qpacked: int  # ``load_w_tile``'s QPACKED: 1 or 2 when W0's rows hold whole blocks, along dim 1 or 0 of the view
+    dtype: torch.dtype  # the dtype its tiles reach the tensor cores in
+    tensors: tuple  # every tensor the kernel reads of it (for the launch record)
+
+
+def weight_operand(w, act_dtype: torch.dtype) -> WeightOperand:
+    """``w``: a 2-D tensor (any strides), or a ``fastlora.nf4.QuantizedWeight`` (or its ``.t()`` view), read 4-bit."""
+    if isinstance(w, torch.Tensor):
+        return WeightOperand(w, w.stride(0), w.stride(1), (w,) * 5, 0, 0, 0, w.dtype, (w,))
+    absmax2 = w.nested_absmax if w.nested else w.absmax
+    code2 = w.nested_code if w.nested else w.code
+    offset = w.offset if w.nested else w.code
+    args = (w.absmax, w.code, absmax2, code2, offset)
+    packed = 0
+    if w.in_features % w.blocksize == 0:
+        packed = 1 if w.stride(1) == 1 else 2
+    return WeightOperand(
+        w.data, w.stride(0), w.stride(1), args, w.blocksize, w.nested_blocksize if w.nested else 0, packed, act_dtype,
+        tuple(dict.fromkeys(t for t in (w.data, *args) if t is not None)),
+    )  # fmt: skip
 
 
 @triton.jit
@@ -243,6 +388,27 @@ def fits_in_smem(config: triton.Config, bytes_per_stage: int) -> bool:
     """Whether the software pipeline's operand tiles (``bytes_per_stage`` per stage) fit the shared memory being
     pruned against (``smem_limit``; sm_80's by default), with room for the epilogue."""
     return bytes_per_stage * max(config.num_stages, 1) <= _smem_limit.get() - 16384
+
+
+# What one element of a 4-bit W0 tile read element by element (``load_w_tile`` with QPACKED = 0) costs a pipeline
+# stage: Triton stages its fp32 absmax, the code-table values its nibbles gather and their indices (measured: 9 bytes).
+# A tile read as bytes (QPACKED > 0) stages half a byte per element and one absmax per row and block; it is counted
+# as a dense tile of the activations' dtype, which bounds it.
+NF4_ELEMENTWISE_STAGE_BYTES = 9
+
+
+def w_stage_bytes(act_bytes: int, QBLOCK: int, QPACKED: int) -> int:
+    """Shared memory per element of a W0 tile in one pipeline stage: dense (``QBLOCK = 0``) or 4-bit."""
+    return NF4_ELEMENTWISE_STAGE_BYTES if QBLOCK and not QPACKED else act_bytes
+
+
+def nf4_tile_fits(config: triton.Config, rows: int, cols: int, act_bytes: int, QBLOCK: int) -> bool:
+    """Whether a ``rows x cols`` tile of a 4-bit W0 (``QBLOCK > 0``; any dense tile fits) can be dequantized in
+    registers beside a decode kernel's other tiles: at most 32 elements per thread, and with fp32 activations K steps
+    of at most 64 (the one-pass and fused decode kernels spilled 24-528 B beyond either on sm_80 and sm_90)."""
+    if not QBLOCK:
+        return True
+    return rows * cols <= 32 * 32 * config.num_warps and (act_bytes < 4 or rows <= 64)
 
 
 # With dropout a tile's Philox rounds run in registers next to the accumulators; beyond this many dropout

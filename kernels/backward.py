@@ -43,6 +43,8 @@ from ._common import (
     rank_tile,
     signed_threshold,
     store_tile,
+    w_stage_bytes,
+    weight_operand,
 )
 
 # dA accumulates in registers over a program's rows, beside the dx tile's: up to a rank tile of 32 they fit (at 64,
@@ -219,15 +221,20 @@ def _dx_configs():
 
 
 def dx_config_ok(
-    config: triton.Config, act_bytes: int, lora_bytes: int, DROPOUT: bool, COMPUTE_DX: bool, COMPUTE_DA: bool, **_
+    config: triton.Config, act_bytes: int, lora_bytes: int, DROPOUT: bool, COMPUTE_DX: bool, COMPUTE_DA: bool,
+    QBLOCK: int = 0, QPACKED: int = 0, **_,
 ) -> bool:  # fmt: skip
     """Shared memory for the pipelined ``dy`` and ``W0`` tiles; with dropout, the Philox rounds' registers; with
     ``dA``, its accumulator ``[BLOCK_R, BLOCK_K]`` beside the dx tile's, which spills past 64 columns, and with fp32
     activations at all (the launcher runs ``dA`` on its own there: ``fuses_da``)."""
     kw = config.kwargs
-    if not fits_in_smem(config, kw["BLOCK_N"] * (kw["BLOCK_M"] + kw["BLOCK_K"]) * act_bytes):
+    w_bytes = w_stage_bytes(act_bytes, QBLOCK, QPACKED)
+    if not fits_in_smem(config, kw["BLOCK_N"] * (kw["BLOCK_M"] * act_bytes + kw["BLOCK_K"] * w_bytes)):
         return False
     if COMPUTE_DA and (kw["BLOCK_K"] > 64 or (COMPUTE_DX and act_bytes == 4)):
+        return False
+    # A 4-bit W0 tile dequantized beside the dx and dA accumulators spilled 16-24 B with four warps.
+    if COMPUTE_DX and COMPUTE_DA and QBLOCK and config.num_warps < 8:
         return False
     return not DROPOUT or dropout_fits(config, kw["BLOCK_M"], kw["BLOCK_K"])
 
@@ -246,7 +253,7 @@ def _dxa_tile(
 
 @triton.autotune(
     configs=_dx_configs(),
-    key=["M_BUCKET", "N", "K", "BLOCK_R", "stride_wk", "COMPUTE_DX", "COMPUTE_DA", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "stride_wk", "COMPUTE_DX", "COMPUTE_DA", "DROPOUT", "QBLOCK"],
     prune_configs_by={"early_config_prune": config_pruner(dx_config_ok, "dy_ptr", "a_ptr")},
 )
 @triton.jit
@@ -260,6 +267,11 @@ def _lora_dx_da_kernel(
     dx_ptr,  # [M, K], written only with COMPUTE_DX
     da_ptr,  # [S, R, K] fp32, written only with COMPUTE_DA
     seed_ptr,  # [1] int64, read only with DROPOUT
+    wq_absmax_ptr,  # W0's 4-bit quantization state, read only with QBLOCK > 0 (``load_w_tile``)
+    wq_code_ptr,
+    wq_absmax2_ptr,
+    wq_code2_ptr,
+    wq_offset_ptr,
     # sizes
     M,
     N,
@@ -299,6 +311,9 @@ def _lora_dx_da_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
+    QBLOCK: tl.constexpr = 0,  # 0: W0 is dense; else it is 4-bit with this block size
+    QBLOCK2: tl.constexpr = 0,  # with QBLOCK: 0, or the block size of the double-quantized absmax
+    QPACKED: tl.constexpr = 0,  # with QBLOCK: how its tiles are read (``load_w_tile``)
 ):
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -321,8 +336,9 @@ def _lora_dx_da_kernel(
             # The base GEMM from a zero accumulator (pipelined, wgmma-only accumulator), then the low-rank term.
             acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             acc = base_gemm(
-                acc, dy_ptr, w_ptr, rows, offs_k, mask_m, mask_k, N, stride_dm, stride_dn, stride_wn, stride_wk,
-                UPCAST, PRECISION, BLOCK_N,
+                acc, dy_ptr, w_ptr, rows, offs_k, pid_k * BLOCK_K, mask_m, mask_k, N, stride_dm, stride_dn, stride_wn,
+                stride_wk, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr, UPCAST, PRECISION,
+                BLOCK_N, BLOCK_K, QBLOCK, QBLOCK2, QPACKED,
             )  # fmt: skip
             low = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32) if DROPOUT else acc
             for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
@@ -369,7 +385,7 @@ def fuses_da(R: int, act_bytes: int) -> bool:
 
 def lora_dx_da(
     dy: torch.Tensor,
-    w: torch.Tensor,
+    w,
     dxa_parts: torch.Tensor,
     lora_A: torch.Tensor,
     x: torch.Tensor,
@@ -382,7 +398,8 @@ def lora_dx_da(
     [S, R, K]`` fp32 whose sum over its leading axis is ``dA = dxaᵀ·D(x)`` (None unless ``need_da``).
 
     ``dy [M, N]``, ``w [N, K]`` (W0, either layout), ``dxa_parts [NS, M, R]`` from ``lora_dy``, ``lora_A [R, K]``,
-    ``x [M, K]``. Above ``MAX_FUSED_RANK``, ``dA`` takes a second launch whose grid covers the rank tiles."""
+    ``x [M, K]``. Above ``MAX_FUSED_RANK``, ``dA`` takes a second launch whose grid covers the rank tiles. ``w`` is a
+    tensor or a 4-bit ``fastlora.nf4.QuantizedWeight`` view (dequantized tile by tile in the GEMM's loop)."""
     M, N = dy.shape
     K = w.shape[1]
     R = lora_A.shape[0]
@@ -394,18 +411,20 @@ def lora_dx_da(
     da_parts = torch.empty((splits, R, K), device=dy.device, dtype=torch.float32) if need_da else None
     BLOCK_R = rank_tile(R)
     fused = fuses_da(R, dy.element_size())
+    wo = weight_operand(w, dy.dtype)
 
     def launch(compute_dx: bool, compute_da: bool):
         def grid(meta):
             return (triton.cdiv(K, meta["BLOCK_K"]), splits, triton.cdiv(R, BLOCK_R) if not compute_dx else 1)
 
-        operands = (dy, w, dxa_parts, lora_A, x if compute_da else None, dx if compute_dx else None, da_parts)
+        weight = wo.tensors if compute_dx else ()
+        operands = (dy, *weight, dxa_parts, lora_A, x if compute_da else None, dx if compute_dx else None, da_parts)
         with launching("lora_dx_da", *operands):
             _lora_dx_da_kernel[grid](
-                dy, w, dxa_parts, lora_A, x, dx if compute_dx else dy, da_parts if compute_da else dxa_parts,
-                seed if dropout else dxa_parts,
+                dy, wo.ptr, dxa_parts, lora_A, x, dx if compute_dx else dy, da_parts if compute_da else dxa_parts,
+                seed if dropout else dxa_parts, *wo.args,
                 M, N, K, R, dxa_parts.shape[0], chunk, m_bucket(M),
-                dy.stride(0), dy.stride(1), w.stride(0), w.stride(1),
+                dy.stride(0), dy.stride(1), wo.stride0, wo.stride1,
                 dxa_parts.stride(0), dxa_parts.stride(1), dxa_parts.stride(2), lora_A.stride(0), lora_A.stride(1),
                 x.stride(0), x.stride(1),
                 dx.stride(0) if compute_dx else 0, dx.stride(1) if compute_dx else 0,
@@ -416,8 +435,11 @@ def lora_dx_da(
                 COMPUTE_DA=compute_da,
                 DROPOUT=dropout,
                 UPCAST=is_interpreting(),
-                PRECISION=dot_precision(dy.dtype, w.dtype, lora_A.dtype),
+                PRECISION=dot_precision(dy.dtype, wo.dtype, lora_A.dtype),
                 BLOCK_R=BLOCK_R,
+                QBLOCK=wo.qblock if compute_dx else 0,
+                QBLOCK2=wo.qblock2 if compute_dx else 0,
+                QPACKED=wo.qpacked if compute_dx else 0,
             )  # fmt: skip
 
     if need_dx:

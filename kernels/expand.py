@@ -32,6 +32,8 @@ from ._common import (
     signed_threshold,
     store_with_bias,
     tile_ids,
+    w_stage_bytes,
+    weight_operand,
 )
 
 
@@ -62,7 +64,7 @@ def _expand_configs():
 
 
 def config_ok(
-    config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, DROPOUT: bool, **_
+    config: triton.Config, act_bytes: int, lora_bytes: int, BLOCK_R: int, DROPOUT: bool, QBLOCK: int = 0, QPACKED: int = 0, **_
 ) -> bool:  # fmt: skip
     """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills).
 
@@ -70,9 +72,11 @@ def config_ok(
     up to a rank tile of 32 (195-254 registers on sm_80 and sm_90), and spill at 64 or with a dropout mask.
     """
     kw = config.kwargs
-    if not fits_in_smem(config, kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"]) * act_bytes):
+    w_bytes = w_stage_bytes(act_bytes, QBLOCK, QPACKED)
+    if not fits_in_smem(config, kw["BLOCK_K"] * (kw["BLOCK_M"] * act_bytes + kw["BLOCK_N"] * w_bytes)):
         return False
-    if kw["BLOCK_M"] * kw["BLOCK_N"] > 128 * 128 and (BLOCK_R > 32 or DROPOUT):
+    # A 4-bit tile's dequantization holds its nibbles, codes and absmax in registers beside the accumulator.
+    if kw["BLOCK_M"] * kw["BLOCK_N"] > 128 * 128 and (BLOCK_R > 32 or DROPOUT or QBLOCK):
         return False
     if kw["BLOCK_M"] > 128 and lora_bytes > act_bytes:
         return False  # 256 rows of fp32 low-rank operands beside the accumulator spill 8 B on sm_80
@@ -82,7 +86,7 @@ def config_ok(
 @triton.autotune(
     configs=_expand_configs(),
     # stride_wk tells W0's layout apart ([N, K] has stride_wk 1, [K, N] has N), which the best tile depends on.
-    key=["M_BUCKET", "N", "K", "BLOCK_R", "stride_wk", "HAS_BIAS", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "stride_wk", "HAS_BIAS", "DROPOUT", "QBLOCK"],
     prune_configs_by={"early_config_prune": config_pruner(config_ok, "x_ptr", "l_ptr")},
 )
 @triton.jit
@@ -95,6 +99,11 @@ def _lora_expand_kernel(
     bias_ptr,  # [N], read only with HAS_BIAS
     out_ptr,  # [M, N]
     seed_ptr,  # [1] int64, read only with DROPOUT
+    wq_absmax_ptr,  # W0's 4-bit quantization state, read only with QBLOCK > 0 (``load_w_tile``)
+    wq_code_ptr,
+    wq_absmax2_ptr,
+    wq_code2_ptr,
+    wq_offset_ptr,
     # sizes
     M,
     N,
@@ -125,6 +134,9 @@ def _lora_expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    QBLOCK: tl.constexpr = 0,  # 0: W0 is dense; else it is 4-bit with this block size
+    QBLOCK2: tl.constexpr = 0,  # with QBLOCK: 0, or the block size of the double-quantized absmax
+    QPACKED: tl.constexpr = 0,  # with QBLOCK: how its tiles are read (``load_w_tile``)
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,8 +150,9 @@ def _lora_expand_kernel(
     # known only at run time, made ptxas serialise every wgmma of the K loop on sm_90: advisory C7515.)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = base_gemm(
-        acc, x_ptr, wt_ptr, rows_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
-        UPCAST, PRECISION, BLOCK_K,
+        acc, x_ptr, wt_ptr, rows_m, offs_n, pid_n * BLOCK_N, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
+        stride_wn, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr, UPCAST, PRECISION, BLOCK_K,
+        BLOCK_N, QBLOCK, QBLOCK2, QPACKED,
     )  # fmt: skip
     # Then the low-rank term, a short reduction over R (one stage: R is a few tiles at most, and pipelining it would
     # double the shared memory for fp32 LoRA). With dropout its mask applies to the low-rank product alone, which
@@ -160,7 +173,7 @@ def _lora_expand_kernel(
 
 def lora_expand(
     x: torch.Tensor,
-    wt: torch.Tensor,
+    wt,
     low: torch.Tensor,
     rt: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -168,11 +181,13 @@ def lora_expand(
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ wt + D(low @ rt) + bias`` for ``x [M, K]``, ``wt [K, N]``, ``low [M, R]``, ``rt [R, N]``; returns ``[M, N]``."""
+    """``x @ wt + D(low @ rt) + bias`` for ``x [M, K]``, ``wt [K, N]``, ``low [M, R]``, ``rt [R, N]``; returns ``[M, N]``.
+    ``wt`` is a tensor or a 4-bit ``fastlora.nf4.QuantizedWeight`` view (dequantized tile by tile in the K loop)."""
     M, K = x.shape
     N = wt.shape[1]
     R = low.shape[1]
-    assert wt.shape[0] == K and low.shape[0] == M and rt.shape == (R, N), "expand: inconsistent operand shapes"
+    assert wt.shape[0] == K and low.shape[0] == M and tuple(rt.shape) == (R, N), "expand: inconsistent operand shapes"
+    w = weight_operand(wt, x.dtype)
     out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
     if M == 0 or N == 0:
         return out
@@ -181,18 +196,21 @@ def lora_expand(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    with launching("lora_expand", x, wt, low, rt, bias, out):
+    with launching("lora_expand", x, *w.tensors, low, rt, bias, out):
         _lora_expand_kernel[grid](
-            x, wt, low, rt, bias if bias is not None else x, out, seed if dropout else x,
+            x, w.ptr, low, rt, bias if bias is not None else x, out, seed if dropout else x, *w.args,
             M, N, K, R, m_bucket(M),
-            x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), low.stride(0), low.stride(1),
+            x.stride(0), x.stride(1), w.stride0, w.stride1, low.stride(0), low.stride(1),
             rt.stride(0), rt.stride(1), out.stride(0), out.stride(1),
             signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
             HAS_BIAS=bias is not None,
             DROPOUT=dropout,
             UPCAST=is_interpreting(),
-            PRECISION=dot_precision(x.dtype, wt.dtype, low.dtype),
+            PRECISION=dot_precision(x.dtype, w.dtype, low.dtype),
             BLOCK_R=rank_tile(R),
+            QBLOCK=w.qblock,
+            QBLOCK2=w.qblock2,
+            QPACKED=w.qpacked,
         )  # fmt: skip
     return out
 

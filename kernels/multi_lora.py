@@ -90,10 +90,13 @@ from ._common import (
     load_tile,
     m_bucket,
     mma,
+    nf4_tile_fits,
     rank_tile,
     store_tile,
     store_with_bias,
     tile_ids,
+    w_stage_bytes,
+    weight_operand,
 )
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -181,12 +184,17 @@ def expand_config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, SPL
     return fits_in_smem(config, kw["BLOCK_R"] * (kw["BLOCK_M"] * 4 * SPLIT_K + kw["BLOCK_N"] * lora_bytes))
 
 
-def fused_config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, **_) -> bool:
+def fused_config_ok(
+    config: triton.Config, act_bytes: int, lora_bytes: int, QBLOCK: int = 0, QPACKED: int = 0, **_
+) -> bool:
     """Whether the fused launcher may run ``config``: its epilogue steps are one 16-byte vector of the pool wide, and
     the main loop's pipelined x and W0 tiles fit in shared memory."""
     kw = config.kwargs
-    return kw["EPI_R"] * lora_bytes == 16 and fits_in_smem(
-        config, kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"]) * act_bytes
+    w_bytes = w_stage_bytes(act_bytes, QBLOCK, QPACKED)
+    return (
+        kw["EPI_R"] * lora_bytes == 16
+        and fits_in_smem(config, kw["BLOCK_K"] * (kw["BLOCK_M"] * act_bytes + kw["BLOCK_N"] * w_bytes))
+        and nf4_tile_fits(config, kw["BLOCK_K"], kw["BLOCK_N"], act_bytes, QBLOCK)
     )
 
 
@@ -383,7 +391,7 @@ def _lora_chunk(b, xa_rows, ranks, scale, r0, stride_or, EPI_R: tl.constexpr):
 
 @triton.autotune(
     configs=_fused_configs(),
-    key=["M_BUCKET", "N", "K", "SPLIT_K", "stride_wk", "HAS_BIAS"],
+    key=["M_BUCKET", "N", "K", "SPLIT_K", "stride_wk", "HAS_BIAS", "QBLOCK"],
     prune_configs_by={"early_config_prune": config_pruner(fused_config_ok, "x_ptr", "b_ptr")},
 )
 @triton.jit
@@ -399,6 +407,11 @@ def _multi_fused_kernel(
     ranks_ptr,  # [num_slots]
     scalings_ptr,  # [num_slots] fp32
     token_scales_ptr,  # [T] fp32, read only with HAS_TOKEN_SCALES
+    wq_absmax_ptr,  # W0's 4-bit quantization state, read only with QBLOCK > 0 (``load_w_tile``)
+    wq_code_ptr,
+    wq_absmax2_ptr,
+    wq_code2_ptr,
+    wq_offset_ptr,
     # sizes
     T,
     N,
@@ -432,6 +445,9 @@ def _multi_fused_kernel(
     EPI_R: tl.constexpr,  # rank columns per epilogue step
     PREFETCH_B: tl.constexpr,  # load the first B chunk before the main loop
     GROUP_M: tl.constexpr,
+    QBLOCK: tl.constexpr = 0,  # 0: W0 is dense; else it is 4-bit with this block size
+    QBLOCK2: tl.constexpr = 0,  # with QBLOCK: 0, or the block size of the double-quantized absmax
+    QPACKED: tl.constexpr = 0,  # with QBLOCK: how its tiles are read (``load_w_tile``)
 ):
     pid_m, pid_n = tile_ids(T, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -452,8 +468,9 @@ def _multi_fused_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = base_gemm(
-        acc, x_ptr, wt_ptr, rows_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
-        UPCAST, PRECISION, BLOCK_K,
+        acc, x_ptr, wt_ptr, rows_m, offs_n, pid_n * BLOCK_N, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
+        stride_wn, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr, UPCAST, PRECISION, BLOCK_K,
+        BLOCK_N, QBLOCK, QBLOCK2, QPACKED,
     )  # fmt: skip
 
     if not PREFETCH_B:
@@ -616,13 +633,14 @@ def multi_lora_expand(
 
 
 def multi_lora_fused(
-    x: torch.Tensor, wt: torch.Tensor, bias, xa: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
+    x: torch.Tensor, wt, bias, xa: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
     scalings: torch.Tensor,
     token_slots, sorted_token_ids, seg_offsets, seg_slots, token_scales, num_segments, max_segment_len, max_rank,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ wt + bias`` plus every token's own expand ``round(c[t]·Σ_split xa[:, t])·B_sᵀ``, written once; ``xa``
     is ``multi_lora_shrink``'s output (any number of K splits), launched right before on the same stream: where
-    ``pdl_enabled``, this kernel starts while that shrink runs and reads ``x`` before it waits for it."""
+    ``pdl_enabled``, this kernel starts while that shrink runs and reads ``x`` before it waits for it. ``wt`` is a
+    tensor or a 4-bit ``fastlora.nf4.QuantizedWeight`` view (dequantized tile by tile in the K loop)."""
     T, K = x.shape
     N = wt.shape[1]
     y = torch.empty((T, N), device=x.device, dtype=x.dtype)
@@ -633,24 +651,28 @@ def multi_lora_fused(
     # Only behind a launched shrink, which waited for whatever wrote x: after any other kernel, this one could read x
     # before it is visible.
     pdl = _shrink_launches(num_segments, max_rank) and pdl_enabled(x.device)
+    w = weight_operand(wt, x.dtype)
 
     def grid(cfg):
         return (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
-    with launching("multi_lora_fused", x, wt, bias, xa, y):
+    with launching("multi_lora_fused", x, *w.tensors, bias, xa, y):
         _multi_fused_kernel[grid](
-            x, wt, bias if bias is not None else x, xa, b_pool, y, token_slots, ranks, scalings,
-            token_scales if token_scales is not None else scalings,
+            x, w.ptr, bias if bias is not None else x, xa, b_pool, y, token_slots, ranks, scalings,
+            token_scales if token_scales is not None else scalings, *w.args,
             T, N, K, R, m_bucket(T),
-            x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), xa.stride(0), xa.stride(1), xa.stride(2),
+            x.stride(0), x.stride(1), w.stride0, w.stride1, xa.stride(0), xa.stride(1), xa.stride(2),
             b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None,
             HAS_TOKEN_SCALES=token_scales is not None,
             UPCAST=is_interpreting(),
-            PRECISION=dot_precision(x.dtype, wt.dtype),
+            PRECISION=dot_precision(x.dtype, w.dtype),
             SPLIT_K=split_k,
             USE_PDL=pdl,
             EVEN_R=even_r,
+            QBLOCK=w.qblock,
+            QBLOCK2=w.qblock2,
+            QPACKED=w.qpacked,
             launch_pdl=pdl,
         )  # fmt: skip
     return y

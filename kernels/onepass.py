@@ -25,13 +25,17 @@ from ._common import (
     is_interpreting,
     launching,
     load_tile,
+    load_w_tile,
     m_bucket,
     mma,
+    nf4_tile_fits,
     pow2_at_least_16,
     signed_threshold,
     store_tile,
     store_with_bias,
     tile_ids,
+    w_stage_bytes,
+    weight_operand,
 )
 
 MAX_RANK = 128
@@ -72,11 +76,15 @@ def _onepass_configs():
     return gpu_configs()
 
 
-def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, R_PAD: int, DROPOUT: bool, **_) -> bool:
+def config_ok(
+    config: triton.Config, act_bytes: int, lora_bytes: int, R_PAD: int, DROPOUT: bool, QBLOCK: int = 0, QPACKED: int = 0, **_
+) -> bool:  # fmt: skip
     """Whether the launcher may run ``config`` for these operand sizes and switches (shared memory, spills, serialised
     wgmma)."""
     kw = config.kwargs
-    if not fits_in_smem(config, kw["BLOCK_K"] * ((kw["BLOCK_M"] + kw["BLOCK_N"]) * act_bytes + R_PAD * lora_bytes)):
+    w_bytes = w_stage_bytes(act_bytes, QBLOCK, QPACKED)
+    stage = kw["BLOCK_K"] * (kw["BLOCK_M"] * act_bytes + kw["BLOCK_N"] * w_bytes + R_PAD * lora_bytes)
+    if not fits_in_smem(config, stage) or not nf4_tile_fits(config, kw["BLOCK_K"], kw["BLOCK_N"], act_bytes, QBLOCK):
         return False
     # Registers: the two accumulators, [BLOCK_M, BLOCK_N] and [BLOCK_M, R_PAD], at most 64 fp32 per thread (the
     # 64-row tile at R_PAD = 128 with fp32 operands took 255 registers and spilled 16 B on sm_80).
@@ -99,7 +107,7 @@ def config_ok(config: triton.Config, act_bytes: int, lora_bytes: int, R_PAD: int
 
 @triton.autotune(
     configs=_onepass_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "stride_wk", "HAS_BIAS", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "stride_wk", "HAS_BIAS", "DROPOUT", "QBLOCK"],
     prune_configs_by={"early_config_prune": config_pruner(config_ok, "x_ptr", "at_ptr")},
 )
 @triton.jit
@@ -113,6 +121,11 @@ def _lora_onepass_kernel(
     y_ptr,  # [M, N]
     xs_ptr,  # [M, R] s·D(x)·Aᵀ for the backward, written only with STORE_XS
     seed_ptr,  # [1] int64, read only with DROPOUT
+    wq_absmax_ptr,  # W0's 4-bit quantization state, read only with QBLOCK > 0 (``load_w_tile``)
+    wq_code_ptr,
+    wq_absmax2_ptr,
+    wq_code2_ptr,
+    wq_offset_ptr,
     # sizes
     M,
     N,
@@ -147,6 +160,9 @@ def _lora_onepass_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    QBLOCK: tl.constexpr = 0,  # 0: W0 is dense; else it is 4-bit with this block size
+    QBLOCK2: tl.constexpr = 0,  # with QBLOCK: 0, or the block size of the double-quantized absmax
+    QPACKED: tl.constexpr = 0,  # with QBLOCK: how its tiles are read (``load_w_tile``)
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -183,7 +199,11 @@ def _lora_onepass_kernel(
         mask_k = offs_k < K
         x = load_tile(x_ptr, rows_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         # W0 has N·K elements, which can pass 2**31: its offsets are int64.
-        w = load_tile(wt_ptr, offs_k.to(tl.int64), offs_n.to(tl.int64), stride_wk, stride_wn, mask_k, mask_n)
+        w = load_w_tile(
+            wt_ptr, offs_k.to(tl.int64), offs_n.to(tl.int64), k0, pid_n * BLOCK_N, stride_wk, stride_wn, mask_k,
+            mask_n, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+            x_ptr.dtype.element_ty, QBLOCK, QBLOCK2, QPACKED, BLOCK_K, BLOCK_N,
+        )  # fmt: skip
         a = load_tile(at_ptr, offs_k, offs_r, stride_ak, stride_ar, mask_k, mask_r)
         acc = mma(acc, x, w, UPCAST, PRECISION)
         if DROPOUT:
@@ -210,7 +230,7 @@ def _lora_onepass_kernel(
 
 def lora_onepass(
     x: torch.Tensor,
-    wt: torch.Tensor,
+    wt,
     bias: torch.Tensor | None,
     at: torch.Tensor,
     bt: torch.Tensor,
@@ -222,6 +242,7 @@ def lora_onepass(
     """``x @ wt + scaling · (D(x) @ at) @ bt + bias`` for ``x [M, K]``, ``wt [K, N]``, ``at [K, R]``, ``bt [R, N]``.
 
     With ``xs`` (``[M, R]``, the LoRA weights' dtype) also writes ``scaling · D(x) @ at`` there for the backward.
+    ``wt`` is a tensor or a 4-bit ``fastlora.nf4.QuantizedWeight`` view (dequantized tile by tile in the K loop).
     """
     M, K = x.shape
     N = wt.shape[1]
@@ -232,15 +253,17 @@ def lora_onepass(
     if M == 0 or N == 0:
         return y
     dropout = dropout_p > 0.0
+    w = weight_operand(wt, x.dtype)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    with launching("lora_onepass", x, wt, at, bt, bias, y, xs):
+    with launching("lora_onepass", x, *w.tensors, at, bt, bias, y, xs):
         _lora_onepass_kernel[grid](
-            x, wt, at, bt, bias if bias is not None else x, y, xs if xs is not None else y, seed if dropout else x,
+            x, w.ptr, at, bt, bias if bias is not None else x, y, xs if xs is not None else y, seed if dropout else x,
+            *w.args,
             M, N, K, R, m_bucket(M),
-            x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), at.stride(0), at.stride(1),
+            x.stride(0), x.stride(1), w.stride0, w.stride1, at.stride(0), at.stride(1),
             bt.stride(0), bt.stride(1), y.stride(0), y.stride(1),
             xs.stride(0) if xs is not None else 0, xs.stride(1) if xs is not None else 0,
             scaling, signed_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
@@ -248,8 +271,11 @@ def lora_onepass(
             DROPOUT=dropout,
             STORE_XS=xs is not None,
             UPCAST=is_interpreting(),
-            PRECISION=dot_precision(x.dtype, wt.dtype, at.dtype),
+            PRECISION=dot_precision(x.dtype, w.dtype, at.dtype),
             R_PAD=pow2_at_least_16(R),
+            QBLOCK=w.qblock,
+            QBLOCK2=w.qblock2,
+            QPACKED=w.qpacked,
         )  # fmt: skip
     return y
 

@@ -36,9 +36,10 @@ fi
 
 "$py" -m pytest tests/test_static_check.py -q "$@"
 # lora_linear runs the one-pass, shrink, expand and wgrad kernels, multi_lora_linear the three multi-adapter ones,
-# grouped_lora the three grouped (mixture-of-experts) ones; test_compile traces them with this torch's torch.compile.
+# grouped_lora the three grouped (mixture-of-experts) ones, qlora_kernels their 4-bit (NF4 / FP4) paths; test_compile
+# traces them with this torch's torch.compile.
 # In two processes (pytest-xdist): these tests time nothing.
 "$py" -m pytest -q -n 2 "$@" \
   tests/test_lora_linear.py tests/test_dropout.py tests/test_multi_lora_linear.py tests/test_grouped_lora.py \
-  tests/test_compile.py tests/test_layers.py tests/test_errors.py
+  tests/test_compile.py tests/test_layers.py tests/test_errors.py tests/test_qlora_kernels.py
 echo "ci_oldest: passed in $((SECONDS - start)) s"

@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..kernels import is_interpreting
+from ..nf4 import QuantizedWeight
 
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -45,6 +46,11 @@ def as_2d(x: torch.Tensor) -> torch.Tensor:
         return x.view(-1, x.shape[-1])
     except RuntimeError:
         return x.reshape(-1, x.shape[-1])
+
+
+def is_quantized(weight) -> bool:
+    """Whether ``weight`` is a 4-bit ``fastlora.nf4.QuantizedWeight`` rather than a tensor."""
+    return isinstance(weight, QuantizedWeight)
 
 
 def weight_t(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -95,6 +101,36 @@ def check_base_layer(where: str, tensors: dict, x, weight, bias, fan_in_fan_out:
         raise ValueError(
             f"{where}: weight {tuple(weight.shape)} read as {layout} has K={K_w}, but x has K={K} "
             f"(x.shape={tuple(x.shape)})"
+        )
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"{where}: bias must be [N] = [{N}], got {tuple(bias.shape)}")
+    return K, N
+
+
+def check_quantized_base(
+    where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool, backend: str
+) -> tuple[int, int]:
+    """``check_base_layer`` for a 4-bit ``W0`` (a ``QuantizedWeight``, ``[N, K]``): ``x`` and ``bias`` are of a dtype
+    the kernels dequantize to (fp16, bf16 or fp32, whatever the weight's original dtype), every tensor on the weight's
+    device. Returns ``(K, N)``."""
+    if fan_in_fan_out:
+        raise ValueError(f"{where}: a 4-bit weight is stored [N, K]; fan_in_fan_out=True does not apply to it")
+    if weight.transposed:
+        raise ValueError(f"{where}: weight must be the 4-bit [N, K] weight itself, got its transposed view")
+    devices = {n: t.device for n, t in tensors.items() if t is not None and n != "weight"}
+    devices["weight"] = weight.device
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"{where}: x.dtype must be one of {TRITON_DTYPES} over a 4-bit weight, got {x.dtype}")
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{where}: bias.dtype must be x.dtype ({x.dtype}) or float32, got {bias.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{where}: x must have shape [..., K] with K >= 1, got {tuple(x.shape)}")
+    N, K = weight.out_features, weight.in_features
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"{where}: the 4-bit weight is [N, K] = [{N}, {K}], but x has K={x.shape[-1]} (x.shape={tuple(x.shape)})"
         )
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"{where}: bias must be [N] = [{N}], got {tuple(bias.shape)}")

@@ -26,7 +26,16 @@ import torch
 
 from .. import kernels
 from . import torch_linear
-from .common import as_2d, check_base_layer, check_tensor_types, out_features, resolve_backend, weight_t
+from .common import (
+    as_2d,
+    check_base_layer,
+    check_quantized_base,
+    check_tensor_types,
+    is_quantized,
+    out_features,
+    resolve_backend,
+    weight_t,
+)
 
 _WHERE = "fastlora.lora_linear"
 # A Python int seed is stored as one int64; ``draw_seed`` draws below 2**62.
@@ -64,6 +73,8 @@ def _host_seed(seed) -> int | None:
 def _forward(x2d, wt, bias, lora_A, lora_B, seed, scaling, dropout_p, need_xs, forward_impl, backend):
     """``(y [M, N], xs [M, r] or None)`` for ``x2d [M, K]`` and ``wt [K, N]``."""
     if backend == "torch":
+        if is_quantized(wt):  # the torch backend's one full-precision copy of W0, for this call only
+            wt = wt.dequantize(x2d.dtype)
         # Never under autocast (``lora_linear`` turns it off around this call, after applying its casts).
         return torch_linear.forward(x2d, wt, bias, lora_A, lora_B, scaling, dropout_p, _host_seed(seed), need_xs)
     M, r = x2d.shape[0], lora_A.shape[0]
@@ -80,6 +91,7 @@ def _forward(x2d, wt, bias, lora_A, lora_B, seed, scaling, dropout_p, need_xs, f
 def _backward(dy2d, x2d, wt, lora_A, lora_B, xs, seed, scaling, dropout_p, need_dx, backend):
     """``(dx [M, K] or None, dA, dB)``, the LoRA gradients in the LoRA weights' dtype."""
     if backend == "torch":
+        wt = wt.dequantize(dy2d.dtype) if is_quantized(wt) else wt
         args = (dy2d, x2d, wt, lora_A, lora_B, xs, scaling, dropout_p, _host_seed(seed), need_dx)
         if torch.is_autocast_enabled(x2d.device.type):
             # A backward called inside an autocast region: autocast would recast the GEMMs of an fp32 LoRA branch.
@@ -100,12 +112,16 @@ def _refuse_double_backward(dy: torch.Tensor, saved: tuple) -> None:
         )
 
 
-def _grads(ctx, dy, seed, lora_grads):
+def _grads(ctx, dy, lora_grads):
     """The gradients of ``x``, ``W0``, ``b``, ``A`` and ``B`` (None where not needed) from what either entry point
     saved (the same fields on ``ctx``). ``lora_grads(dy, x, weight, lora_A, lora_B, xs, seed, need_dx)`` returns
     ``(dx, dA, dB)`` with ``dx`` shaped as ``x``. ``W0`` and ``b`` (frozen in LoRA training) get theirs from cuBLAS
     when a caller asks."""
-    x, weight, lora_A, lora_B, xs, _ = saved = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xs, saved_seed = saved = ctx.saved_tensors
+    weight = weight if ctx.qweight is None else ctx.qweight
+    # ``ctx.saved_tensors`` is read once: non-reentrant activation checkpointing (transformers' default) refuses a
+    # second unpack of the same saved tensor. A Python int seed of the eager path is on ``ctx``.
+    seed = saved_seed if saved_seed is not None else getattr(ctx, "host_seed", None)
     if torch.is_grad_enabled():
         _refuse_double_backward(dy, saved)
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
@@ -135,7 +151,10 @@ class _LoraLinearFunction(torch.autograd.Function):
             forward_impl, backend,
         )  # fmt: skip
         seed_tensor = seed if isinstance(seed, torch.Tensor) else None
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xs, seed_tensor)
+        quantized = is_quantized(weight)
+        # A 4-bit weight's tensors are the frozen layer's own buffers: kept on ctx, never copied.
+        ctx.qweight = weight if quantized else None
+        ctx.save_for_backward(x, None if quantized else weight, lora_A, lora_B, xs, seed_tensor)
         ctx.host_seed = seed if isinstance(seed, int) else None
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
@@ -154,8 +173,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             )  # fmt: skip
             return (dx.view(x.shape) if need_dx else None), dA, dB
 
-        seed = ctx.saved_tensors[-1]
-        return *_grads(ctx, dy, seed if seed is not None else ctx.host_seed, lora_grads), *(None,) * 6
+        return *_grads(ctx, dy, lora_grads), *(None,) * 6
 
 
 # ------------------------------------------------------------------------------------ custom ops (torch.compile)
@@ -226,6 +244,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out, _, _, backend = inputs
     _, xs = output
     ctx.save_for_backward(x, weight, lora_A, lora_B, xs, seed)
+    ctx.qweight = None
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.fan_in_fan_out = fan_in_fan_out
@@ -250,7 +269,7 @@ def _op_backward(ctx, dy, _dxs):
             ctx.backend,
         )
 
-    return *_grads(ctx, dy, ctx.saved_tensors[-1], lora_grads), *(None,) * 7
+    return *_grads(ctx, dy, lora_grads), *(None,) * 7
 
 
 _lora_linear_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -336,7 +355,8 @@ def _check_dropout(dropout_p, training) -> float:
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, fan_in_fan_out, backend) -> None:
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
-    K, N = check_base_layer(_WHERE, tensors, x, weight, bias, fan_in_fan_out, backend)
+    check = check_quantized_base if is_quantized(weight) else check_base_layer
+    K, N = check(_WHERE, tensors, x, weight, bias, fan_in_fan_out, backend)
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"{_WHERE}: lora_A.dtype ({lora_A.dtype}) and lora_B.dtype ({lora_B.dtype}) differ")
     if lora_A.dtype not in (x.dtype, torch.float32):
@@ -378,7 +398,11 @@ def lora_linear(
     Args:
         x: ``[..., K]`` activations (fp16, bf16 or fp32; any strides).
         weight: frozen ``W0``, ``[N, K]`` as in ``nn.Linear``, or ``[K, N]`` with ``fan_in_fan_out=True``
-            (GPT-2 ``Conv1D``); same dtype as ``x``. Never copied.
+            (GPT-2 ``Conv1D``); same dtype as ``x``. Never copied. Or a 4-bit ``fastlora.nf4.QuantizedWeight``
+            (QLoRA's NF4 / FP4 base, ``[N, K]``): the kernels dequantize its tiles to ``x.dtype`` in registers inside
+            the GEMMs, so no full-precision copy of W0 exists (the torch backend dequantizes it for each call); no
+            gradient flows to it. ``torch.compile`` traces such a call as an ``autograd.Function``, not as the custom
+            ops below.
         bias: ``[N]`` (``x.dtype`` or fp32) or None.
         lora_A, lora_B: ``[r, K]`` and ``[N, r]`` (PEFT's shapes), fp32 or ``x.dtype``.
         scaling: ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA): a finite real number, or a one-element CPU tensor
@@ -406,14 +430,17 @@ def lora_linear(
         RuntimeError: a backward with ``create_graph=True`` (second-order gradients are not supported).
     """
     # Types and the scalar arguments first, before any attribute of a tensor argument is read.
+    quantized = is_quantized(weight)
     if not (
         isinstance(x, torch.Tensor)
-        and isinstance(weight, torch.Tensor)
+        and (quantized or isinstance(weight, torch.Tensor))
         and isinstance(lora_A, torch.Tensor)
         and isinstance(lora_B, torch.Tensor)
         and (bias is None or isinstance(bias, torch.Tensor))
     ):
-        tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+        tensors = {"x": x, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+        if not quantized:
+            tensors["weight"] = weight
         check_tensor_types(_WHERE, tensors, optional=("bias",))
     device = x.device
     _check_seed(seed, device)
@@ -423,7 +450,7 @@ def lora_linear(
     if torch.is_autocast_enabled(device.type):
         # As nn.Linear under autocast: the base GEMM runs in the autocast dtype. fp32 LoRA weights stay fp32.
         dtype = torch.get_autocast_dtype(device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
+        x, weight = x.to(dtype), (weight if quantized else weight.to(dtype))
         bias = bias.to(dtype) if bias is not None and bias.dtype != torch.float32 else bias
         if lora_A.dtype != torch.float32:
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
@@ -450,9 +477,10 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out, fo
     elif type(seed) is int and (backend == "triton" or compiling):
         # The kernels and the custom op read the seed from a tensor: a fill on the device, no copy from the host.
         seed = torch.full((1,), seed, dtype=torch.int64, device=x.device)
+    quantized = is_quantized(weight)
     needs_grad = lora_B.requires_grad or lora_A.requires_grad or x.requires_grad
-    needs_grad = needs_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    if compiling:
+    needs_grad = needs_grad or (not quantized and weight.requires_grad) or (bias is not None and bias.requires_grad)
+    if compiling and not quantized:
         need_xs = torch.is_grad_enabled() and needs_grad
         y, _ = _lora_linear_fwd(
             x, weight, bias, lora_A, lora_B, seed, scaling, p, fan_in_fan_out, need_xs, forward_impl, backend

@@ -20,7 +20,16 @@ from __future__ import annotations
 import torch
 
 from .. import kernels, reference
-from .common import as_2d, check_base_layer, check_tensor_types, out_features, resolve_backend, weight_t
+from .common import (
+    as_2d,
+    check_base_layer,
+    check_quantized_base,
+    check_tensor_types,
+    is_quantized,
+    out_features,
+    resolve_backend,
+    weight_t,
+)
 from .meta import KernelArgs
 
 MULTI_IMPLS = ("auto", "fused", "segmented")
@@ -44,6 +53,8 @@ def _check_multi_types(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_s
                "slot_ranks": slot_ranks, "slot_scalings": slot_scalings, "meta.token_slots": meta.token_slots,
                "meta.sorted_token_ids": meta.sorted_token_ids, "meta.slot_ranks": meta.slot_ranks,
                "meta.token_scales": meta.token_scales}  # fmt: skip
+    if is_quantized(weight):
+        del tensors["weight"]  # a 4-bit weight: check_quantized_base checks it
     check_tensor_types(_WHERE, tensors, ("bias", "slot_ranks", "slot_scalings", "meta.token_scales"))
     return tensors
 
@@ -52,7 +63,8 @@ def _check_multi_inputs(
     x, weight, bias, a_pool, b_pool, meta, tensors, slot_ranks, slot_scalings, fan_in_fan_out, backend
 ) -> None:
     where = _WHERE
-    K, N = check_base_layer(where, tensors, x, weight, bias, fan_in_fan_out, backend)
+    check = check_quantized_base if is_quantized(weight) else check_base_layer
+    K, N = check(where, tensors, x, weight, bias, fan_in_fan_out, backend)
     if a_pool.dtype != b_pool.dtype:
         raise TypeError(f"{where}: a_pool.dtype ({a_pool.dtype}) and b_pool.dtype ({b_pool.dtype}) differ")
     if a_pool.dtype not in (x.dtype, torch.float32):
@@ -125,7 +137,10 @@ def multi_lora_linear(
 
     Args:
         x: ``[..., K]`` activations, ``T = meta.num_tokens`` rows once flattened (fp16, bf16 or fp32; any strides).
-        weight: frozen ``W0``, ``[N, K]``, or ``[K, N]`` with ``fan_in_fan_out=True``; same dtype as ``x``.
+        weight: frozen ``W0``, ``[N, K]``, or ``[K, N]`` with ``fan_in_fan_out=True``; same dtype as ``x``. Or a
+            4-bit ``fastlora.nf4.QuantizedWeight`` ``[N, K]`` (a QLoRA base): the kernels dequantize its tiles in
+            registers (the fused decode kernel and the base GEMM of the segmented path), the torch backend
+            dequantizes it for the call. Calls over a 4-bit weight are not a custom op (eager only).
         bias: ``[N]`` (``x.dtype`` or fp32) or None.
         a_pool, b_pool: ``[num_slots, r_max, K]`` and ``[num_slots, N, r_max]``, fp32 or ``x.dtype``; slot ``s``
             uses ``a_pool[s, :rank_s]`` and ``b_pool[s, :, :rank_s]``. Entries beyond a slot's rank are never read.
@@ -159,6 +174,9 @@ def multi_lora_linear(
     impl = choose_multi_impl(meta.num_tokens, impl)
     ranks = meta.slot_ranks if slot_ranks is None else slot_ranks
     scalings = meta.slot_scalings if slot_scalings is None else slot_scalings
+    quantized = is_quantized(weight)
+    if backend == "torch" and quantized:
+        weight = weight.dequantize(x.dtype)
     if backend == "torch":
         if meta.active_slots is None:  # fixed-size metadata: no host reads, no shapes that depend on the batch
             return _multi_lora_torch_dense(x, weight, bias, a_pool, b_pool, meta, ranks, scalings, fan_in_fan_out)
@@ -167,11 +185,15 @@ def multi_lora_linear(
             fan_in_fan_out=fan_in_fan_out, active_slots=meta.active_slots,
         )  # fmt: skip
         return y.to(x.dtype)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a_pool, b_pool)):
+    inputs = (x, bias, a_pool, b_pool) if quantized else (x, weight, bias, a_pool, b_pool)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         raise RuntimeError(
             "fastlora.multi_lora_linear: the triton backend is inference only and an input requires grad; "
             "call it under torch.no_grad() (or torch.inference_mode()), or use backend='torch' to differentiate"
         )
+    if quantized:
+        y = multi_lora_triton(as_2d(x), weight.t(), bias, a_pool, b_pool, ranks, scalings, meta.kernel_args(), impl)
+        return y.view(*x.shape[:-1], y.shape[-1])
     return _multi_lora_linear_op(
         x, weight, bias, a_pool, b_pool, ranks, scalings, *meta.kernel_args(), fan_in_fan_out, impl
     )
@@ -262,8 +284,11 @@ def multi_lora_triton(
     return y
 
 
-def _base_gemm(x: torch.Tensor, wt: torch.Tensor, bias) -> torch.Tensor:
-    """``x @ wt + bias`` by the vendor GEMM, in ``x.dtype`` (an fp32 bias is added after the GEMM's rounding)."""
+def _base_gemm(x: torch.Tensor, wt, bias) -> torch.Tensor:
+    """``x @ wt + bias`` by the vendor GEMM, in ``x.dtype`` (an fp32 bias is added after the GEMM's rounding); over a
+    4-bit W0, by the fused GEMM with no low-rank term, which dequantizes W0's tiles in its K loop."""
+    if is_quantized(wt):
+        return kernels.lora_expand(x, wt, x.new_empty((x.shape[0], 0)), x.new_empty((0, wt.shape[1])), bias)
     if bias is None:
         return x @ wt
     if bias.dtype == x.dtype:
