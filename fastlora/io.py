@@ -5,7 +5,8 @@ A directory holds ``adapter_config.json`` (the PEFT ``LoraConfig``) and ``adapte
 ``{"format": "pt"}``) whose keys are those of PEFT's ``get_peft_model_state_dict``:
 
 - ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``, for every adapted
-  module (``Conv1D`` layers included: the LoRA shapes do not depend on the base weight's layout);
+  module (``Conv1D`` and 4-bit layers included: the LoRA shapes come from the layer's features, never from the base
+  weight's layout or packing);
 - ``bias="lora_only"``: ``base_model.model.<module>.base_layer.bias`` for every adapted module with a bias;
   ``bias="all"``: every ``.bias`` entry of the model's state dict, adapted modules under ``.base_layer.bias``;
 - ``modules_to_save``: ``base_model.model.<module>.<name>`` for every entry of that module's state dict (for a
@@ -52,7 +53,7 @@ from .model import (
     adapted_parameters,
     apply_lora,
     find_targets,
-    is_conv1d,
+    linear_features,
     lora_layers,
     modules_to_save,
     moe_config,
@@ -378,9 +379,8 @@ def _expected_for_plain_model(model: nn.Module, config: LoraConfig) -> dict[str,
     targets = find_targets(model, config, adapted_parameters(model, config))
     expected = {}
     for name in targets:
-        weight = model.get_submodule(name).weight
-        fan_in_fan_out = is_conv1d(model.get_submodule(name))  # apply_lora's rule: Conv1D weights are [in, out]
-        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        # From the layer's features, not its weight's shape: a Conv1D's is [in, out], a 4-bit layer's is packed.
+        in_features, out_features = linear_features(model.get_submodule(name))
         r = config.rank_for(name)
         if r > max(in_features, out_features):
             # Checked before anything is allocated: apply_lora would otherwise allocate A and B of that rank.

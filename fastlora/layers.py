@@ -7,35 +7,63 @@ Model transforms count an ``AdaptedLinear`` as the linear layer it wraps.
 Parameters follow PEFT's shapes (``lora_A [r, in_features]``, ``lora_B [out_features, r]``) and its
 initialisation, so adapters move between the two without conversion. The base weight is the very
 ``nn.Parameter`` of the wrapped layer: ``from_linear`` never copies it.
+
+QLoRA: ``Nf4Linear`` is a frozen 4-bit (NF4 / FP4) linear layer in bitsandbytes' format that needs no bitsandbytes,
+and ``LoraLinear4bit`` puts LoRA over it or over bitsandbytes' own ``Linear4bit``, reading the 4-bit weight in place
+(``fastlora.nf4``) and handing it to the same fused op, whose kernels dequantize it tile by tile. Layers of other
+quantization libraries are recognised (``quantization_issue``) so that model transforms can refuse them by name.
+bitsandbytes is never imported here: a bitsandbytes layer is recognised only once bitsandbytes is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from . import nf4
 from .config import lora_scaling
-from .ops import Routing, grouped_linear, grouped_lora_linear, lora_linear, route
+from .nf4 import QuantizedWeight
+from .ops import Routing, grouped_linear, grouped_lora_linear, lora_linear, quant_linear, route
 
 INIT_CHOICES = (True, False, "gaussian")
 
 
 class AdaptedLinear(nn.Module):
     """A linear layer fastlora has wrapped: ``weight`` and ``bias`` are the base layer's own (shared, not copied),
-    ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out=True`` (GPT-2 ``Conv1D``)."""
+    ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out=True`` (GPT-2 ``Conv1D``). A 4-bit base layer's packed
+    ``weight`` says nothing of its shape: ``features`` gives ``(out_features, in_features)`` then."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool = False):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        fan_in_fan_out: bool = False,
+        features: tuple[int, int] | None = None,
+    ):
         super().__init__()
-        if weight.dim() != 2:
-            raise ValueError(f"{type(self).__name__}: weight must be 2-D, got shape {tuple(weight.shape)}")
+        if features is None:
+            if not weight.dtype.is_floating_point:
+                raise TypeError(
+                    f"{type(self).__name__}: the base weight is {weight.dtype} (a quantized layer); fastlora "
+                    "wraps 4-bit layers as LoraLinear4bit (bitsandbytes Linear4bit, Nf4Linear) and no other quantized "
+                    "layer"
+                )
+            if weight.dim() != 2:
+                raise ValueError(f"{type(self).__name__}: weight must be 2-D, got shape {tuple(weight.shape)}")
+            features = tuple(weight.shape[::-1] if fan_in_fan_out else weight.shape)
         self.fan_in_fan_out = fan_in_fan_out
-        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
-        self.weight = weight
+        self.out_features, self.in_features = features
+        if isinstance(weight, nn.Parameter):
+            self.weight = weight
+        else:
+            self.register_buffer("weight", weight)  # ``Nf4Linear``'s packed weight is a buffer
         self.bias = bias
 
     def weight_nk(self) -> torch.Tensor:
@@ -91,7 +119,12 @@ class LoraLinear(AdaptedLinear):
                 f"{lora_dtype!r}"
             )
         super().__init__(weight, bias, fan_in_fan_out)
-        in_features, out_features = self.in_features, self.out_features
+        # PEFT keeps adapter weights in fp32 unless told otherwise; the kernels take either.
+        dtype = lora_dtype or (torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype)
+        self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, weight.device, dtype)
+
+    def _init_adapter(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, device, dtype) -> None:
+        """The adapter's settings and its ``lora_A [r, in]`` / ``lora_B [out, r]``, initialised as PEFT does."""
         self.r = r
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
@@ -103,10 +136,8 @@ class LoraLinear(AdaptedLinear):
         # embedding): merging then writes into a copy, never through the tie.
         self.shared_weight = False
         self.init_lora_weights = init_lora_weights
-        # PEFT keeps adapter weights in fp32 unless told otherwise; the kernels take either.
-        dtype = lora_dtype or (torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=weight.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=weight.device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
         self.reset_lora_parameters(init_lora_weights)
 
     @classmethod
@@ -123,7 +154,12 @@ class LoraLinear(AdaptedLinear):
     ) -> LoraLinear:
         """Wrap ``linear``: an ``nn.Linear``, a GPT-2 ``Conv1D`` (with ``fan_in_fan_out=True``), or another linear
         layer, that is a module with a 2-D ``weight`` and a ``bias`` attribute (``None`` allowed). Anything else (an
-        ``nn.Embedding``, a convolution) raises ``TypeError``. Its parameters are shared, not copied, and frozen."""
+        ``nn.Embedding``, a convolution) raises ``TypeError``. Its parameters are shared, not copied, and frozen. A
+        4-bit layer (bitsandbytes ``Linear4bit``, ``Nf4Linear``) gives a ``LoraLinear4bit``."""
+        if cls is LoraLinear and is_4bit_linear(linear):
+            return LoraLinear4bit.from_linear(
+                linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, fan_in_fan_out, lora_dtype
+            )
         weight = getattr(linear, "weight", None)
         if not (
             isinstance(linear, nn.Module)
@@ -282,6 +318,438 @@ class LoraLinear(AdaptedLinear):
             f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
             f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}, "
             f"dtype={self.weight.dtype}, lora_dtype={self.lora_A.dtype}"
+        )
+
+
+# --- 4-bit base layers ---------------------------------------------------------------------------------------------
+
+
+def _bnb_class(name: str) -> type | None:
+    """``bitsandbytes.nn.<name>`` when bitsandbytes is already imported, else None. A model holding a bitsandbytes
+    layer has imported it, so a layer is recognised without ever importing bitsandbytes here."""
+    bnb_nn = getattr(sys.modules.get("bitsandbytes"), "nn", None)
+    return getattr(bnb_nn, name, None)
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes ``Linear4bit`` (``LinearNF4`` / ``LinearFP4`` included)."""
+    cls = _bnb_class("Linear4bit")
+    return cls is not None and isinstance(module, cls)
+
+
+def is_4bit_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a frozen 4-bit linear layer fastlora puts LoRA over: ``Nf4Linear`` or bitsandbytes'
+    ``Linear4bit``."""
+    return isinstance(module, Nf4Linear) or is_bnb_4bit(module)
+
+
+def quantization_issue(module: nn.Module) -> str | None:
+    """The quantization of ``module`` that fastlora cannot put LoRA over, in words (bitsandbytes 8-bit, HQQ, torchao,
+    GPTQ/AWQ-style packed ``qweight``, integer or fp8 weights, an unknown ``quant_state``), or None for a layer with a
+    floating-point weight or a 4-bit one fastlora reads (``is_4bit_linear``). Looks only at the module's own
+    attributes: nothing is imported."""
+    if is_4bit_linear(module) or isinstance(module, AdaptedLinear):
+        return None
+    weight = getattr(module, "weight", None)
+    int8 = _bnb_class("Linear8bitLt")
+    if (int8 is not None and isinstance(module, int8)) or type(weight).__name__ == "Int8Params":
+        return "bitsandbytes 8-bit (LLM.int8(), Linear8bitLt)"
+    if hasattr(module, "W_q") or type(module).__module__.split(".")[0] == "hqq":
+        return "HQQ"
+    if isinstance(weight, torch.Tensor) and type(weight).__module__.split(".")[0] == "torchao":
+        return f"torchao ({type(weight).__name__} weight)"
+    if isinstance(getattr(module, "qweight", None), torch.Tensor):
+        return "a packed qweight (GPTQ / AWQ-style)"
+    if isinstance(weight, torch.Tensor):
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is not None:
+            return f"a weight with a quant_state fastlora does not know ({type(quant_state).__name__})"
+        if not (weight.dtype.is_floating_point or weight.dtype.is_complex):
+            return f"an integer weight ({weight.dtype})"
+        if weight.dtype.itemsize == 1:
+            return f"an 8-bit floating-point weight ({weight.dtype})"
+    return None
+
+
+# The ``QuantizedWeight`` fields ``Nf4Linear`` keeps as buffers (under these names), in this order.
+_NF4_TENSORS = ("data", "absmax", "code", "nested_absmax", "nested_code", "offset")
+_NF4_BUFFERS = ("weight", "absmax", "code", "nested_absmax", "nested_code", "offset")
+
+
+class Nf4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in 4 bits (NF4 or FP4), in bitsandbytes' format, without
+    bitsandbytes: ``y = x·dequant(W0)ᵀ + b``.
+
+    The ``QuantizedWeight``'s tensors are buffers (``weight``: the packed codes, ``absmax``, ``code`` and, when the
+    block scales are themselves quantized, ``nested_absmax``, ``nested_code``, ``offset``), so ``.to(device)``,
+    ``state_dict`` and device moves work as for any module; ``bias`` is an ordinary parameter. The fp32 ones are held
+    as their int32 bit patterns, so that casting a model (``.half()``, ``.to(torch.bfloat16)``) casts the bias and
+    leaves the format alone, as it leaves bitsandbytes' quantization state alone. The forward computes in
+    ``compute_dtype`` (None: the input's dtype) and returns the input's dtype, as bitsandbytes' ``Linear4bit`` does,
+    through ``fastlora.ops.quant_linear``: fused kernels that dequantize tiles of ``W0`` in registers on the Triton
+    backend.
+    """
+
+    def __init__(
+        self,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if not isinstance(weight, QuantizedWeight):
+            raise TypeError(f"Nf4Linear: weight must be a fastlora.QuantizedWeight, got {type(weight).__name__}")
+        if weight.transposed:
+            raise ValueError("Nf4Linear: weight must be stored [out_features, in_features] (transposed=False)")
+        if compute_dtype is not None and not (
+            isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"Nf4Linear: compute_dtype must be a floating-point torch.dtype or None, got {compute_dtype!r}"
+            )
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.out_features,):
+                shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+                raise ValueError(f"Nf4Linear: bias must be a tensor of shape ({weight.out_features},), got {shape}")
+            if not isinstance(bias, nn.Parameter):
+                bias = nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = weight.out_features, weight.in_features
+        self.compute_dtype = compute_dtype
+        self.set_quantized_weight(weight)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Nf4Linear:
+        """Quantize ``linear``'s weight (``nf4.quantize``: bit-exact with bitsandbytes' ``quantize_4bit``); the bias is
+        shared, not copied. ``linear`` itself is left as it was."""
+        if not isinstance(linear, nn.Linear) or quantization_issue(linear) is not None or is_bnb_4bit(linear):
+            raise TypeError(
+                f"Nf4Linear.from_linear: expected an nn.Linear with a floating-point weight, got {linear!r}"
+            )
+        weight = nf4.quantize(linear.weight.detach(), blocksize=blocksize, quant_type=quant_type,
+                              double_quant=double_quant)  # fmt: skip
+        return cls(weight, linear.bias, compute_dtype)
+
+    def set_quantized_weight(self, weight: QuantizedWeight) -> None:
+        """Hold ``weight``'s tensors (replacing the current ones): what merging writes."""
+        if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"Nf4Linear: the weight is ({weight.out_features}, {weight.in_features}), the layer "
+                f"({self.out_features}, {self.in_features})"
+            )
+        for field, name in zip(_NF4_TENSORS, _NF4_BUFFERS):
+            tensor = getattr(weight, field)
+            if tensor is not None and tensor.dtype == torch.float32:
+                tensor = tensor.view(torch.int32)  # no other field is int32: ``quantized_weight`` views it back
+            self.register_buffer(name, tensor)
+        # Every other field (block sizes, dtype, quant type): what the buffers alone do not say.
+        self._quant_meta = {
+            f.name: getattr(weight, f.name) for f in dataclasses.fields(weight) if f.name not in _NF4_TENSORS
+        }
+        self.__dict__.pop("_quantized_weight", None)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The layer's ``QuantizedWeight``, built from its current buffers (again only after they change: ``.to()``
+        replaces them)."""
+        buffers = tuple(self._buffers[name] for name in _NF4_BUFFERS)
+        cached = self.__dict__.get("_quantized_weight")
+        if cached is not None and all(a is b for a, b in zip(cached[0], buffers)):
+            return cached[1]
+        tensors = {
+            field: t.view(torch.float32) if t is not None and t.dtype == torch.int32 else t
+            for field, t in zip(_NF4_TENSORS, buffers)
+        }
+        weight = QuantizedWeight(**self._quant_meta, **tensors)
+        self.__dict__["_quantized_weight"] = (buffers, weight)
+        return weight
+
+    @property
+    def quant_type(self) -> str:
+        return self._quant_meta["quant_type"]
+
+    @property
+    def blocksize(self) -> int:
+        return self._quant_meta["blocksize"]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W0`` as a dense ``[out, in]`` tensor of ``dtype`` (default: the dtype the weight was quantized from)."""
+        return self.quantized_weight().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_base_forward(x, self.quantized_weight(), self.bias, self.compute_dtype or x.dtype)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (in the dtype it was quantized from)."""
+        weight = self.dequantize()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                           dtype=weight.dtype)  # fmt: skip
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        nested = self._quant_meta.get("nested_blocksize") if self._buffers["nested_absmax"] is not None else None
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={nested is not None}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
+
+
+def quantized_base_forward(
+    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> torch.Tensor:
+    """bitsandbytes' ``Linear4bit`` forward: ``x`` and the bias cast to ``compute_dtype``, the product cast back to
+    ``x.dtype``. A bias being trained (``bias="all"``) is added outside the op, which keeps the base layer frozen."""
+    if bias is not None and bias.dtype != compute_dtype:
+        bias = bias.to(compute_dtype)
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        return (quant_linear(x.to(compute_dtype), weight) + bias).to(x.dtype)
+    return quant_linear(x.to(compute_dtype), weight, bias).to(x.dtype)
+
+
+def bnb_quantized_weight(holder: dict, weight: torch.Tensor) -> QuantizedWeight:
+    """``nf4.from_bnb(weight)`` for a bitsandbytes ``Params4bit``, cached in ``holder`` (an instance ``__dict__``) and
+    read again only when the parameter, its data or its ``quant_state`` changed: bitsandbytes replaces them in place
+    (its CPU repacking on the first eval forward, ``.to()``, a merge), and a call must cost no more than a few
+    attribute reads."""
+    state = weight.quant_state
+    absmax = state.absmax
+    key = (weight.data_ptr(), weight._version, absmax._version, bool(getattr(state, "packing_format_for_cpu", False)))
+    cached = holder.get("_fastlora_bnb_weight")
+    if cached is not None and cached[0] is weight and cached[1] is state and cached[2] is absmax and cached[3] == key:
+        return cached[4]
+    quantized = nf4.from_bnb(weight)
+    holder["_fastlora_bnb_weight"] = (weight, state, absmax, key, quantized)
+    return quantized
+
+
+def bnb_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a bitsandbytes ``Linear4bit`` computes ``x`` in, with its rule: its ``compute_dtype`` once set, and
+    when none was given, set from the first input (fp32 and bf16 inputs compute in their own dtype)."""
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    return base.compute_dtype or x.dtype
+
+
+class LoraLinear4bit(LoraLinear):
+    """LoRA over a frozen 4-bit base layer, QLoRA: ``y = x·dequant(W0)ᵀ + b + s·B(A·dropout(x))``.
+
+    The base is bitsandbytes' ``Linear4bit`` (its ``Params4bit`` read in place through ``nf4.from_bnb``, NF4 or FP4,
+    with or without double quantization) or an ``Nf4Linear``; its weight, bias and buffers are this layer's (shared,
+    not copied), so the model's state-dict keys are unchanged (a bitsandbytes base's quantization entries included).
+    The forward is ``lora_linear(x.to(compute_dtype), W0, ...)`` cast back to ``x.dtype``, where ``compute_dtype`` is
+    the base layer's, by its own rule: on the Triton backend the kernels dequantize tiles of ``W0`` in registers and
+    never hold a dense ``W0``; the torch backend (CPU) dequantizes it per call. The LoRA weights are fp32 unless
+    ``lora_dtype`` says otherwise, as in PEFT.
+
+    Merging is PEFT's: a warning that rounding may change generations, then ``W0`` dequantized (in the dtype it was
+    quantized from), ``s·B·A`` added, and the sum quantized again with the same settings (block size, NF4/FP4, double
+    quantization), bit-exact with bitsandbytes' quantizer: a bitsandbytes base gets a new ``Params4bit``, an
+    ``Nf4Linear`` new buffers. Unmerging subtracts the same way, so it restores ``W0`` only up to that rounding.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        lora_dtype: torch.dtype | None = None,
+    ):
+        where = f"LoraLinear4bit({type(base).__name__})"
+        if not is_4bit_linear(base):
+            raise TypeError(f"{where}: expected a bitsandbytes Linear4bit or a fastlora Nf4Linear")
+        if is_bnb_4bit(base) and getattr(base.weight, "quant_state", None) is None:
+            raise ValueError(
+                f"{where}: the bitsandbytes weight is not quantized yet (bitsandbytes quantizes it when the layer is "
+                "moved to a device: call .to(device) first)"
+            )
+        _check_adapter_args(where, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_dtype)
+        AdaptedLinear.__init__(self, base.weight, base.bias, features=(base.out_features, base.in_features))
+        if isinstance(base, Nf4Linear):
+            for name in _NF4_BUFFERS[1:]:
+                self.register_buffer(name, base._buffers[name])
+        device = base.weight.device
+        self._init_adapter(
+            r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, device, lora_dtype or torch.float32
+        )
+        self._keep_base_module(base)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        r: int,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        fan_in_fan_out: bool = False,
+        lora_dtype: torch.dtype | None = None,
+    ) -> LoraLinear4bit:
+        """Wrap a 4-bit ``linear`` (``LoraLinear.from_linear``'s arguments; ``fan_in_fan_out`` must be False)."""
+        if fan_in_fan_out:
+            raise ValueError("LoraLinear4bit: fan_in_fan_out=True does not apply to a 4-bit layer ([out, in] codes)")
+        layer = cls(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        return layer
+
+    @property
+    def base_module(self) -> nn.Module:
+        """The wrapped 4-bit layer, holding this layer's current weight, bias and buffers (``.to()`` and merges
+        replace them here)."""
+        base = self.__dict__["_base_module"]
+        for name, tensor in (*self._parameters.items(), *self._buffers.items()):
+            if name in ("lora_A", "lora_B"):
+                continue
+            store = base._parameters if name in base._parameters else base._buffers
+            if store.get(name) is not tensor:
+                store[name] = tensor
+        return base
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """``W0`` as a ``QuantizedWeight`` (the base layer's tensors, read in place; rebuilt only when they change)."""
+        if isinstance(self.__dict__["_base_module"], Nf4Linear):
+            return self.base_module.quantized_weight()
+        return bnb_quantized_weight(self.__dict__, self.weight)
+
+    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the base layer computes ``x`` in (bitsandbytes' rule for its layers, ``Nf4Linear``'s for ours)."""
+        base = self.__dict__["_base_module"]
+        if isinstance(base, Nf4Linear):
+            return base.compute_dtype or x.dtype
+        return bnb_compute_dtype(base, x)
+
+    def weight_nk(self) -> torch.Tensor:
+        raise TypeError("LoraLinear4bit: the base weight is 4-bit; use quantized_weight() or dequantize()")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W0`` (merged, while ``merged``) as a dense ``[out, in]`` tensor (default: the dtype it was quantized
+        from)."""
+        return self.quantized_weight().dequantize(dtype)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_base_forward(x, self.quantized_weight(), self.bias, self.compute_dtype_for(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_forward(x)
+        dtype = self.compute_dtype_for(x)
+        bias = self.bias if self.bias is None or self.bias.dtype == dtype else self.bias.to(dtype)
+        y = lora_linear(
+            x.to(dtype), self.quantized_weight(), bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
+            self.training,
+        )  # fmt: skip
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self, sign: float = 1.0) -> torch.Tensor:
+        """``dequant(W0) + sign·s·B·A`` as a dense ``[out, in]`` tensor, as PEFT computes it before quantizing again:
+        ``W0`` in the dtype it was quantized from, ``s·B·A`` in fp32, the sum in the wider of the two."""
+        return self.dequantize() + sign * self.delta_weight()
+
+    @torch.no_grad()
+    def _requantize(self, dense: torch.Tensor) -> None:
+        """Quantize ``dense`` with the base weight's settings and make it the base weight."""
+        old = self.quantized_weight()
+        base = self.__dict__["_base_module"]
+        # bitsandbytes' own setting, as PEFT requantizes with it: a weight bitsandbytes repacked for its CPU kernel has
+        # its double quantization undone, but is still a double-quantized layer.
+        nested = bool(self.weight.compress_statistics) if is_bnb_4bit(base) else old.nested
+        new = nf4.quantize(dense, blocksize=old.blocksize, quant_type=old.quant_type, double_quant=nested)
+        if isinstance(base, Nf4Linear):
+            base.set_quantized_weight(new)
+            for name in _NF4_BUFFERS:
+                self._buffers[name] = base._buffers[name]
+            return
+        previous = self.weight
+        param = nf4.to_bnb(new)
+        storage = getattr(previous, "quant_storage", torch.uint8)
+        if storage != torch.uint8:
+            # The same bytes seen as the storage dtype bitsandbytes was given (FSDP keeps 4-bit weights in bf16).
+            param.data = param.data.reshape(-1).view(storage).unsqueeze(1)
+            param.quant_storage = storage
+        param.module = base
+        base.quant_state = param.quant_state
+        self.weight = param
+        base.weight = param
+        self.__dict__.pop("_fastlora_bnb_weight", None)
+
+    def merge(self) -> None:
+        """PEFT's 4-bit merge (see the class docstring): warns, then ``W0 ← quantize(dequant(W0) + s·B·A)``. Refuses
+        (and changes nothing) if the sum is not finite."""
+        if self.merged:
+            raise RuntimeError("LoraLinear4bit.merge: the adapter is already merged")
+        warnings.warn("Merge lora module to 4-bit linear may get different generations due to rounding errors.",
+                      UserWarning, stacklevel=2)  # fmt: skip
+        self._requantize(self._checked_merged_weight(+1.0))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """PEFT's 4-bit unmerge: warns, then ``W0 ← quantize(dequant(W0) - s·B·A)``: ``W0`` comes back only up to the
+        rounding of two quantizations."""
+        if not self.merged:
+            raise RuntimeError("LoraLinear4bit.unmerge: the adapter is not merged")
+        warnings.warn("Unmerge lora module to 4-bit linear may get different generations due to rounding errors.",
+                      UserWarning, stacklevel=2)  # fmt: skip
+        self._requantize(self._checked_merged_weight(-1.0))
+        self.merged = False
+
+    def unwrap(self, merge: bool = False) -> nn.Module:
+        """The wrapped 4-bit layer (bitsandbytes ``Linear4bit`` or ``Nf4Linear``) holding ``W0`` merged with the
+        adapter (``merge``) or not (unmerged first if needed)."""
+        if merge and not self.merged:
+            self.merge()
+        elif not merge and self.merged:
+            self.unmerge()
+        return self.base_module
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``dequant(W0) + s·B·A`` (this layer is left as it is)."""
+        merged = self.dequantize() if self.merged else self.merged_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError("LoraLinear4bit.to_linear: the merged weight is not finite")
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=merged.device,
+                           dtype=merged.dtype)  # fmt: skip
+        linear.weight.copy_(merged)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        base = self.base_module
+        if isinstance(base, Nf4Linear):
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        # bitsandbytes' own entries (the packed weight and its quantization state), under the base layer's keys.
+        base._save_to_state_dict(destination, prefix, keep_vars)
+        for name in ("lora_A", "lora_B"):
+            param = self._parameters[name]
+            destination[prefix + name] = param if keep_vars else param.detach()
+
+    def extra_repr(self) -> str:
+        weight = self.quantized_weight()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+            f"bias={self.bias is not None}, base={type(self.__dict__['_base_module']).__name__}, "
+            f"quant_type={weight.quant_type}, blocksize={weight.blocksize}, merged={self.merged}, "
+            f"lora_dtype={self.lora_A.dtype}"
         )
 
 

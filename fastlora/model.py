@@ -8,6 +8,11 @@ The swap keeps every module path, so the base model's ``state_dict`` keys are un
 ``.lora_B`` entries are added. It is all-or-nothing: targets are resolved and validated before the first module
 is replaced.
 
+4-bit models (QLoRA) go through the same transforms: bitsandbytes' ``Linear4bit`` and fastlora's ``Nf4Linear``
+(``quantize_nf4`` makes them without bitsandbytes) count as linear layers, get ``LoraLinear4bit``, and come back as
+4-bit layers from ``merge_and_unload`` / ``unload``. A target quantized any other way (bitsandbytes 8-bit, GPTQ, AWQ,
+HQQ, torchao, ...) raises ``NotImplementedError`` naming it before anything changes.
+
 Where PEFT would train or load a copy, fastlora does too, and where a parameter is shared (an ``lm_head`` tied to the
 input embedding) it never writes through the tie: a module of ``modules_to_save`` whose parameters are shared with a
 module outside it trains its own copies (as PEFT's ``ModulesToSaveWrapper`` does), and a ``LoraLinear`` whose base
@@ -29,10 +34,14 @@ from .layers import (
     AdaptedLinear,
     LoraExperts,
     LoraLinear,
+    LoraLinear4bit,
     LoraParameter,
+    Nf4Linear,
     SharedBase,
     expert_layout,
+    is_4bit_linear,
     is_fused_experts,
+    quantization_issue,
 )
 
 
@@ -51,8 +60,36 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def _linear_types() -> tuple[type, ...]:
+    """The linear layers LoRA goes over: ``nn.Linear`` (bitsandbytes' ``Linear4bit`` is one), transformers ``Conv1D``,
+    and fastlora's 4-bit ``Nf4Linear``."""
     conv1d = _conv1d_class()
-    return (nn.Linear, conv1d) if conv1d is not None else (nn.Linear,)
+    return (nn.Linear, Nf4Linear, conv1d) if conv1d is not None else (nn.Linear, Nf4Linear)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer: from its weight's shape (``[out, in]``, ``[in, out]`` for a
+    ``Conv1D``), or for a 4-bit layer, whose packed weight has a shape of its own, from its attributes."""
+    if is_4bit_linear(module):
+        return module.in_features, module.out_features
+    weight = module.weight
+    return tuple(weight.shape) if is_conv1d(module) else tuple(weight.shape[::-1])
+
+
+def _looks_linear(module: nn.Module) -> bool:
+    """A linear layer of some quantization library: an ``nn.Linear`` subclass, or a module with in/out features or
+    packed weights."""
+    return isinstance(module, nn.Linear) or any(hasattr(module, attr) for attr in ("in_features", "qweight", "W_q"))
+
+
+def check_quantization(name: str, module: nn.Module) -> None:
+    """Raise ``NotImplementedError`` naming ``module`` and its quantization when fastlora cannot put LoRA over it."""
+    issue = quantization_issue(module)
+    if issue is not None:
+        raise NotImplementedError(
+            f"target module {name!r} ({type(module).__module__}.{type(module).__qualname__}) is quantized with "
+            f"{issue}; fastlora puts LoRA over floating-point linear layers and 4-bit ones (bitsandbytes Linear4bit, "
+            "NF4 or FP4, and fastlora's Nf4Linear) only. Nothing was changed"
+        )
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -109,12 +146,14 @@ def adapted_modules(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if any(within(name, a) for a in adapters):
             continue
+        if not config.all_linear or _looks_linear(module):
+            check_quantization(name, module)
         if isinstance(module, linear):
             targets.append(name)
         elif not config.all_linear:
             raise NotImplementedError(
                 f"target module {name!r} is a {type(module).__name__}; fastlora adapts nn.Linear and transformers "
-                "Conv1D layers only"
+                "Conv1D layers (and 4-bit linear layers) only"
             )
     return targets
 
@@ -345,6 +384,14 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     param_targets = adapted_parameters(model, config)
     targets = find_targets(model, config, param_targets)
     config = _fan_in_fan_out(model, config, targets)
+    for name, module in saved_modules.items():
+        quantized = [n for n, m in module.named_modules() if is_4bit_linear(m) or quantization_issue(m) is not None]
+        if quantized:
+            inner = "" if quantized == [""] else f" (at {listing_of(quantized)})"
+            raise NotImplementedError(
+                f"apply_lora: modules_to_save includes {name!r}, whose weights are quantized{inner} and cannot be "
+                "trained fully; leave it out of modules_to_save. Nothing was changed"
+            )
     outermost = [n for n in saved_modules if not any(within(n, o) and n != o for o in saved_modules)]
     untied = {}
     replacements = {}
@@ -357,7 +404,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
                 untied[f"{name}.{pname}"] = (original, nn.Parameter(original.detach().clone()))
         for name in targets:
             module = model.get_submodule(name)
-            replacements[name] = LoraLinear.from_linear(
+            layer_cls = LoraLinear4bit if is_4bit_linear(module) else LoraLinear
+            replacements[name] = layer_cls.from_linear(
                 module,
                 r=config.rank_for(name),
                 lora_alpha=config.alpha_for(name),
@@ -425,10 +473,25 @@ def modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module
     return found
 
 
+def _parameter_count(param: torch.Tensor) -> int:
+    """PEFT's count of a parameter: a bitsandbytes ``Params4bit`` packs two 4-bit weights per byte of its storage,
+    so it counts ``numel · 2 · element_size``."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """Print (and return) the trainable and total parameter counts, in PEFT's format."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Print (and return) the trainable and total parameter counts, in PEFT's format (``PeftModel``'s
+    ``get_nb_trainable_parameters``). A 4-bit weight counts its logical ``out · in`` elements, as PEFT counts a
+    bitsandbytes one; an ``Nf4Linear``'s weight, a buffer, counts the same (never trainable), so a model counts alike
+    whichever quantized it."""
+    trainable = sum(_parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_parameter_count(p) for p in model.parameters())
+    for module in model.modules():
+        nf4_base = isinstance(module, LoraLinear4bit) and isinstance(module.__dict__["_base_module"], Nf4Linear)
+        if isinstance(module, Nf4Linear) or nf4_base:
+            total += module.in_features * module.out_features
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     return trainable, total
 
@@ -471,10 +534,13 @@ def check_merges(model: nn.Module, caller: str) -> None:
     """Raise, naming the layer, if merging any unmerged LoRA layer of ``model`` would put non-finite values into its
     weight; changes nothing. One layer's merged weight at a time: a second merge's work, not a copy of the model."""
     for name, layer in lora_layers(model):
-        if not layer.merged and not torch.isfinite(layer.merged_weight()).all():
+        if layer.merged:
+            continue
+        merged = layer.merged_weight()
+        if not torch.isfinite(merged).all():
             raise ValueError(
                 f"{caller}: merging layer {name!r} would put non-finite values into its weight (overflow in "
-                f"{layer.weight.dtype}, or NaN/Inf in the adapter); no layer was changed"
+                f"{merged.dtype}, or NaN/Inf in the adapter); no layer was changed"
             )
     for name, layer in parameter_layers(model):
         if layer.merged:
@@ -530,3 +596,46 @@ def disable_adapters(model: nn.Module):
             layer.disabled = False
         for layer in merged:
             layer.merge()
+
+
+def quantize_nf4(
+    module: nn.Module,
+    *,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    skip_modules: tuple[str, ...] | list[str] = ("lm_head",),
+) -> nn.Module:
+    """Quantize linear layers to 4 bits, in bitsandbytes' format and bit-exact with its quantizer, without
+    bitsandbytes: QLoRA's base model.
+
+    Given an ``nn.Linear``, returns an ``Nf4Linear`` holding its quantized weight (and its bias). Given any other
+    module (a whole model), replaces every ``nn.Linear`` inside it (exactly ``nn.Linear``: subclasses, such as
+    bitsandbytes' layers, are left alone) by an ``Nf4Linear``, in place, and returns it; a layer whose name is, or
+    ends with ``.`` and, an entry of ``skip_modules`` is kept (the output head by default, as transformers keeps it in
+    full precision). Every layer is quantized before the first one is replaced.
+
+    ``quant_type`` is ``"nf4"`` or ``"fp4"``; ``double_quant`` quantizes the block scales too (bitsandbytes'
+    ``compress_statistics``, ``bnb_4bit_use_double_quant``); ``compute_dtype`` is the dtype the layers compute in (None:
+    the input's, as bitsandbytes' layers do with fp32 and bf16 inputs).
+    """
+    settings = dict(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype)
+    if type(module) is nn.Linear:
+        return Nf4Linear.from_linear(module, **settings)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"quantize_nf4: expected an nn.Module, got {type(module).__name__}")
+    if isinstance(skip_modules, str):
+        skip_modules = (skip_modules,)
+
+    def skipped(name: str) -> bool:
+        return any(name == s or name.endswith(f".{s}") for s in skip_modules)
+
+    replacements = {
+        name: Nf4Linear.from_linear(child, **settings)
+        for name, child in module.named_modules()
+        if name and type(child) is nn.Linear and not skipped(name)
+    }
+    for name, layer in replacements.items():
+        set_submodule(module, name, layer)
+    return module

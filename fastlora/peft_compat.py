@@ -1,8 +1,9 @@
 """Run the LoRA layers of an existing PEFT model through fastlora's fused op, leaving the model PEFT's own.
 
 ``patch_peft(model)`` replaces, per module instance, the ``forward`` of every PEFT ``lora.Linear`` whose base layer
-is an ``nn.Linear`` (or a transformers ``Conv1D``, PEFT's ``fan_in_fan_out``) by a small bound method. Nothing
-else changes: no class swap, no copied parameter. The layer keeps its ``base_layer``, ``lora_A[name]``,
+is an ``nn.Linear`` (or a transformers ``Conv1D``, PEFT's ``fan_in_fan_out``), and of every PEFT QLoRA layer
+(``lora.bnb.Linear4bit``, or a ``lora.Linear``) over a bitsandbytes ``Linear4bit`` (NF4 or FP4), by a small bound
+method. Nothing else changes: no class swap, no copied parameter. The layer keeps its ``base_layer``, ``lora_A[name]``,
 ``lora_B[name]``, ``lora_dropout[name]`` and ``scaling[name]``, so PEFT's ``save_pretrained``, ``load_adapter``,
 ``set_adapter``, ``disable_adapter()``, ``merge_and_unload`` and the rest keep working on the very same objects.
 
@@ -14,9 +15,14 @@ and dtypes outside the op's. So the math never changes silently; what differs is
 LoRA branch to the fp32 accumulator before the single rounding of the output) and, in training with dropout, which
 elements are dropped (fastlora's mask comes from its own seeded Philox stream, not from ``torch.bernoulli``).
 
-Known limits: quantized bases (bitsandbytes, GPTQ, AWQ, HQQ, torchao), LoRA on embeddings and convolutions, and
-PEFT's tensor-parallel layers always run PEFT's forward. ``torch.save`` of a whole patched module (pickling, not
-``save_pretrained``) is not supported: unpatch first.
+A QLoRA layer runs ``lora_linear`` over the bitsandbytes weight read in place (``fastlora.nf4.from_bnb``, cached
+until bitsandbytes replaces the weight or its quantization state), with ``x`` in the base layer's compute dtype (by
+bitsandbytes' own rule) and the result in ``x``'s dtype, as PEFT's forward returns it; merging and unmerging stay
+PEFT's. Under autocast a QLoRA layer runs PEFT's forward.
+
+Known limits: other quantized bases (bitsandbytes 8-bit, GPTQ, AWQ, HQQ, torchao), LoRA on embeddings and
+convolutions, and PEFT's tensor-parallel layers always run PEFT's forward. ``torch.save`` of a whole patched module
+(pickling, not ``save_pretrained``) is not supported: unpatch first.
 """
 
 from __future__ import annotations
@@ -31,7 +37,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import LoraExperts, expert_weights, experts_forward, is_fused_experts, lora_projection
+from .layers import (
+    LoraExperts,
+    bnb_compute_dtype,
+    bnb_quantized_weight,
+    expert_weights,
+    experts_forward,
+    is_bnb_4bit,
+    is_fused_experts,
+    lora_projection,
+)
 from .ops import TORCH_DTYPES, TRITON_DTYPES, lora_linear, resolve_backend
 
 # Keyword arguments PEFT itself passes to a LoRA layer's forward; with the value None they change nothing.
@@ -113,6 +128,37 @@ def _structural_issue(layer: nn.Module, lora_linear_cls: type) -> str | None:
     return None
 
 
+def _peft_linear4bit_class() -> type | None:
+    """PEFT's QLoRA layer class (``peft.tuners.lora.bnb.Linear4bit``), or None: PEFT defines it only with
+    bitsandbytes installed, and without bitsandbytes imported no model holds one (nothing is imported for it)."""
+    if sys.modules.get("bitsandbytes") is None:
+        return None
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return None
+    return getattr(peft_bnb, "Linear4bit", None)
+
+
+def _structural_issue_4bit(layer: nn.Module) -> str | None:
+    """Why a PEFT QLoRA layer can never run fastlora's op, or None."""
+    if "forward" in layer.__dict__:
+        return "the layer's forward was already replaced on the instance (a hook or another patch)"
+    base = layer.base_layer
+    linear4bit = sys.modules["bitsandbytes"].nn.Linear4bit
+    if not is_bnb_4bit(base) or type(base).forward is not linear4bit.forward:
+        return f"base layer is {type(base).__module__}.{type(base).__qualname__}, not bitsandbytes' Linear4bit"
+    if layer.fan_in_fan_out:
+        return "fan_in_fan_out=True on a 4-bit layer"
+    if type(base.weight).__name__ != "Params4bit" or getattr(base.weight, "quant_state", None) is None:
+        return "the base weight is not a quantized bitsandbytes Params4bit"
+    if getattr(base.weight.quant_state, "quant_type", None) not in ("nf4", "fp4"):
+        return f"the base weight's quant_type is {base.weight.quant_state.quant_type!r}, not nf4 or fp4"
+    if base.bias is not None and type(base.bias) not in _PLAIN_TENSOR_TYPES:
+        return f"the base bias is a {type(base.bias).__name__} tensor subclass"
+    return None
+
+
 def _adapter_issue(layer: nn.Module, adapter: str) -> str | None:
     """Why ``adapter`` of ``layer`` is not plain LoRA that fastlora's op computes, or None."""
     if layer.use_dora.get(adapter, False):
@@ -185,17 +231,21 @@ def _tensor_issue(x: torch.Tensor, weight, bias, lora_A, lora_B, cast_input: boo
 # ----------------------------------------------------------------------------------------------- the forward
 
 
+def _call_adapter(self, args: tuple, kwargs: dict) -> tuple[str | None, str | None]:
+    """``(adapter, reason)`` for one call of a PEFT LoRA layer: the one active adapter fastlora's op may compute, or
+    None with why not (None as well when the call is the base layer's: adapters disabled or merged)."""
+    if self.disable_adapters or self.merged:
+        return None, None
+    if kwargs.get("adapter_names") is not None:
+        return None, "a mixed-adapter batch (adapter_names=)"
+    if args or any(k not in _PEFT_CALL_KWARGS or v is not None for k, v in kwargs.items()):
+        return None, "extra arguments to forward"
+    return _active_issue(self)
+
+
 def _fastlora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A PEFT ``lora.Linear`` forward: fastlora's fused op when it computes the call exactly, else PEFT's."""
-    reason = None
-    if self.disable_adapters or self.merged:
-        adapter = None
-    elif kwargs.get("adapter_names") is not None:
-        adapter, reason = None, "a mixed-adapter batch (adapter_names=)"
-    elif args or any(k not in _PEFT_CALL_KWARGS or v is not None for k, v in kwargs.items()):
-        adapter, reason = None, "extra arguments to forward"
-    else:
-        adapter, reason = _active_issue(self)
+    adapter, reason = _call_adapter(self, args, kwargs)
     if adapter is not None:
         base = self.base_layer
         lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
@@ -209,6 +259,49 @@ def _fastlora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                 fan_in_fan_out=self.fan_in_fan_out,
             )  # fmt: skip
             return y  # x.dtype (the autocast dtype under autocast): the dtype of PEFT's result, base_layer(x)
+    if reason is not None:
+        self._fastlora_call_log.record(reason)
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def _tensor_issue_4bit(x: torch.Tensor, base: nn.Module, lora_A, lora_B, cast_input: bool) -> str | None:
+    """Why these tensors are outside what fastlora's op takes over a 4-bit base (or computes as PEFT would), or
+    None."""
+    tensors = (x, lora_A, lora_B) if base.bias is None else (x, base.bias, lora_A, lora_B)
+    if any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors):
+        return "a tensor subclass among the input and weights"
+    if any(t.device != base.weight.device for t in tensors):
+        return "the input and weights are on different devices"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast over a 4-bit base layer"
+    if x.dtype not in TRITON_DTYPES:
+        return f"input dtype {x.dtype} is not among those a 4-bit layer computes in {TRITON_DTYPES}"
+    if lora_A.dtype != lora_B.dtype:
+        return f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) dtypes differ"
+    compute = base.compute_dtype or x.dtype
+    if lora_A.dtype not in (torch.float32, compute):
+        return f"LoRA weights in {lora_A.dtype} with the base layer computing in {compute}"
+    if not cast_input and lora_A.dtype != x.dtype:
+        return f"LoRA weights in {lora_A.dtype} with input in {x.dtype} and PEFT's input casting turned off"
+    return None
+
+
+def _fastlora_forward_4bit(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A PEFT QLoRA layer's forward: fastlora's fused op over the bitsandbytes weight when it computes the call
+    exactly, else PEFT's."""
+    adapter, reason = _call_adapter(self, args, kwargs)
+    if adapter is not None:
+        base = self.base_layer
+        lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        reason = _tensor_issue_4bit(x, base, lora_A, lora_B, getattr(self, "cast_input_dtype_enabled", True))
+        if reason is None:
+            dtype = bnb_compute_dtype(base, x)
+            bias = base.bias if base.bias is None or base.bias.dtype == dtype else base.bias.to(dtype)
+            dropout = self.lora_dropout[adapter]
+            p = dropout.p if type(dropout) is nn.Dropout else 0.0
+            weight = bnb_quantized_weight(self.__dict__, base.weight)
+            y = lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, self.scaling[adapter], p, dropout.training)
+            return y.to(x.dtype)  # the dtype of PEFT's result: bitsandbytes casts back to the input's
     if reason is not None:
         self._fastlora_call_log.record(reason)
     return type(self).forward(self, x, *args, **kwargs)
@@ -323,7 +416,7 @@ def _experts_tensor_issue(x: torch.Tensor, base: nn.Module, chain: list[nn.Modul
     return None
 
 
-_PATCHED_FORWARDS = (_fastlora_forward, _fastlora_experts_forward)
+_PATCHED_FORWARDS = (_fastlora_forward, _fastlora_forward_4bit, _fastlora_experts_forward)
 
 
 def _is_patched(module: nn.Module) -> bool:
@@ -368,9 +461,10 @@ def _warn_skipped(skipped: dict[str, str], total: int) -> None:
 def patch_peft(peft_model: nn.Module, *, return_summary: bool = False):
     """Make the LoRA linear layers of a PEFT model run fastlora's fused op, in place.
 
-    Every PEFT ``lora.Linear`` over an ``nn.Linear`` or transformers ``Conv1D`` gets an instance-level ``forward``
-    that checks each call and runs either ``fastlora.lora_linear`` or PEFT's own forward (see the module
-    docstring). The model stays a PEFT model: parameters, state dict, adapters and PEFT's methods are untouched.
+    Every PEFT ``lora.Linear`` over an ``nn.Linear`` or transformers ``Conv1D``, and every PEFT QLoRA layer over a
+    bitsandbytes ``Linear4bit``, gets an instance-level ``forward`` that checks each call and runs either
+    ``fastlora.lora_linear`` or PEFT's own forward (see the module docstring). The model stays a PEFT model:
+    parameters, state dict, adapters and PEFT's methods are untouched.
     Patching again is a no-op for layers already patched (and patches layers added since); ``unpatch_peft`` undoes it.
 
     Returns ``peft_model``, or ``(peft_model, summary)`` with ``return_summary=True``. The ``PatchSummary`` is also
@@ -383,6 +477,7 @@ def patch_peft(peft_model: nn.Module, *, return_summary: bool = False):
     from peft.tuners.lora.layer import ParamWrapper
 
     layers = _lora_layers(peft_model, "patch_peft")
+    linear4bit = _peft_linear4bit_class()
     log = peft_model.__dict__.get("_fastlora_call_log") or _CallLog()
     patched, skipped = [], {}
     inner = {id(m.base_layer) for _, m in layers if type(m) is ParamWrapper}
@@ -395,6 +490,14 @@ def patch_peft(peft_model: nn.Module, *, return_summary: bool = False):
             forward = _fastlora_experts_forward
             structural = functools.partial(_experts_structural_issue, chain, base)
             active = functools.partial(_experts_active, chain)
+        elif (linear4bit is not None and type(layer) is linear4bit) or (
+            type(layer) is PeftLoraLinear and is_bnb_4bit(layer.base_layer)
+        ):
+            # PEFT's QLoRA layer, or its plain lora.Linear over a bitsandbytes layer (what PEFT makes when the model
+            # does not say it is_loaded_in_4bit): the same math either way.
+            names, forward = [name], _fastlora_forward_4bit
+            structural = functools.partial(_structural_issue_4bit, layer)
+            active = functools.partial(_active_issue, layer)
         else:
             names, forward = [name], _fastlora_forward
             structural = functools.partial(_structural_issue, layer, PeftLoraLinear)
@@ -435,6 +538,7 @@ def unpatch_peft(peft_model: nn.Module):
         if _is_patched(layer):
             del layer.forward
             del layer._fastlora_call_log
+            layer.__dict__.pop("_fastlora_bnb_weight", None)
     for attr in ("_fastlora_call_log", "fastlora_fallback_counts", "fastlora_patch_summary"):
         peft_model.__dict__.pop(attr, None)
     return peft_model
