@@ -7,7 +7,15 @@ the multi-adapter op reads) and ``StaticBatch`` (it in fixed-size buffers) are i
 from ..ops import BatchMeta, StaticBatch
 from .experts import MultiLoraExperts, MultiLoraParameter
 from .graphs import DecodeGraphs
-from .linear import BatchSource, MultiLoraLinear, batch_meta, current_batch_meta, reset_batch_meta, set_batch_meta
+from .linear import (
+    BatchSource,
+    MultiLoraLinear,
+    MultiLoraLinear4bit,
+    batch_meta,
+    current_batch_meta,
+    reset_batch_meta,
+    set_batch_meta,
+)
 from .model import MultiLoraModel
 from .pool import AdapterInfo, AdapterLease, AdapterPool, PoolLayer, UnknownAdapterError
 
@@ -20,6 +28,7 @@ __all__ = [
     "DecodeGraphs",
     "MultiLoraExperts",
     "MultiLoraLinear",
+    "MultiLoraLinear4bit",
     "MultiLoraModel",
     "MultiLoraParameter",
     "PoolLayer",

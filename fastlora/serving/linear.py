@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from ..layers import AdaptedLinear
+from ..layers import (
+    AdaptedLinear,
+    Nf4Linear,
+    bnb_compute_dtype,
+    bnb_quantized_weight,
+    is_4bit_linear,
+    quantized_base_forward,
+)
 from ..ops import BatchMeta, multi_lora_linear
 
 if TYPE_CHECKING:
@@ -117,13 +124,16 @@ class MultiLoraLinear(AdaptedLinear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pool: PoolLayer, fan_in_fan_out: bool = False):
         super().__init__(weight, bias, fan_in_fan_out)
+        self._check_pool(pool)
+        # A plain attribute, not a buffer: the pool owns these tensors (and state_dict should not save them).
+        object.__setattr__(self, "pool", pool)
+
+    def _check_pool(self, pool: PoolLayer) -> None:
         if (self.in_features, self.out_features) != (pool.in_features, pool.out_features):
             raise ValueError(
                 f"MultiLoraLinear: the pool layer {pool.name!r} is {pool.in_features} -> {pool.out_features}, the "
                 f"weight is {self.in_features} -> {self.out_features}"
             )
-        # A plain attribute, not a buffer: the pool owns these tensors (and state_dict should not save them).
-        object.__setattr__(self, "pool", pool)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, pool: PoolLayer, fan_in_fan_out: bool = False) -> MultiLoraLinear:
@@ -135,16 +145,21 @@ class MultiLoraLinear(AdaptedLinear):
         layer._keep_base_module(linear)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def batch_for(self, x: torch.Tensor) -> BatchMeta | None:
+        """The ``BatchMeta`` this layer computes for input ``x`` (None: the base layer alone)."""
         source = _COMPILED_SOURCE if torch.compiler.is_compiling() else _BATCH.get()
         meta = None if source is None else source.meta_for(self.pool, tuple(x.shape[:-1]), x.device)
-        if meta is None:
-            return self.base_forward(x)
-        if x.numel() != meta.num_tokens * self.in_features:
+        if meta is not None and x.numel() != meta.num_tokens * self.in_features:
             raise ValueError(
                 f"MultiLoraLinear {self.pool.name!r}: the input {tuple(x.shape)} holds "
                 f"{x.numel() // max(self.in_features, 1)} tokens, the batch metadata {meta.num_tokens}"
             )
+        return meta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        meta = self.batch_for(x)
+        if meta is None:
+            return self.base_forward(x)
         pool = self.pool
         return multi_lora_linear(
             x, self.weight, self.bias, pool.a_pool, pool.b_pool, meta, slot_ranks=pool.slot_ranks,
@@ -170,6 +185,61 @@ class MultiLoraLinear(AdaptedLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"fan_in_fan_out={self.fan_in_fan_out}, max_adapters={pool.a_pool.shape[0]}, "
             f"max_rank={pool.a_pool.shape[1]}, dtype={self.weight.dtype}, lora_dtype={pool.a_pool.dtype}"
+        )
+
+
+class MultiLoraLinear4bit(MultiLoraLinear):
+    """``MultiLoraLinear`` over a frozen 4-bit base layer (bitsandbytes ``Linear4bit`` or ``Nf4Linear``, NF4 or FP4):
+    the base layer's weight is read in place as a ``QuantizedWeight`` and the multi-adapter kernels dequantize its
+    tiles in registers (the fused decode kernel; the segmented path's base GEMM). Inputs are computed in the base
+    layer's compute dtype, by its own rule, and the output is returned in the input's dtype, as the base layer does.
+    """
+
+    def __init__(self, base: nn.Module, pool: PoolLayer):
+        if not is_4bit_linear(base):
+            raise TypeError(f"MultiLoraLinear4bit: expected a 4-bit linear layer, got {type(base).__name__}")
+        AdaptedLinear.__init__(self, base.weight, base.bias, features=(base.out_features, base.in_features))
+        self._check_pool(pool)
+        object.__setattr__(self, "pool", pool)
+        self._keep_base_module(base)
+
+    def quantized_weight(self):
+        base = self.__dict__["_base_module"]
+        if isinstance(base, Nf4Linear):
+            return base.quantized_weight()
+        return bnb_quantized_weight(self.__dict__, base.weight)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        base = self.__dict__["_base_module"]
+        return (base.compute_dtype or x.dtype) if isinstance(base, Nf4Linear) else bnb_compute_dtype(base, x)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.__dict__["_base_module"]
+        return quantized_base_forward(x, self.quantized_weight(), base.bias, self._compute_dtype(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        meta = self.batch_for(x)
+        if meta is None:
+            return self.base_forward(x)
+        pool = self.pool
+        dtype = self._compute_dtype(x)
+        bias = self.__dict__["_base_module"].bias
+        y = multi_lora_linear(
+            x.to(dtype), self.quantized_weight(), bias if bias is None or bias.dtype == dtype else bias.to(dtype),
+            pool.a_pool, pool.b_pool, meta, slot_ranks=pool.slot_ranks, slot_scalings=pool.slot_scalings,
+        )  # fmt: skip
+        return y.to(x.dtype)
+
+    def unwrap(self) -> nn.Module:
+        """The wrapped 4-bit layer, as it was."""
+        return self.__dict__["_base_module"]
+
+    def extra_repr(self) -> str:
+        pool = self.pool
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"4-bit base={type(self.__dict__['_base_module']).__name__}, max_adapters={pool.a_pool.shape[0]}, "
+            f"max_rank={pool.a_pool.shape[1]}, lora_dtype={pool.a_pool.dtype}"
         )
 
 

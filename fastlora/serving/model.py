@@ -63,7 +63,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..io import peft_keys
-from ..layers import expert_layout, is_fused_experts
+from ..layers import expert_layout, is_4bit_linear, is_fused_experts
 from ..model import (
     adapted_modules,
     adapted_parameters,
@@ -76,7 +76,7 @@ from ..model import (
 from ..ops import BatchMeta, StaticBatch
 from .experts import MultiLoraExperts, MultiLoraParameter
 from .graphs import DecodeGraphs
-from .linear import MultiLoraLinear, reset_batch_meta, set_batch_meta
+from .linear import MultiLoraLinear, MultiLoraLinear4bit, reset_batch_meta, set_batch_meta
 from .pool import BASE, AdapterInfo, AdapterLease, AdapterPool, PoolLayer, timeout_seconds
 
 # The name of the module list holding a mixture-of-experts block's routed experts, in transformers' models (Mixtral's
@@ -251,13 +251,18 @@ class MultiLoraModel:
         parameters = adapted_parameters(model, config)
         targets = _unrouted(model, find_targets(model, config, parameters), config.all_linear)
         modules = {name: model.get_submodule(name) for name in [*targets, *parameters]}
-        devices = {p.device for m in modules.values() for p in m.parameters(recurse=False)}
+        devices = {
+            t.device for m in modules.values() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+        }
         if len(devices) != 1:
             raise ValueError(f"MultiLoraModel: the target layers are on several devices ({sorted(map(str, devices))})")
         shapes: dict[str, tuple[int, ...]] = {}
         for name in targets:
             module = modules[name]
-            out_features, in_features = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape
+            if is_4bit_linear(module):  # the packed weight says nothing of the layer's shape
+                out_features, in_features = module.out_features, module.in_features
+            else:
+                out_features, in_features = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape
             shapes[name] = (in_features, out_features)
         self._parameter_layers = _parameter_layer_shapes(modules, parameters, shapes)
         first = next(iter(modules.values()))
@@ -265,7 +270,11 @@ class MultiLoraModel:
         self.target_modules = config.target_modules
         self.target_parameters = config.target_parameters
         self.acquire_timeout = acquire_timeout
-        model_dtype = next(first.parameters(recurse=False)).dtype
+        # A 4-bit layer's own tensors are its packed codes: the pools then take the dtype of the model's first
+        # floating-point tensor (its embeddings, in a quantized model).
+        model_dtype = next(
+            t.dtype for t in (*first.parameters(recurse=False), *model.parameters()) if t.dtype.is_floating_point
+        )
         self.pool = AdapterPool(
             shapes, max_adapters=max_adapters, max_rank=max_rank, device=devices.pop(),
             dtype=dtype or model_dtype, select=self._selected, base_weight=self._base_weight,
@@ -273,7 +282,10 @@ class MultiLoraModel:
         )  # fmt: skip
         for name in targets:
             module = modules[name]
-            layer = MultiLoraLinear.from_linear(module, self.pool.layers[name], fan_in_fan_out=is_conv1d(module))
+            if is_4bit_linear(module):
+                layer = MultiLoraLinear4bit(module, self.pool.layers[name])
+            else:
+                layer = MultiLoraLinear.from_linear(module, self.pool.layers[name], fan_in_fan_out=is_conv1d(module))
             set_submodule(model, name, layer)
         for name, params in self._parameter_layers.items():
             module = modules[name]
