@@ -130,7 +130,8 @@ def test_bench_markdown_has_every_table(quick_all):
     if bench.bench_device().type == "cpu":
         assert bench.CPU_DISCLAIMER in markdown
     headings = ("## linear", "### fwd", "### fwd+bwd", "## memory", "## train", "## multi", "### layer", "### model",
-                "### registered adapters", "## overhead", "## moe", "### block", "### train")  # fmt: skip
+                "### registered adapters", "## overhead", "## moe", "### block", "### train", "## qlora",
+                "### layer")  # fmt: skip
     for heading in headings:
         assert f"\n{heading}\n" in markdown
     names = (bench.FROZEN, bench.NAIVE, bench.PEFT, bench.FASTLORA, bench.PATCHED, train.APPLY_LORA,
@@ -149,7 +150,7 @@ def test_bench_markdown_has_every_table(quick_all):
         if r["suite"] == "linear"
     }
     multi_cases = {_row_key(r)[:-1] for r in rows if r["suite"] == "multi"}
-    rowwise = ("memory", "train", "overhead", "moe")
+    rowwise = ("memory", "train", "overhead", "moe", "qlora")
     expected = len(linear_cases) + len(multi_cases) + sum(r["suite"] in rowwise for r in rows)
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
     headers = [line for line in lines if line.startswith(("| M |", "| size |", "| T |", "| ---"))]

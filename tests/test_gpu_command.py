@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlora.bench import common, linear, moe, multi_layer, multi_model, overhead, targets, train, warm
+from fastlora.bench import common, linear, moe, multi_layer, multi_model, overhead, qlora, targets, train, warm
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = torch.device("cuda")
@@ -90,16 +90,20 @@ def test_headline_cases_cover_every_target_of_the_readme(monkeypatch):
     assert {(c.experts, c.top_k, c.hidden, c.intermediate, c.tokens) for c in blocks} == {
         (128, 8, 2048, 768, 8192), (8, 2, 4096, 14336, 4096)
     } and {(c.r, c.dtype) for c in blocks} == {(16, "bf16")}  # fmt: skip
+    qlora_layers = qlora.qlora_layer_cases(GPU, headline=True)
+    assert {(c.M, c.mode) for c in qlora_layers} == {(4096, "fwd+bwd"), (16, "decode")}
+    assert {(c.K, c.N, c.r, c.dtype, c.lora_dtype) for c in qlora_layers} == {(4096, 4096, 16, "bf16", "fp32")}
 
     figures = {"ratio_to_frozen": 1.0, "speedup_over_peft": 1.0, "peak_over_peft": 1.0, "ratio_to_base": 1.0,
                "throughput_vs_fewest_registered": 1.0, "fewest_registered": 8, "launches": 2, "host_us_fwd": 1.0, "M": 1, "r": 1,
-               "saved_beyond_input_bytes": 16}  # fmt: skip
+               "saved_beyond_input_bytes": 16, "ratio_to_lora": 1.0}  # fmt: skip
     rows = _case_rows("linear", lin, [common.FASTLORA, common.PEFT])
     rows += _case_rows("train", [step], list(train.CONTENDERS))
     rows += _case_rows("multi", [layer], [multi_layer.MULTI], level="layer")
     rows += _case_rows("multi", models, list(multi_model.MODEL_CONTENDERS), level="model")
     rows += _case_rows("overhead", calls, list(overhead.CONTENDERS))
     rows += _case_rows("moe", blocks, list(moe.BLOCK_CONTENDERS), level="block")
+    rows += _case_rows("qlora", qlora_layers, list(qlora.HEADLINE_CONTENDERS), level="layer")
     rows = [{**figures, **row} for row in rows]
     for id_, _ in _readme_targets():
         readers = [t for t in targets.TARGETS if t.id == id_]
@@ -172,7 +176,7 @@ def test_rehearsal_runs_every_step_and_passes(rehearsal):
     log = (out / "gpu.log").read_text()
     assert "a rehearsal without a GPU" in log
     for step in ("CUDA tests (pytest -m gpu): passed", *(f"bench --headline --suite {s}: passed" for s in
-                 ("overhead", "multi", "linear", "train", "moe"))):  # fmt: skip
+                 ("overhead", "multi", "linear", "train", "moe", "qlora"))):  # fmt: skip
         assert step in log, step
     assert " passed, 0 failed" in log  # the CUDA tests ran in their CPU dry-run mode, none skipped into passing
 
@@ -185,7 +189,7 @@ def test_rehearsal_output_is_flat_small_and_parses(rehearsal):
     assert {"results.json", "results.md", "targets.md", "gpu.log"} <= names and any(n.endswith(".png") for n in names)
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows and all(row["headline"] for row in rows)
-    assert {row["suite"] for row in rows} == {"overhead", "multi", "linear", "train", "moe"}
+    assert {row["suite"] for row in rows} == {"overhead", "multi", "linear", "train", "moe", "qlora"}
     table = dict(targets.parse_targets_table((out / "targets.md").read_text()))
     assert set(table) == {id_ for id_, _ in _readme_targets()}
     statuses = {cells[3] for cells in table.values()}

@@ -17,7 +17,10 @@ level):
   time per call, bytes saved for backward (``fastlora.bench.overhead``);
 - ``moe``: LoRA on mixture-of-experts experts (PEFT's ``target_parameters``) against PEFT, at two levels in one module
   (``fastlora.bench.moe``, joined by ``common.multilevel_suite``): ``block``, one sparse MoE block's forward+backward
-  against the frozen block, and ``train``, one optimizer step of a small Qwen3-MoE-style model.
+  against the frozen block, and ``train``, one optimizer step of a small Qwen3-MoE-style model;
+- ``qlora``: LoRA over a frozen 4-bit NF4 base weight (QLoRA) against bitsandbytes + PEFT and fastlora's own bf16 LoRA,
+  at two levels in one module (``fastlora.bench.qlora``): ``layer``, one linear layer's forward+backward and decode
+  forward, and ``train``, one optimizer step of a small Llama-style model quantized to NF4.
 
 Headline runs (``run(headline=True)``, ``fastlora bench --headline``) measure only the cases that the README's
 performance targets are read from, and write ``targets.md``: each target, the value measured, met or missed
@@ -45,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from . import linear, memory, moe, multi_layer, multi_model, overhead, report, targets, train
+from . import linear, memory, moe, multi_layer, multi_model, overhead, qlora, report, targets, train
 from .common import (
     CPU_DISCLAIMER,
     DTYPES,
@@ -85,22 +88,25 @@ from .memory import MemoryCase, SavedTensors, memory_cases, saved_for_backward
 from .moe import MoeBlockCase, MoeTrainCase, moe_block_cases, moe_train_cases
 from .multi_layer import MultiCase, layer_cases
 from .multi_model import MultiModelCase, model_cases
+from .qlora import QloraLayerCase, qlora_layer_cases, qlora_train_cases
 from .report import Written, read_rows
 from .train import TrainCase, train_cases
 
 MULTI_SUITE = multilevel_suite("multi", (multi_layer.LEVEL, multi_model.LEVEL))
 SUITES: dict[str, Suite] = {
-    suite.name: suite for suite in (linear.SUITE, memory.SUITE, train.SUITE, MULTI_SUITE, overhead.SUITE, moe.SUITE)
+    suite.name: suite
+    for suite in (linear.SUITE, memory.SUITE, train.SUITE, MULTI_SUITE, overhead.SUITE, moe.SUITE, qlora.SUITE)
 }
 
 __all__ = [
     "CPU_DISCLAIMER", "DTYPES", "FASTLORA", "FROZEN", "MODES", "NAIVE", "PATCHED", "PEFT", "QUANTILES", "SUITES",
     "BenchmarkMismatch", "LinearCase", "LinearInputs", "MemoryCase", "MoeBlockCase", "MoeTrainCase", "MultiCase",
-    "MultiModelCase", "SavedTensors", "Suite", "TrainCase", "Written", "bench_backend", "bench_device",
-    "check_agreement", "default_out_dir", "device_slug", "environment", "forced_backend", "format_markdown",
-    "layer_cases", "linear_cases", "linear_contender_names", "linear_contenders", "linear_flops", "make_linear_inputs",
-    "memory_cases", "model_cases", "moe_block_cases", "moe_train_cases", "peak_memory_bytes", "peft_lora_linear",
-    "read_rows", "run", "saved_for_backward", "synchronized", "time_ms", "train_cases", "with_backend", "write_results",
+    "MultiModelCase", "QloraLayerCase", "SavedTensors", "Suite", "TrainCase", "Written", "bench_backend",
+    "bench_device", "check_agreement", "default_out_dir", "device_slug", "environment", "forced_backend",
+    "format_markdown", "layer_cases", "linear_cases", "linear_contender_names", "linear_contenders", "linear_flops",
+    "make_linear_inputs", "memory_cases", "model_cases", "moe_block_cases", "moe_train_cases", "peak_memory_bytes",
+    "peft_lora_linear", "qlora_layer_cases", "qlora_train_cases", "read_rows", "run", "saved_for_backward",
+    "synchronized", "time_ms", "train_cases", "with_backend", "write_results",
 ]  # fmt: skip
 
 
@@ -147,6 +153,7 @@ def run(
     names = suite_names(suite)
     _require_packages()
     device = bench_device()
+    qlora.bnb_issue(device.type)  # imports bitsandbytes quietly, where it runs, before a suite's PEFT imports it
     env = environment(device, quick=quick, headline=headline)
     rows = [{**row, **env} for name in names for row in SUITES[name].run(device, quick, progress, headline)]
     out_dir = Path(default_out_dir(device, headline) if out is None else out)

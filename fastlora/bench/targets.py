@@ -7,7 +7,9 @@ target, and ``format_targets`` writes ``targets.md``: the table with the measure
 that decided it. The serving targets (P7, P8) read ``MultiLoraModel`` with CUDA graphs, as it ships; P8 against the
 base model with CUDA graphs, so that neither side's figure carries host time the other saves. The mixture-of-experts
 targets (P11 to P13) read the ``moe`` suite's block level: both fastlora contenders (``apply_lora`` and ``patch_peft``),
-each against PEFT's ``target_parameters`` and the frozen block of the same case. Rows measured on a CPU
+each against PEFT's ``target_parameters`` and the frozen block of the same case. The QLoRA targets (P14 to P16) read
+the ``qlora`` suite's layer level: ``fastlora QLoRA`` against bitsandbytes + PEFT (not measured, never passed or
+failed, where bitsandbytes did not run) and against fastlora's LoRA layer over the bf16 weight. Rows measured on a CPU
 give values (they prove the chain from rows to report works) but no verdict: their status says they are no GPU
 figure.
 """
@@ -23,6 +25,7 @@ from .common import FASTLORA, PATCHED
 from .moe import TARGET_PEAK_OVER_PEFT, TARGET_RATIO_TO_FROZEN, TARGET_SPEEDUP_OVER_PEFT
 from .multi_layer import MULTI
 from .multi_model import MULTI_MODEL
+from .qlora import QLORA, TARGET_DECODE_RATIO_TO_LORA, TARGET_RATIO_TO_LORA, TARGET_SPEEDUP_OVER_BNB
 from .train import APPLY_LORA
 
 TARGETS_MD = "targets.md"
@@ -35,7 +38,8 @@ SEED_BYTES = 8
 class Target:
     """One line of the README's targets table. ``select(row)`` picks the rows it reads (headline rows only are
     offered), ``value(row)`` is the figure of one row (None: the row has none), ``upper`` says whether ``bound`` is an
-    upper (``value <= bound``) or a lower (``value >= bound``) one; ``unit`` formats values."""
+    upper (``value <= bound``) or a lower (``value >= bound``) one, ``strict`` that the bound itself misses (``<`` or
+    ``>``); ``unit`` formats values."""
 
     id: str
     measure: str
@@ -45,12 +49,15 @@ class Target:
     bound: float
     upper: bool
     unit: str = "×"
+    strict: bool = False
 
     def worst(self, values: list[float]) -> float:
         return max(values) if self.upper else min(values)
 
     def met(self, value: float) -> bool:
-        return value <= self.bound if self.upper else value >= self.bound
+        if value == self.bound:
+            return not self.strict
+        return value < self.bound if self.upper else value > self.bound
 
     def format(self, value: float) -> str:
         if self.unit == "%":
@@ -97,6 +104,11 @@ def _overhead(row: dict) -> bool:
 def _moe_block(row: dict) -> bool:
     """A fastlora row of the ``moe`` suite's block level (LoRA on the experts' ``gate_up_proj`` and ``down_proj``)."""
     return row["suite"] == "moe" and row.get("level") == "block" and row["contender"] in (APPLY_LORA, PATCHED)
+
+
+def _qlora_layer(row: dict, mode: str) -> bool:
+    """A ``fastlora QLoRA`` row of the ``qlora`` suite's layer level in ``mode`` (``fwd+bwd`` or ``decode``)."""
+    return row["suite"] == "qlora" and row.get("level") == "layer" and row["contender"] == QLORA and row["mode"] == mode
 
 
 TARGETS: tuple[Target, ...] = (
@@ -171,6 +183,22 @@ TARGETS: tuple[Target, ...] = (
         f"≤ {TARGET_RATIO_TO_FROZEN}×", _moe_block, lambda row: row.get("ratio_to_frozen"), TARGET_RATIO_TO_FROZEN,
         upper=True,
     ),
+    Target(
+        "P14", "QLoRA layer (NF4 base, double quantization) forward+backward, K = N = 4096, M = 4096, r = 16, fp32 "
+        "adapters: speedup over bitsandbytes + PEFT", f"≥ {TARGET_SPEEDUP_OVER_BNB:g}×",
+        lambda row: _qlora_layer(row, "fwd+bwd"), lambda row: row.get("speedup_over_peft"), TARGET_SPEEDUP_OVER_BNB,
+        upper=False,
+    ),
+    Target(
+        "P15", "that forward+backward / fastlora's LoRA layer over the bf16 weight", f"≤ {TARGET_RATIO_TO_LORA}×",
+        lambda row: _qlora_layer(row, "fwd+bwd"), lambda row: row.get("ratio_to_lora"), TARGET_RATIO_TO_LORA,
+        upper=True,
+    ),
+    Target(
+        "P16", "QLoRA decode forward (M = 16, inference) / fastlora's LoRA layer over the bf16 weight",
+        f"< {TARGET_DECODE_RATIO_TO_LORA:g}×", lambda row: _qlora_layer(row, "decode"),
+        lambda row: row.get("ratio_to_lora"), TARGET_DECODE_RATIO_TO_LORA, upper=True, strict=True,
+    ),
 )  # fmt: skip
 
 # Which fields name the case that decided each suite's target.
@@ -180,6 +208,7 @@ _CASE_FIELDS = {
     "train": ("size", "batch", "seq", "r", "dropout", "contender"),
     "multi": ("size", "T", "K", "N", "adapters", "ranks", "registered", "batch", "new_tokens"),
     "moe": ("size", "experts", "top_k", "hidden", "intermediate", "tokens", "r", "contender"),
+    "qlora": ("M", "K", "N", "r", "mode"),
 }
 
 

@@ -6,8 +6,9 @@ run would spend minutes compiling on one CPU core. ``warm`` spreads those compil
 each job runs one fastlora training step (forward and backward) of a headline case with every autotuned kernel
 pinned to one config (``pinned_configs``), so the compiled kernels land in Triton's on-disk cache
 (``TRITON_CACHE_DIR``), where the measured runs that follow find them. Jobs are the headline layer cases of
-``linear`` and ``overhead``, one per kernel specialisation (LoRA dtype, rank tile, dropout, forward shape), times
-every config index; the training step of ``train`` launches the same specialisations. Nothing is timed or kept.
+``linear`` and ``overhead``, one per kernel specialisation (LoRA dtype, rank tile, dropout, forward shape), and the
+``qlora`` headline cases (the 4-bit kernels), times every config index; the training step of ``train`` launches the
+same specialisations. Nothing is timed or kept.
 
 ``python -m fastlora.bench.warm [--quick] [--workers N]`` (``./dev gpu`` runs it before the benchmarks). On a CPU
 there is nothing to compile: it says so and returns.
@@ -21,15 +22,17 @@ import dataclasses
 import multiprocessing
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from .. import nf4
 from ..kernels import GPU_KERNELS, rank_tile
 from .common import FASTLORA, bench_backend, bench_device
 from .linear import LinearCase, linear_cases, linear_contenders, make_linear_inputs
 from .overhead import overhead_cases
+from .qlora import QLORA, QloraLayerCase, layer_contender, layer_step, qlora_layer_cases
 
 
 def autotuners() -> list:
@@ -84,13 +87,25 @@ def warm_cases(device: torch.device, quick: bool = False) -> list[LinearCase]:
     return list(unique.values())
 
 
-def _run_job(job: tuple[LinearCase, int]) -> float:
-    """One training step of the case with every kernel pinned to config ``index``; returns its seconds."""
+def _qlora_step(case: QloraLayerCase, device: torch.device) -> Callable[[], object]:
+    """The QLoRA contender's timed call of a ``qlora`` headline case (its 4-bit kernels), as that suite builds it."""
+    inputs = make_linear_inputs(case.as_linear(), device)
+    qweight = nf4.quantize(inputs.weight)
+    forward = layer_contender(QLORA, case, inputs, qweight, bench_backend(device)).forward
+    return layer_step(forward, inputs, case.mode)
+
+
+def _run_job(job: tuple[LinearCase | QloraLayerCase, int]) -> float:
+    """One training step of the case (a ``qlora`` case: its timed call) with every kernel pinned to config ``index``;
+    returns its seconds."""
     case, index = job
     start = time.perf_counter()
     device = bench_device()
-    inputs = make_linear_inputs(case, device)
-    step = linear_contenders(case, inputs, bench_backend(device), forward_shapes=False)[FASTLORA]
+    if isinstance(case, QloraLayerCase):
+        step = _qlora_step(case, device)
+    else:
+        inputs = make_linear_inputs(case, device)
+        step = linear_contenders(case, inputs, bench_backend(device), forward_shapes=False)[FASTLORA]
     with pinned_configs(index):
         step()
     if device.type == "cuda":
@@ -104,7 +119,8 @@ def warm(quick: bool = False, workers: int = 8) -> tuple[int, float]:
     if device.type != "cuda":
         return 0, 0.0
     configs = max(len(kernel.configs) for kernel in GPU_KERNELS)
-    jobs = [(case, index) for case in warm_cases(device, quick) for index in range(configs)]
+    cases = [*warm_cases(device, quick), *qlora_layer_cases(device, quick, headline=True)]
+    jobs = [(case, index) for case in cases for index in range(configs)]
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
