@@ -181,6 +181,51 @@ def linear_scaling(r: int) -> float:
     return 2.0 / math.sqrt(r)
 
 
+# ----------------------------------------------------------------------------------------------- QLoRA
+
+
+@dataclasses.dataclass(frozen=True)
+class QloraCase:
+    """A LoRA layer over a 4-bit W0 (``lora_linear`` over a ``QuantizedWeight``), or with ``r = 0`` the frozen 4-bit
+    layer alone (``quant_linear``)."""
+
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: torch.dtype
+    quant: tuple[str, int, bool]  # (quant_type, blocksize, double quantization)
+    dropout_p: float
+    impl: str
+    pin: int | None
+
+    def __str__(self) -> str:
+        tuning = "tuned" if self.pin is None else f"pin{self.pin}"
+        quant = f"{self.quant[0]}{self.quant[1]}{'-dq' if self.quant[2] else ''}"
+        return f"{self.M}x{self.K}x{self.N}-r{self.r}-{_DTYPE_NAMES[self.dtype]}-{quant}-p{self.dropout_p}-{self.impl}-{tuning}"
+
+    def sized(self) -> QloraCase:
+        if not DRY_RUN:
+            return self
+        return dataclasses.replace(self, M=small_size(self.M), K=small_size(self.K), N=small_size(self.N))
+
+
+# QLoRA as it trains (bf16 activations, fp32 adapters, NF4 with double quantization, blocks of 64) at Llama-8B shapes,
+# both forward shapes (tuned: the cases of the qlora suite's targets) and the frozen 4-bit layer; FP4, fp16 and fp32
+# compute, blocks of 128 and a K that is no multiple of the block size (the element-by-element path). The rest is
+# pinned: each tuned 4-bit specialisation compiles every config of its kernels.
+QLORA_CASES: list[QloraCase] = [
+    QloraCase(4096, 4096, 14336, 16, bf16, ("nf4", 64, True), 0.1, SPLIT, None),
+    QloraCase(4096, 14336, 4096, 16, bf16, ("nf4", 64, True), 0.1, SPLIT, 0),
+    QloraCase(16, 4096, 4096, 16, bf16, ("nf4", 64, True), 0.0, ONEPASS, None),
+    QloraCase(4096, 4096, 4096, 0, bf16, ("nf4", 64, True), 0.0, SPLIT, 3),
+    QloraCase(1000, 4096, 4096, 64, f16, ("fp4", 128, False), 0.1, SPLIT, 1),
+    QloraCase(33, 4100, 4096, 8, f32, ("nf4", 64, True), 0.0, ONEPASS, 0),
+    QloraCase(300, 4100, 1000, 8, bf16, ("fp4", 64, True), 0.1, SPLIT, 2),
+]  # fmt: skip
+QLORA_CASES = quick(QLORA_CASES, lambda c: c.pin is None)
+
+
 # ----------------------------------------------------------------------------------------------- multi_lora_linear
 
 MULTI_RANKS = (1, 8, 16, 24, 64, 100, 128)  # slot s has rank MULTI_RANKS[s % 7]; the pools are sized for 128

@@ -32,10 +32,12 @@ from gpu_cases import (
     MULTI_CASES,
     ON_CUDA,
     ONEPASS,
+    QLORA_CASES,
     SERVING_PIN,
     LinearCase,
     MoeCase,
     MultiCase,
+    QloraCase,
     autotuners,
     linear_inputs,
     linear_scaling,
@@ -172,6 +174,51 @@ def test_lora_linear_matches_fp64(case: LinearCase, device):
     for name, got, want in (("y", y, y64), ("dx", x.grad, x64.grad), ("dA", lora_A.grad, a64.grad),
                             ("dB", lora_B.grad, bb64.grad)):  # fmt: skip
         assert_norm_close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("case", QLORA_CASES, ids=str)
+def test_qlora_matches_fp64(case: QloraCase, device):
+    """QLoRA's kernels over a 4-bit W0 (dequantized in registers) at real shapes: ``y``, ``dx``, ``dA``, ``dB`` against
+    the fp64 reference over the dequantized weight; with ``r = 0`` the frozen 4-bit layer's ``y`` and ``dx``."""
+    from fastlora import nf4
+
+    case = case.sized()
+    M, K, N, r = case.M, case.K, case.N, case.r
+    g = torch.Generator(device=device).manual_seed(M + K)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device=device) * scale
+
+    quant_type, blocksize, nested = case.quant
+    qweight = nf4.quantize(rand(N, K, scale=K**-0.5), blocksize=blocksize, quant_type=quant_type, double_quant=nested)
+    x = rand(M, K).to(case.dtype).requires_grad_()
+    dy = rand(M, N).to(case.dtype)
+    w64 = qweight.dequantize(case.dtype).double()
+    x64 = x.detach().double().requires_grad_()
+    with pinned_configs(case.pin):
+        if r == 0:
+            y = fastlora.quant_linear(x, qweight, backend="triton")
+            y.backward(dy)
+            y64 = x64 @ w64.t()
+        else:
+            lora_A = rand(r, K, scale=K**-0.5).requires_grad_()
+            lora_B = rand(N, r, scale=r**-0.5).requires_grad_()
+            seed = torch.tensor([20261130 + M], dtype=torch.int64, device=device)
+            y = fastlora.lora_linear(
+                x, qweight, None, lora_A, lora_B, linear_scaling(r), case.dropout_p, True, forward_impl=case.impl,
+                backend="triton", seed=seed,
+            )  # fmt: skip
+            y.backward(dy)
+            a64, b64 = (t.detach().double().requires_grad_() for t in (lora_A, lora_B))
+            y64 = lora_linear_reference(x64, w64, None, a64, b64, linear_scaling(r), case.dropout_p, seed)
+    y64.backward(dy.double())
+    assert y.dtype == case.dtype and y.shape == (M, N)
+    checks = [("y", y, y64, K + r), ("dx", x.grad, x64.grad, N + r)]
+    if r:
+        checks += [("dA", lora_A.grad, a64.grad, M), ("dB", lora_B.grad, b64.grad, M)]
+    for name, got, want, length in checks:
+        assert_close(got, want, case.dtype, length, name)
+        assert_norm_close(got, want, case.dtype, name)
 
 
 @pytest.mark.parametrize("case", DETERMINISM_CASES, ids=str)
