@@ -402,13 +402,16 @@ def w_stage_bytes(act_bytes: int, QBLOCK: int, QPACKED: int) -> int:
     return NF4_ELEMENTWISE_STAGE_BYTES if QBLOCK and not QPACKED else act_bytes
 
 
-def nf4_tile_fits(config: triton.Config, rows: int, cols: int, act_bytes: int, QBLOCK: int) -> bool:
+def nf4_tile_fits(
+    config: triton.Config, rows: int, cols: int, act_bytes: int, QBLOCK: int, per_thread: int = 32
+) -> bool:  # fmt: skip
     """Whether a ``rows x cols`` tile of a 4-bit W0 (``QBLOCK > 0``; any dense tile fits) can be dequantized in
-    registers beside a decode kernel's other tiles: at most 32 elements per thread, and with fp32 activations K steps
-    of at most 64 (the one-pass and fused decode kernels spilled 24-528 B beyond either on sm_80 and sm_90)."""
+    registers beside the kernel's other tiles: at most ``per_thread`` elements per thread, and with fp32 activations K
+    steps of at most 64. The decode kernels (one-pass, fused multi-adapter) spilled 24-528 B beyond either on sm_80 and
+    sm_90; the GEMM's 128-row accumulator takes 16 (32 spilled 8-32 B on sm_80 under Triton 3.6)."""
     if not QBLOCK:
         return True
-    return rows * cols <= 32 * 32 * config.num_warps and (act_bytes < 4 or rows <= 64)
+    return rows * cols <= per_thread * 32 * config.num_warps and (act_bytes < 4 or rows <= 64)
 
 
 # With dropout a tile's Philox rounds run in registers next to the accumulators; beyond this many dropout

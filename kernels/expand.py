@@ -28,6 +28,7 @@ from ._common import (
     load_tile,
     m_bucket,
     mma,
+    nf4_tile_fits,
     rank_tile,
     signed_threshold,
     store_with_bias,
@@ -74,6 +75,8 @@ def config_ok(
     kw = config.kwargs
     w_bytes = w_stage_bytes(act_bytes, QBLOCK, QPACKED)
     if not fits_in_smem(config, kw["BLOCK_K"] * (kw["BLOCK_M"] * act_bytes + kw["BLOCK_N"] * w_bytes)):
+        return False
+    if not nf4_tile_fits(config, kw["BLOCK_K"], kw["BLOCK_N"], act_bytes, QBLOCK, per_thread=16):
         return False
     # A 4-bit tile's dequantization holds its nibbles, codes and absmax in registers beside the accumulator.
     if kw["BLOCK_M"] * kw["BLOCK_N"] > 128 * 128 and (BLOCK_R > 32 or DROPOUT or QBLOCK):
