@@ -53,6 +53,8 @@ class Site:
     pointers: dict[str, str]  # argument -> "act" | "lora" | "fp32" | "i32" | "i64" | "u8"
     unit_strides: tuple[str, ...]  # strides equal to 1, which Triton specialises as constants
     constexprs: dict[str, object]
+    # The (activation, LoRA) dtype pairs compiled at this site, when not every pair the check runs.
+    dtypes: tuple[tuple[str, str], ...] | None = None
 
 
 def kernel_signature(fn, site: Site, act: str, lora: str, config: triton.Config) -> tuple[dict, dict, dict]:

@@ -149,6 +149,9 @@ def kernel_specs() -> list[KernelSpec]:
     # Every real model's rows hold whole blocks (K % 64 == 0): its tiles are read as bytes, along the rows of the
     # forward's W0ᵀ view (QPACKED 2) and along the columns of the backward's W0 (QPACKED 1).
     nf4 = {"QBLOCK": 64, "QBLOCK2": 256, "QPACKED": 2}
+    # QLoRA computes in bf16 or in fp32 (bitsandbytes' default compute dtype) with fp32 adapters (PEFT's); the 4-bit
+    # tile's code is the same beside bf16 adapters, which the dense sites compile.
+    nf4_dtypes = (("bf16", "fp32"), ("fp32", "fp32"))
     shrink_spec = KernelSpec(
         shrink.GPU_KERNEL,
         (
@@ -174,11 +177,12 @@ def kernel_specs() -> list[KernelSpec]:
             # QLoRA: W0 in NF4 ([N, K] read as its transpose), its tiles dequantized in the K loop.
             Site("fwd nf4 W0", {**expand_ptrs, **nf4_w}, ("stride_xk", "stride_wk", "stride_lr", "stride_rr",
                                                          "stride_on"),
-                 {**common, "HAS_BIAS": False, "DROPOUT": False, "BLOCK_R": 16, **nf4}),
-            # A K that is no multiple of the block size: element by element.
+                 {**common, "HAS_BIAS": False, "DROPOUT": False, "BLOCK_R": 16, **nf4}, dtypes=nf4_dtypes),
+            # A K that is no multiple of the block size: element by element (bf16 compute only).
             Site("fwd nf4 W0 K%block!=0", {**expand_ptrs, **nf4_w}, ("stride_xk", "stride_wk", "stride_lr",
                                                                       "stride_rr", "stride_on"),
-                 {**common, "HAS_BIAS": False, "DROPOUT": False, "BLOCK_R": 16, **nf4, "QPACKED": 0}),
+                 {**common, "HAS_BIAS": False, "DROPOUT": False, "BLOCK_R": 16, **nf4, "QPACKED": 0},
+                 dtypes=nf4_dtypes[:1]),
         ),
         gemm_min_block_m=64,
     )  # fmt: skip
@@ -199,7 +203,8 @@ def kernel_specs() -> list[KernelSpec]:
             # QLoRA decode and training: reads the NF4 weight, with dropout and xs for the backward.
             Site("fwd nf4 r<=16", {**onepass_ptrs, **nf4_w},
                  ("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_sr"),
-                 {**common, "HAS_BIAS": False, "DROPOUT": True, "STORE_XS": True, "R_PAD": 16, **nf4}),
+                 {**common, "HAS_BIAS": False, "DROPOUT": True, "STORE_XS": True, "R_PAD": 16, **nf4},
+                 dtypes=nf4_dtypes),
         ),
         gemm_min_block_m=64,
     )  # fmt: skip
@@ -240,7 +245,7 @@ def kernel_specs() -> list[KernelSpec]:
             Site("nf4 dx+D'(dxa·A), dA r<=16", {**dx_ptrs, **nf4_w},
                  ("stride_dn", "stride_wk", "stride_ar", "stride_ak", "stride_xk", "stride_ok", "stride_dak"),
                  {**common, "COMPUTE_DX": True, "COMPUTE_DA": True, "DROPOUT": True, "BLOCK_R": 16, **nf4,
-                  "QPACKED": 1}),
+                  "QPACKED": 1}, dtypes=nf4_dtypes),
         ),
         gemm_min_block_m=64,
     )  # fmt: skip
@@ -284,7 +289,7 @@ def kernel_specs() -> list[KernelSpec]:
             Site("decode nf4 W0 split 8", {**fused_ptrs, **nf4_w},
                  ("stride_xk", "stride_wk", "stride_or", "stride_br", "stride_yn"),
                  {**common, "HAS_BIAS": False, "HAS_TOKEN_SCALES": False, "SPLIT_K": 8, "USE_PDL": False,
-                  "EVEN_R": True, **nf4}),
+                  "EVEN_R": True, **nf4}, dtypes=nf4_dtypes),
         ),
         gemm_min_block_m=64,
         arch_constexprs=pdl,
@@ -382,7 +387,8 @@ def jobs(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list[tuple]:
         if kernels is not None and spec.name not in kernels:
             continue
         for ti in range(len(spec.sites)):
-            for act, lora in dtypes:
+            site_dtypes = spec.sites[ti].dtypes
+            for act, lora in dtypes if site_dtypes is None else [d for d in dtypes if d in site_dtypes]:
                 for ci, config in enumerate(spec.configs):
                     for arch in archs:
                         # The launcher prunes against the shared memory of the GPU it runs on.
