@@ -156,10 +156,15 @@ class LoraLinear(AdaptedLinear):
         layer, that is a module with a 2-D ``weight`` and a ``bias`` attribute (``None`` allowed). Anything else (an
         ``nn.Embedding``, a convolution) raises ``TypeError``. Its parameters are shared, not copied, and frozen. A
         4-bit layer (bitsandbytes ``Linear4bit``, ``Nf4Linear``) gives a ``LoraLinear4bit``."""
-        if cls is LoraLinear and is_4bit_linear(linear):
-            return LoraLinear4bit.from_linear(
-                linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, fan_in_fan_out, lora_dtype
-            )
+        if is_4bit_linear(linear) or issubclass(cls, LoraLinear4bit):
+            if fan_in_fan_out:
+                raise ValueError(
+                    "LoraLinear4bit: fan_in_fan_out=True does not apply to a 4-bit layer ([out, in] codes)"
+                )
+            layer = LoraLinear4bit(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
+            if linear.bias is not None:
+                linear.bias.requires_grad_(False)
+            return layer
         weight = getattr(linear, "weight", None)
         if not (
             isinstance(linear, nn.Module)
@@ -543,7 +548,61 @@ def bnb_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
     return base.compute_dtype or x.dtype
 
 
-class LoraLinear4bit(LoraLinear):
+class Base4bit:
+    """What a layer over a frozen 4-bit base layer (bitsandbytes ``Linear4bit`` or ``Nf4Linear``) shares, mixed into an
+    ``AdaptedLinear``: the base layer's weight, bias and (for an ``Nf4Linear``) quantization buffers held as this
+    layer's own (shared, not copied: the model's state-dict keys do not change, and ``.to()`` moves them), ``W0`` read
+    from them as a ``QuantizedWeight``, and the base layer's compute dtype, by its own rule."""
+
+    def _hold_base(self, base: nn.Module) -> None:
+        AdaptedLinear.__init__(self, base.weight, base.bias, features=(base.out_features, base.in_features))
+        if isinstance(base, Nf4Linear):
+            for name in _NF4_BUFFERS[1:]:
+                self.register_buffer(name, base._buffers[name])
+        self._keep_base_module(base)
+
+    @property
+    def base_module(self) -> nn.Module:
+        """The wrapped 4-bit layer, holding this layer's current weight, bias and buffers (``.to()`` and merges
+        replace them here)."""
+        base = self.__dict__["_base_module"]
+        for name, tensor in (*self._parameters.items(), *self._buffers.items()):
+            if name in ("lora_A", "lora_B"):
+                continue
+            store = base._parameters if name in base._parameters else base._buffers
+            if store.get(name) is not tensor:
+                store[name] = tensor
+        return base
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """``W0`` as a ``QuantizedWeight`` (the base layer's tensors, read in place; rebuilt only when they change)."""
+        if isinstance(self.__dict__["_base_module"], Nf4Linear):
+            return self.base_module.quantized_weight()
+        return bnb_quantized_weight(self.__dict__, self.weight)
+
+    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the base layer computes ``x`` in (bitsandbytes' rule for its layers, ``Nf4Linear``'s for ours)."""
+        base = self.__dict__["_base_module"]
+        if isinstance(base, Nf4Linear):
+            return base.compute_dtype or x.dtype
+        return bnb_compute_dtype(base, x)
+
+    def compute_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The bias in ``dtype``, as the base layer adds it."""
+        return self.bias if self.bias is None or self.bias.dtype == dtype else self.bias.to(dtype)
+
+    def weight_nk(self) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__}: the base weight is 4-bit; use quantized_weight() or dequantize()")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W0`` (merged, while merged) as a dense ``[out, in]`` tensor (default: the dtype it was quantized from)."""
+        return self.quantized_weight().dequantize(dtype)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_base_forward(x, self.quantized_weight(), self.bias, self.compute_dtype_for(x))
+
+
+class LoraLinear4bit(Base4bit, LoraLinear):
     """LoRA over a frozen 4-bit base layer, QLoRA: ``y = x·dequant(W0)ᵀ + b + s·B(A·dropout(x))``.
 
     The base is bitsandbytes' ``Linear4bit`` (its ``Params4bit`` read in place through ``nf4.from_bnb``, NF4 or FP4,
@@ -579,80 +638,18 @@ class LoraLinear4bit(LoraLinear):
                 "moved to a device: call .to(device) first)"
             )
         _check_adapter_args(where, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_dtype)
-        AdaptedLinear.__init__(self, base.weight, base.bias, features=(base.out_features, base.in_features))
-        if isinstance(base, Nf4Linear):
-            for name in _NF4_BUFFERS[1:]:
-                self.register_buffer(name, base._buffers[name])
+        self._hold_base(base)
         device = base.weight.device
         self._init_adapter(
             r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, device, lora_dtype or torch.float32
         )
-        self._keep_base_module(base)
-
-    @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Module,
-        r: int,
-        lora_alpha: float = 8.0,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
-        fan_in_fan_out: bool = False,
-        lora_dtype: torch.dtype | None = None,
-    ) -> LoraLinear4bit:
-        """Wrap a 4-bit ``linear`` (``LoraLinear.from_linear``'s arguments; ``fan_in_fan_out`` must be False)."""
-        if fan_in_fan_out:
-            raise ValueError("LoraLinear4bit: fan_in_fan_out=True does not apply to a 4-bit layer ([out, in] codes)")
-        layer = cls(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
-        if linear.bias is not None:
-            linear.bias.requires_grad_(False)
-        return layer
-
-    @property
-    def base_module(self) -> nn.Module:
-        """The wrapped 4-bit layer, holding this layer's current weight, bias and buffers (``.to()`` and merges
-        replace them here)."""
-        base = self.__dict__["_base_module"]
-        for name, tensor in (*self._parameters.items(), *self._buffers.items()):
-            if name in ("lora_A", "lora_B"):
-                continue
-            store = base._parameters if name in base._parameters else base._buffers
-            if store.get(name) is not tensor:
-                store[name] = tensor
-        return base
-
-    def quantized_weight(self) -> QuantizedWeight:
-        """``W0`` as a ``QuantizedWeight`` (the base layer's tensors, read in place; rebuilt only when they change)."""
-        if isinstance(self.__dict__["_base_module"], Nf4Linear):
-            return self.base_module.quantized_weight()
-        return bnb_quantized_weight(self.__dict__, self.weight)
-
-    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the base layer computes ``x`` in (bitsandbytes' rule for its layers, ``Nf4Linear``'s for ours)."""
-        base = self.__dict__["_base_module"]
-        if isinstance(base, Nf4Linear):
-            return base.compute_dtype or x.dtype
-        return bnb_compute_dtype(base, x)
-
-    def weight_nk(self) -> torch.Tensor:
-        raise TypeError("LoraLinear4bit: the base weight is 4-bit; use quantized_weight() or dequantize()")
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``W0`` (merged, while ``merged``) as a dense ``[out, in]`` tensor (default: the dtype it was quantized
-        from)."""
-        return self.quantized_weight().dequantize(dtype)
-
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_base_forward(x, self.quantized_weight(), self.bias, self.compute_dtype_for(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_forward(x)
         dtype = self.compute_dtype_for(x)
-        bias = self.bias if self.bias is None or self.bias.dtype == dtype else self.bias.to(dtype)
         y = lora_linear(
-            x.to(dtype), self.quantized_weight(), bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
+            x.to(dtype), self.quantized_weight(), self.compute_bias(dtype), self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
             self.training,
         )  # fmt: skip
         return y.to(x.dtype)

@@ -83,15 +83,28 @@ def check_devices_and_dtypes(where: str, devices: dict, x, weight, backend: str)
         raise TypeError(f"{where}: weight.dtype ({weight.dtype}) must equal x.dtype ({x.dtype})")
 
 
-def check_base_layer(where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool, backend: str) -> tuple[int, int]:
-    """The checks every op shares: ``tensors`` (name -> tensor or None, types already checked with
-    ``check_tensor_types``) are on one device, and ``x``, ``weight``, ``bias`` make a linear layer of these dtypes and
-    shapes. Returns ``(K, N)``."""
-    check_devices_and_dtypes(where, {n: t.device for n, t in tensors.items() if t is not None}, x, weight, backend)
+def _check_x_and_bias_dtype(where: str, x, bias) -> None:
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{where}: bias.dtype must be x.dtype ({x.dtype}) or float32, got {bias.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{where}: x must have shape [..., K] with K >= 1, got {tuple(x.shape)}")
+
+
+def _check_bias_shape(where: str, bias, N: int) -> None:
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"{where}: bias must be [N] = [{N}], got {tuple(bias.shape)}")
+
+
+def check_base_layer(where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool, backend: str) -> tuple[int, int]:
+    """The checks every op shares: ``tensors`` (name -> tensor or None, types already checked with
+    ``check_tensor_types``) are on one device, and ``x``, ``weight``, ``bias`` make a linear layer of these dtypes and
+    shapes. ``weight`` may be a 4-bit ``QuantizedWeight`` (``[N, K]``): ``x`` and ``bias`` are then of a dtype the
+    kernels dequantize to (fp16, bf16 or fp32, whatever the weight's original dtype), every tensor on the weight's
+    device. Returns ``(K, N)``."""
+    if is_quantized(weight):
+        return _check_quantized_base(where, tensors, x, weight, bias, fan_in_fan_out)
+    check_devices_and_dtypes(where, {n: t.device for n, t in tensors.items() if t is not None}, x, weight, backend)
+    _check_x_and_bias_dtype(where, x, bias)
     if weight.dim() != 2:
         raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}")
     K = x.shape[-1]
@@ -102,17 +115,11 @@ def check_base_layer(where: str, tensors: dict, x, weight, bias, fan_in_fan_out:
             f"{where}: weight {tuple(weight.shape)} read as {layout} has K={K_w}, but x has K={K} "
             f"(x.shape={tuple(x.shape)})"
         )
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"{where}: bias must be [N] = [{N}], got {tuple(bias.shape)}")
+    _check_bias_shape(where, bias, N)
     return K, N
 
 
-def check_quantized_base(
-    where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool, backend: str
-) -> tuple[int, int]:
-    """``check_base_layer`` for a 4-bit ``W0`` (a ``QuantizedWeight``, ``[N, K]``): ``x`` and ``bias`` are of a dtype
-    the kernels dequantize to (fp16, bf16 or fp32, whatever the weight's original dtype), every tensor on the weight's
-    device. Returns ``(K, N)``."""
+def _check_quantized_base(where: str, tensors: dict, x, weight, bias, fan_in_fan_out: bool) -> tuple[int, int]:
     if fan_in_fan_out:
         raise ValueError(f"{where}: a 4-bit weight is stored [N, K]; fan_in_fan_out=True does not apply to it")
     if weight.transposed:
@@ -123,15 +130,11 @@ def check_quantized_base(
         raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
     if x.dtype not in TRITON_DTYPES:
         raise TypeError(f"{where}: x.dtype must be one of {TRITON_DTYPES} over a 4-bit weight, got {x.dtype}")
-    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"{where}: bias.dtype must be x.dtype ({x.dtype}) or float32, got {bias.dtype}")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{where}: x must have shape [..., K] with K >= 1, got {tuple(x.shape)}")
+    _check_x_and_bias_dtype(where, x, bias)
     N, K = weight.out_features, weight.in_features
     if x.shape[-1] != K:
         raise ValueError(
             f"{where}: the 4-bit weight is [N, K] = [{N}, {K}], but x has K={x.shape[-1]} (x.shape={tuple(x.shape)})"
         )
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"{where}: bias must be [N] = [{N}], got {tuple(bias.shape)}")
+    _check_bias_shape(where, bias, N)
     return K, N

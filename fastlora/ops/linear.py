@@ -29,7 +29,6 @@ from . import torch_linear
 from .common import (
     as_2d,
     check_base_layer,
-    check_quantized_base,
     check_tensor_types,
     is_quantized,
     out_features,
@@ -355,8 +354,7 @@ def _check_dropout(dropout_p, training) -> float:
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, fan_in_fan_out, backend) -> None:
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
-    check = check_quantized_base if is_quantized(weight) else check_base_layer
-    K, N = check(_WHERE, tensors, x, weight, bias, fan_in_fan_out, backend)
+    K, N = check_base_layer(_WHERE, tensors, x, weight, bias, fan_in_fan_out, backend)
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"{_WHERE}: lora_A.dtype ({lora_A.dtype}) and lora_B.dtype ({lora_B.dtype}) differ")
     if lora_A.dtype not in (x.dtype, torch.float32):

@@ -23,7 +23,6 @@ from .. import kernels, reference
 from .common import (
     as_2d,
     check_base_layer,
-    check_quantized_base,
     check_tensor_types,
     is_quantized,
     out_features,
@@ -54,7 +53,7 @@ def _check_multi_types(x, weight, bias, a_pool, b_pool, meta, slot_ranks, slot_s
                "meta.sorted_token_ids": meta.sorted_token_ids, "meta.slot_ranks": meta.slot_ranks,
                "meta.token_scales": meta.token_scales}  # fmt: skip
     if is_quantized(weight):
-        del tensors["weight"]  # a 4-bit weight: check_quantized_base checks it
+        del tensors["weight"]  # a 4-bit weight, not a tensor: check_base_layer checks it apart
     check_tensor_types(_WHERE, tensors, ("bias", "slot_ranks", "slot_scalings", "meta.token_scales"))
     return tensors
 
@@ -63,8 +62,7 @@ def _check_multi_inputs(
     x, weight, bias, a_pool, b_pool, meta, tensors, slot_ranks, slot_scalings, fan_in_fan_out, backend
 ) -> None:
     where = _WHERE
-    check = check_quantized_base if is_quantized(weight) else check_base_layer
-    K, N = check(where, tensors, x, weight, bias, fan_in_fan_out, backend)
+    K, N = check_base_layer(where, tensors, x, weight, bias, fan_in_fan_out, backend)
     if a_pool.dtype != b_pool.dtype:
         raise TypeError(f"{where}: a_pool.dtype ({a_pool.dtype}) and b_pool.dtype ({b_pool.dtype}) differ")
     if a_pool.dtype not in (x.dtype, torch.float32):

@@ -17,7 +17,7 @@ import torch
 
 from .. import kernels
 from ..nf4 import QuantizedWeight
-from .common import as_2d, check_quantized_base, check_tensor_types, resolve_backend
+from .common import as_2d, check_base_layer, check_tensor_types, resolve_backend
 from .linear import ONEPASS_MAX_TOKENS
 
 _WHERE = "fastlora.quant_linear"
@@ -70,7 +70,7 @@ def quant_linear(
         raise TypeError(f"{_WHERE}: weight must be a fastlora.nf4.QuantizedWeight, got {type(weight).__name__}")
     check_tensor_types(_WHERE, {"x": x, "bias": bias}, optional=("bias",))
     backend = resolve_backend(x.device, backend)
-    check_quantized_base(_WHERE, {"x": x, "bias": bias}, x, weight, bias, False, backend)
+    check_base_layer(_WHERE, {"x": x, "bias": bias}, x, weight, bias, False, backend)
     if bias is not None and bias.requires_grad:
         raise ValueError(f"{_WHERE}: the bias of a 4-bit layer is frozen here; it requires grad (detach it)")
     if torch.is_autocast_enabled(x.device.type):

@@ -15,14 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from ..layers import (
-    AdaptedLinear,
-    Nf4Linear,
-    bnb_compute_dtype,
-    bnb_quantized_weight,
-    is_4bit_linear,
-    quantized_base_forward,
-)
+from ..layers import AdaptedLinear, Base4bit, is_4bit_linear
 from ..ops import BatchMeta, multi_lora_linear
 
 if TYPE_CHECKING:
@@ -188,7 +181,7 @@ class MultiLoraLinear(AdaptedLinear):
         )
 
 
-class MultiLoraLinear4bit(MultiLoraLinear):
+class MultiLoraLinear4bit(Base4bit, MultiLoraLinear):
     """``MultiLoraLinear`` over a frozen 4-bit base layer (bitsandbytes ``Linear4bit`` or ``Nf4Linear``, NF4 or FP4):
     the base layer's weight is read in place as a ``QuantizedWeight`` and the multi-adapter kernels dequantize its
     tiles in registers (the fused decode kernel; the segmented path's base GEMM). Inputs are computed in the base
@@ -198,41 +191,25 @@ class MultiLoraLinear4bit(MultiLoraLinear):
     def __init__(self, base: nn.Module, pool: PoolLayer):
         if not is_4bit_linear(base):
             raise TypeError(f"MultiLoraLinear4bit: expected a 4-bit linear layer, got {type(base).__name__}")
-        AdaptedLinear.__init__(self, base.weight, base.bias, features=(base.out_features, base.in_features))
+        self._hold_base(base)
         self._check_pool(pool)
         object.__setattr__(self, "pool", pool)
-        self._keep_base_module(base)
-
-    def quantized_weight(self):
-        base = self.__dict__["_base_module"]
-        if isinstance(base, Nf4Linear):
-            return base.quantized_weight()
-        return bnb_quantized_weight(self.__dict__, base.weight)
-
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        base = self.__dict__["_base_module"]
-        return (base.compute_dtype or x.dtype) if isinstance(base, Nf4Linear) else bnb_compute_dtype(base, x)
-
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.__dict__["_base_module"]
-        return quantized_base_forward(x, self.quantized_weight(), base.bias, self._compute_dtype(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         meta = self.batch_for(x)
         if meta is None:
             return self.base_forward(x)
         pool = self.pool
-        dtype = self._compute_dtype(x)
-        bias = self.__dict__["_base_module"].bias
+        dtype = self.compute_dtype_for(x)
         y = multi_lora_linear(
-            x.to(dtype), self.quantized_weight(), bias if bias is None or bias.dtype == dtype else bias.to(dtype),
-            pool.a_pool, pool.b_pool, meta, slot_ranks=pool.slot_ranks, slot_scalings=pool.slot_scalings,
+            x.to(dtype), self.quantized_weight(), self.compute_bias(dtype), pool.a_pool, pool.b_pool, meta,
+            slot_ranks=pool.slot_ranks, slot_scalings=pool.slot_scalings,
         )  # fmt: skip
         return y.to(x.dtype)
 
     def unwrap(self) -> nn.Module:
-        """The wrapped 4-bit layer, as it was."""
-        return self.__dict__["_base_module"]
+        """The wrapped 4-bit layer, holding this layer's (possibly moved) tensors."""
+        return self.base_module
 
     def extra_repr(self) -> str:
         pool = self.pool
